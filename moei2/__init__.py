@@ -1,0 +1,28 @@
+"""moei2: compress Mixture-of-Experts language models with MoE-I2.
+
+Inter-expert pruning (importance, layer-wise genetic search, block-wise KT-reception field) and
+intra-expert truncation-aware low-rank decomposition, with the heavy kernels in C.
+"""
+from ._loader import load_core as _load_core
+
+_core = _load_core()
+
+__version__ = "0.1.0"
+
+
+def blas_info():
+    """Which BLAS/LAPACK moei2 is linked against.
+
+    Returns a dict with ``route`` (how the build found it: ``environment``, ``pkg-config`` or
+    ``scipy-openblas32``), ``config`` (OpenBLAS build string), ``corename`` (the CPU kernel set
+    chosen at run time), ``num_threads`` (current BLAS threads) and ``num_procs``.
+    """
+    return dict(_core.blas_info())
+
+
+def set_blas_threads(num_threads):
+    """Set the number of BLAS threads; returns the previous value."""
+    return _core.set_blas_threads(int(num_threads))
+
+
+__all__ = ["blas_info", "set_blas_threads", "__version__"]
