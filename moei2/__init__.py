@@ -25,4 +25,26 @@ def set_blas_threads(num_threads):
     return _core.set_blas_threads(int(num_threads))
 
 
-__all__ = ["blas_info", "set_blas_threads", "__version__"]
+from .config import CompressionConfig, LoRAConfig  # noqa: E402  (pure Python, no heavy deps)
+
+# Names whose modules need torch/transformers are resolved on first use, so that
+# `import moei2` works with the core install alone.
+_LAZY = {
+    "compress": ("moei2.pipeline", "compress"),
+    "calibration_windows": ("moei2.pipeline", "calibration_windows"),
+    "lora_finetune": ("moei2.recovery", "lora_finetune"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moei2' has no attribute {name!r}")
+
+
+__all__ = ["blas_info", "set_blas_threads", "__version__", "CompressionConfig", "LoRAConfig", *_LAZY]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 PRUNE_RULES = ("inverse", "uniform")
+SELECTIONS = ("genetic", "greedy", "frequency", "random")
+RANK_RULES = ("importance", "uniform")
 
 
 @dataclass
@@ -48,12 +50,17 @@ class CompressionConfig:
         allocation, "inverse" (share proportional to 1/layer importance) or "uniform".
         population, generations, elite_fraction, mutation_rate: the layer-wise genetic search.
         kt_candidates (K) and kt_block (T): the block-wise KT-reception field; kt_block=1 or
-        kt_candidates=1 skips it.
+        kt_candidates=1 skips it. selection: how experts are chosen, "genetic" (the method),
+        or the baselines "greedy" (drop the cheapest expert one at a time), "frequency" (drop
+        the least routed) and "random".
     Intra-expert decomposition
         rank_keep_ratio: fraction of the surviving experts' parameters kept by low-rank factors
         (None disables decomposition), or avg_rank to give R_avg directly. alpha, eps: the rank
         allocation exponent and offset. importance_on_pruned: recompute expert importance on the
         pruned model before allocating ranks (else reuse the pre-pruning importance).
+        rank_rule: "importance" (the method) or "uniform" (every expert gets R_avg).
+        whiten: truncation-aware factors from the calibration Grams (the method); False gives a
+        plain truncated SVD of each weight.
     Other
         seed: every random choice (calibration sampling, genetic search). device, dtype: where
         calibration and the block step run. lora: optional LoRA recovery.
@@ -73,12 +80,15 @@ class CompressionConfig:
     mutation_rate: float = 0.3
     kt_candidates: int = 3
     kt_block: int = 3
+    selection: str = "genetic"
 
     rank_keep_ratio: Optional[float] = 2.0 / 3.0
     avg_rank: Optional[float] = None
     alpha: float = 0.15
     eps: float = 1e-8
     importance_on_pruned: bool = True
+    rank_rule: str = "importance"
+    whiten: bool = True
 
     device: str = "cpu"
     dtype: Optional[str] = None
@@ -96,6 +106,10 @@ class CompressionConfig:
                 raise ValueError(f"prune_total must be a non-negative integer or None, got {self.prune_total!r}")
         if self.prune_rule not in PRUNE_RULES:
             raise ValueError(f"prune_rule must be one of {PRUNE_RULES}, got {self.prune_rule!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.rank_rule not in RANK_RULES:
+            raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {self.rank_rule!r}")
         if not 0.0 < self.elite_fraction <= 1.0:
             raise ValueError(f"elite_fraction must be in (0, 1], got {self.elite_fraction!r}")
         if not 0.0 <= self.mutation_rate <= 1.0:

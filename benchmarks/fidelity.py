@@ -1,0 +1,99 @@
+"""Fidelity of MoE-I2 against baselines at equal budget, on the bundled demo model.
+
+Rows: the original model, MoE-I2, and baselines at the same budget:
+  budget "25% experts pruned" (pruning only): genetic search + KT (MoE-I2 stage 1), greedy search,
+      routing-frequency pruning, random pruning;
+  budget "~50% expert parameters removed": full MoE-I2 (25% pruned + importance-allocated
+      whitened low-rank keeping 2/3), uniform-rank plain SVD and uniform-rank whitened SVD of all
+      experts keeping 1/2.
+Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice tasks, routed-expert
+parameters removed, compression time.
+
+    python benchmarks/fidelity.py [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rows(quick: bool):
+    stage1 = dict(rank_keep_ratio=None)
+    return [
+        ("original", None, None),
+        ("MoE-I2 pruning (genetic + KT)", "25% experts pruned", dict(stage1, selection="genetic")),
+        ("greedy search pruning", "25% experts pruned", dict(stage1, selection="greedy")),
+        ("routing-frequency pruning", "25% experts pruned", dict(stage1, selection="frequency")),
+        ("random pruning", "25% experts pruned", dict(stage1, selection="random")),
+        ("MoE-I2 (prune 25% + whitened low-rank 2/3)", "~50% expert params", dict(selection="genetic")),
+        ("uniform-rank plain SVD (keep 1/2)", "~50% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.5, rank_rule="uniform", whiten=False)),
+        ("uniform-rank whitened SVD (keep 1/2)", "~50% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.5, rank_rule="uniform", whiten=True)),
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer calibration windows, shorter search and eval")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import moei2
+    from moei2 import CompressionConfig, compress
+    from moei2 import evaluate as ev
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    base_model, tokenizer = moei2.demo_model()
+    calibration = moei2.demo_texts("calibration")
+    heldout = moei2.demo_texts("heldout")
+    limit = 100 if args.quick else None
+    common = dict(num_sequences=16 if args.quick else 64, seq_len=128 if args.quick else 256,
+                  calib_batch_size=8, seed=args.seed,
+                  population=40 if args.quick else 100, generations=20 if args.quick else 50)
+    results = []
+    for name, budget, overrides in rows(args.quick):
+        model = copy.deepcopy(base_model)
+        started = time.perf_counter()
+        removed = 0.0
+        if overrides is not None:
+            model, report = compress(model, tokenizer, calibration, CompressionConfig(**{**common, **overrides}),
+                                     progress=False)
+            removed = report["parameters"]["routed_expert_reduction"]
+        elapsed = time.perf_counter() - started
+        ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
+        zs = ev.zero_shot(model, tokenizer, "local", limit=limit)
+        row = {"method": name, "budget": budget or "-", "perplexity": ppl, "accuracy": zs["average"],
+               "tasks": {k: v for k, v in zs["tasks"].items()}, "expert_params_removed": removed,
+               "compress_seconds": elapsed if overrides is not None else 0.0}
+        results.append(row)
+        print(f"{name:48s} ppl {ppl:8.3f}  acc {zs['average']:.4f}  removed {100 * removed:5.1f}%  "
+              f"{elapsed:6.1f}s", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
+               "model": str(moei2.demo_model_path()), "rows": results}
+    (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
+    lines = ["| method | budget | held-out ppl | zero-shot acc | expert params removed | compress s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} | "
+                     f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
+    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
