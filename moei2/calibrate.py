@@ -12,6 +12,7 @@ the per-layer results are those of the model whatever the family.
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -27,10 +28,11 @@ class LayerStats:
 
     ``X`` [N, H] float32: the MoE block's input (after attention and post_attention_layernorm),
     rows in sequence-major order (N = num_sequences * seq_len). ``router_logits`` [N, E] float32:
-    raw router logits, before the softmax. ``Y`` [N, H] float32: the MoE block's output (routed plus
-    shared experts). ``top_k_index`` [N, top_k]: the experts the model chose. ``hidden_in``
-    [num_sequences, seq_len, H]: the decoder layer's input, in the model's dtype. With
-    ``grams="all"``: ``gram_in`` [E, H, H] float64 (sum of x x^T over the tokens routed to each
+    raw router logits, before the softmax. ``Y`` [N, H] float32: the output of the ROUTED experts
+    (the experts module's output, without shared experts), i.e. what pruning changes.
+    ``top_k_index`` [N, top_k]: the experts the model chose. ``hidden_in``
+    [num_sequences, seq_len, H]: the decoder layer's input, in the model's dtype. When Grams are
+    requested for the layer: ``gram_in`` [E, H, H] float64 (sum of x x^T over the tokens routed to each
     expert), ``gram_down`` [E, I, I] float64 (the same for the down projection's input
     act(gate x) * (up x)), ``token_counts`` [E] (tokens routed to each expert).
     """
@@ -195,14 +197,15 @@ def _check_input_ids(model, input_ids) -> torch.Tensor:
     return input_ids
 
 
-def iter_layer_stats(model, input_ids: torch.Tensor, *, grams: Optional[str] = None, batch_size: int = 8,
+def iter_layer_stats(model, input_ids: torch.Tensor, *, grams=None, batch_size: int = 8,
                      device="cpu", progress: bool = True, desc: Optional[str] = None,
                      propagate: bool = True) -> Iterator[LayerStats]:
     """Streams :class:`LayerStats` of every MoE layer of ``model``, in layer order.
 
     model: a supported HF MoE causal LM (put in eval mode). input_ids: LongTensor
-    [num_sequences, seq_len]. grams: ``None`` or ``"all"`` (per-expert float64 Grams of the inputs of
-    gate/up and of down, over the tokens the model routes to each expert). batch_size: sequences
+    [num_sequences, seq_len]. grams: ``None`` (no Grams), ``"all"`` (every MoE layer) or a set of
+    layer indices: per-expert float64 Grams of the inputs of gate/up and of down, over the tokens
+    the model routes to each expert. batch_size: sequences
     per forward call. device: where the layers run and the hidden states live. progress: a tqdm bar
     over the layers, titled ``desc``.
 
@@ -215,8 +218,6 @@ def iter_layer_stats(model, input_ids: torch.Tensor, *, grams: Optional[str] = N
     """
     from .models import get_adapter
 
-    if grams not in (None, "all"):
-        raise ValueError(f"grams must be None or 'all', got {grams!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     try:
@@ -224,8 +225,35 @@ def iter_layer_stats(model, input_ids: torch.Tensor, *, grams: Optional[str] = N
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
     adapter = get_adapter(model)
+    grams = _gram_layers(grams, adapter.moe_layer_indices)
     input_ids = _check_input_ids(model, input_ids)
     return _stream(model, adapter, input_ids, grams, batch_size, device, progress, desc, propagate)
+
+
+def _gram_layers(grams, moe_layers) -> frozenset:
+    """The set of MoE layers whose Grams are collected."""
+    if grams is None:
+        return frozenset()
+    if isinstance(grams, str):
+        if grams != "all":
+            raise ValueError(f"grams must be None, 'all' or a set of MoE layer indices, got {grams!r}")
+        return frozenset(moe_layers)
+    try:
+        items = list(grams)
+    except TypeError:
+        raise ValueError(f"grams must be None, 'all' or a set of MoE layer indices, got {type(grams).__name__}") from None
+    out = set()
+    for i in items:
+        if isinstance(i, bool):
+            raise ValueError(f"grams: layer index {i!r} is a bool, not an integer")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise ValueError(f"grams: layer index {i!r} is not an integer") from None
+        if i not in moe_layers:
+            raise ValueError(f"grams: layer {i} is not an MoE layer of this model; MoE layers: {list(moe_layers)}")
+        out.add(i)
+    return frozenset(out)
 
 
 def _stream(model, adapter, input_ids, grams, batch_size, device, progress, desc, propagate):
@@ -262,7 +290,8 @@ def _stream_no_grad(model, adapter, input_ids, grams, batch_size, device, progre
             if adapter.moe_block(layer) is None:
                 hidden = _run_all(runner, index, hidden, batches)
             else:
-                stats, outputs = _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs=not propagate)
+                stats, outputs = _capture_layer(runner, adapter, index, hidden, batches, index in grams,
+                                                keep_outputs=not propagate)
                 yield stats
                 del stats
                 hidden = _run_all(runner, index, hidden, batches) if propagate else outputs
@@ -293,7 +322,7 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs)
     logits = torch.empty((num_tokens, num_experts), dtype=torch.float32)
     chosen = torch.empty((num_tokens, top_k), dtype=torch.long)
     gram_in = gram_down = counts = None
-    if grams == "all":
+    if grams:
         inter = view.intermediate_size
         gram_in = torch.zeros((num_experts, hidden_size, hidden_size), dtype=torch.float64, device=hidden.device)
         gram_down = torch.zeros((num_experts, inter, inter), dtype=torch.float64, device=hidden.device)
@@ -301,10 +330,13 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs)
     outputs = torch.empty_like(hidden) if keep_outputs else None
     seen: dict = {}
 
-    def block_hook(module, args, kwargs, output):
+    def block_hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         seen["x"] = x.reshape(-1, x.shape[-1])
-        seen["y"] = (output[0] if isinstance(output, tuple) else output).reshape(-1, x.shape[-1])
+
+    def experts_hook(module, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        seen["y"] = y.reshape(-1, y.shape[-1])
 
     def router_hook(module, args, output):
         if not isinstance(output, tuple) or len(output) < 3:
@@ -312,14 +344,16 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs)
                                "(logits, top-k weights, top-k indices)")
         seen["logits"], seen["index"] = output[0], output[2]
 
-    handles = [block.register_forward_hook(block_hook, with_kwargs=True), router.register_forward_hook(router_hook)]
+    handles = [block.register_forward_pre_hook(block_hook, with_kwargs=True), router.register_forward_hook(router_hook),
+               view.experts_module.register_forward_hook(experts_hook)]
     try:
         with runner.placed(index, hidden.device):
             for b in batches:
                 seen.clear()
                 out = runner.run(index, hidden[b])
-                if "x" not in seen or "logits" not in seen:
-                    raise RuntimeError(f"layer {index}: the MoE block or its router was not called by the decoder layer")
+                if "x" not in seen or "logits" not in seen or "y" not in seen:
+                    raise RuntimeError(f"layer {index}: the MoE block, its router or its experts were not called "
+                                       "by the decoder layer")
                 rows = slice(b.start * seq_len, b.stop * seq_len)
                 X[rows] = seen["x"].float().cpu()
                 Y[rows] = seen["y"].float().cpu()
@@ -327,7 +361,7 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs)
                 chosen[rows] = seen["index"].cpu()
                 if keep_outputs:
                     outputs[b] = out
-                if grams == "all":
+                if grams:
                     _accumulate_grams(view, seen["x"], seen["index"], gram_in, gram_down, counts)
     finally:
         for h in handles:

@@ -28,7 +28,8 @@ STRUCTURE_FORMAT = 1
 MATRICES = ("gate", "up", "down")
 
 __all__ = ["ADAPTERS", "FAMILIES", "MoEAdapter", "MoEView", "get_adapter", "adapter_class", "prune_experts",
-           "lowrank_experts", "structure_of", "apply_structure"]
+           "lowrank_experts", "structure_of", "apply_structure",
+           "adapter_class_of_layer"]
 
 
 def adapter_class(model) -> type[MoEAdapter]:
@@ -76,16 +77,52 @@ def _layer_key(layer, moe_layers: list[int], what: str) -> int:
     return index
 
 
-def prune_experts(model, dropped: Mapping):
+def adapter_class_of_layer(decoder_layer) -> type[MoEAdapter]:
+    """The adapter class whose MoE block a (possibly copied) decoder layer holds."""
+    block = getattr(decoder_layer, "mlp", None)
+    for cls in ADAPTERS.values():
+        if block is not None and type(block).__module__ == cls.module_path and isinstance(block, cls.block_class()):
+            return cls
+    raise ValueError(f"model: {type(decoder_layer).__name__} is not a decoder layer with routed experts of a supported "
+                     f"family; supported: {', '.join(sorted(ADAPTERS))}")
+
+
+def _prune_decoder_layer(decoder_layer, dropped: Mapping):
+    if not isinstance(dropped, Mapping) or len(dropped) != 1:
+        raise ValueError("dropped: with layer_module=True give exactly one entry {layer_index: expert indices}")
+    (layer, drop), = dropped.items()
+    if isinstance(layer, bool):
+        raise ValueError(f"dropped: layer key {layer!r} is a bool, not a layer index")
+    try:
+        operator.index(layer)
+    except TypeError:
+        raise ValueError(f"dropped: layer key {layer!r} is not an integer layer index") from None
+    cls = adapter_class_of_layer(decoder_layer)
+    adapter = cls.__new__(cls)  # a layer on its own: no model, no config record to keep
+    adapter.model, adapter.config = None, None
+    adapter.prune_layer(decoder_layer, drop)
+    return decoder_layer
+
+
+def prune_experts(model, dropped: Mapping, *, layer_module: bool = False):
     """Removes routed experts in place and returns ``model``.
 
     dropped: ``{layer_index: iterable of expert indices}``; indices refer to each layer's CURRENT
     experts (after any earlier pruning), counts may differ per layer, and an empty iterable keeps
-    the layer as it is. The record in ``model.config.moei2`` maps them back to original indices,
-    so pruning twice composes. Everything is checked before anything changes: an unknown layer,
-    an index out of range, a duplicate, or fewer than ``top_k`` experts left raises ValueError and
+    the layer as it is. The router's rows and the fused expert tensors are sliced (survivors keep
+    their order and are renumbered 0..M-1) and the expert counts the forward reads (on the router
+    and experts modules) are set; ``model.config`` keeps the ORIGINAL counts, since layers may now
+    differ, and the record in ``model.config.moei2`` maps each layer's experts back to original
+    indices, so pruning twice composes and :func:`moei2.load` can rebuild the layout. Shared
+    experts are untouched. Everything is checked before anything changes: an unknown layer, an
+    index out of range, a duplicate, or fewer than ``top_k`` experts left raises ValueError and
     leaves the model untouched.
+
+    layer_module=True: ``model`` is a single decoder layer (e.g. a ``copy.deepcopy`` of one, as the
+    block search tries candidates) and ``dropped`` has exactly one entry; nothing is recorded.
     """
+    if layer_module:
+        return _prune_decoder_layer(model, dropped)
     adapter = get_adapter(model)
     if not isinstance(dropped, Mapping):
         raise ValueError(f"dropped must be a mapping {{layer_index: expert indices}}, got {type(dropped).__name__}")

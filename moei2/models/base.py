@@ -211,8 +211,9 @@ class MoEAdapter:
         return self.model.model.layers
 
     @property
-    def decoder_layers(self) -> list:
-        return list(self.layers_module)
+    def decoder_layers(self) -> nn.ModuleList:
+        """The model's decoder layers (the live ``ModuleList``)."""
+        return self.layers_module
 
     @property
     def num_hidden_layers(self) -> int:
