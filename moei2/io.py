@@ -380,6 +380,8 @@ def load(path, *, dtype=None, device="cpu"):
     # Weights are all overwritten below, so the random initialisation is skipped.
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)
+    # no_init_weights also skips the tying that init_weights does.
+    model.tie_weights()
     apply_structure(model, config_dict["moei2"])
 
     expected = model.state_dict()
