@@ -33,6 +33,14 @@ _LAZY = {
     "compress": ("moei2.pipeline", "compress"),
     "calibration_windows": ("moei2.pipeline", "calibration_windows"),
     "lora_finetune": ("moei2.recovery", "lora_finetune"),
+    "save": ("moei2.io", "save"),
+    "load": ("moei2.io", "load"),
+    "is_moei2_checkpoint": ("moei2.io", "is_moei2_checkpoint"),
+    "inspect_checkpoint": ("moei2.io", "inspect_checkpoint"),
+    "get_adapter": ("moei2.models", "get_adapter"),
+    "prune_experts": ("moei2.models", "prune_experts"),
+    "lowrank_experts": ("moei2.models", "lowrank_experts"),
+    "iter_layer_stats": ("moei2.calibrate", "iter_layer_stats"),
 }
 
 
