@@ -23,12 +23,15 @@
  * The discarded eigenvalues come from dsterf on the tridiagonal form and are summed directly,
  * smallest first; the loss is never computed as "total minus kept", which would cancel.
  *
- * Determinism. The result must not depend on the number of BLAS threads, so that one call and a
- * parallel batch (one BLAS thread per worker) agree bit for bit. OpenBLAS's level-3 routines split
- * the output among threads without changing any element's summation order, so they are
- * thread-count independent; its threaded level-2 routines are not (dsymv sums per-thread partial
- * vectors), and dsytrd and dgeqrf lean on them. Those two run with one BLAS thread; they are
- * memory bound and lose little (measured in benchmarks/bench_lowrank.py). */
+ * Determinism. The result must not depend on the number of threads, so that one call and a
+ * parallel batch agree bit for bit. OpenBLAS's threaded routines do not guarantee that (its
+ * threaded level-2 routines sum per-thread partial vectors, and even level-3 results were seen
+ * to change with the thread count), so BLAS runs single-threaded throughout, and a single
+ * decomposition parallelises itself: every large level-3 step (G W^T, the triangle of W G W^T,
+ * R G R^T, the back-transformations, B) is split into fixed blocks of independent columns or
+ * rows whose size depends only on the problem, each computed by a single-threaded BLAS or
+ * LAPACK call, on as many threads as the caller's BLAS thread count. Which thread computes a
+ * block changes nothing. dsytrd and dgeqrf run as one call on one thread. */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -53,14 +56,134 @@ static double *alloc_doubles(int64_t count) {
     return (double *)malloc((size_t)(count > 0 ? count : 1) * sizeof(double));
 }
 
-/* Runs f with BLAS limited to one thread, restoring the caller's count (see "Determinism"). */
-#define WITH_ONE_BLAS_THREAD(stmt)                                   \
-    do {                                                             \
-        int saved_threads_ = moei2_blas_get_num_threads();           \
-        if (saved_threads_ != 1) moei2_blas_set_num_threads(1);      \
-        stmt;                                                        \
-        if (saved_threads_ != 1) moei2_blas_set_num_threads(saved_threads_); \
-    } while (0)
+/* Block size of the thread-count independent partitions (see "Determinism"); wide enough for
+ * the BLAS kernels to run at full speed. */
+#define PAR_BLOCK 128
+#define PAR_MAX_THREADS 256
+
+/* Computes columns (or rows) [begin, end) of one operation; sets *err to a LAPACK info != 0. */
+typedef void (*block_fn)(void *ctx, int64_t begin, int64_t end, int *err);
+
+typedef struct {
+    block_fn fn;
+    void *ctx;
+    int64_t total, block;
+    atomic_llong next; /* index of the next block nobody has taken */
+    atomic_int err;    /* first error reported */
+} par_state;
+
+static void *par_worker(void *arg) {
+    par_state *st = (par_state *)arg;
+    for (;;) {
+        long long b = atomic_fetch_add(&st->next, 1);
+        if (b >= (st->total + st->block - 1) / st->block) break;
+        int64_t begin = (int64_t)b * st->block;
+        int64_t end = begin + st->block < st->total ? begin + st->block : st->total;
+        int err = 0;
+        st->fn(st->ctx, begin, end, &err);
+        if (err) {
+            int none = 0;
+            atomic_compare_exchange_strong(&st->err, &none, err);
+        }
+    }
+    return NULL;
+}
+
+/* fn over [0, total) in blocks of `block`, on up to `threads` threads (the caller's included).
+ * A thread that cannot start only costs parallelism. Returns the first error of any block. */
+static int par_for(int threads, int64_t total, int64_t block, block_fn fn, void *ctx) {
+    if (total <= 0) return 0;
+    par_state st = {.fn = fn, .ctx = ctx, .total = total, .block = block};
+    atomic_init(&st.next, 0);
+    atomic_init(&st.err, 0);
+    int64_t blocks = (total + block - 1) / block;
+    int want = threads < PAR_MAX_THREADS ? threads : PAR_MAX_THREADS;
+    if ((int64_t)want > blocks) want = (int)blocks;
+    pthread_t tids[PAR_MAX_THREADS];
+    int started = 0;
+    for (int t = 0; t < want - 1; t++) {
+        if (pthread_create(&tids[t], NULL, par_worker, &st) != 0) break;
+        started++;
+    }
+    par_worker(&st);
+    for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
+    return atomic_load(&st.err);
+}
+
+/* C[:, cols] = alpha op(A) op(B)[:, cols] (column-major), float64 or float32. */
+typedef struct {
+    int single;
+    CBLAS_TRANSPOSE ta, tb;
+    int64_t m, k;
+    const void *a, *b;
+    void *c;
+    int64_t lda, ldb, ldc;
+} gemm_ctx;
+
+static void gemm_block(void *arg, int64_t j0, int64_t j1, int *err) {
+    const gemm_ctx *g = (const gemm_ctx *)arg;
+    int64_t boff = g->tb == CblasNoTrans ? j0 * g->ldb : j0;
+    if (g->single)
+        BLASFN(cblas_sgemm)(CblasColMajor, g->ta, g->tb, (blasint)g->m, (blasint)(j1 - j0), (blasint)g->k, 1.0f,
+                            (const float *)g->a, (blasint)g->lda, (const float *)g->b + boff, (blasint)g->ldb, 0.0f,
+                            (float *)g->c + j0 * g->ldc, (blasint)g->ldc);
+    else
+        BLASFN(cblas_dgemm)(CblasColMajor, g->ta, g->tb, (blasint)g->m, (blasint)(j1 - j0), (blasint)g->k, 1.0,
+                            (const double *)g->a, (blasint)g->lda, (const double *)g->b + boff, (blasint)g->ldb, 0.0,
+                            (double *)g->c + j0 * g->ldc, (blasint)g->ldc);
+}
+
+/* In-place triangular product with the upper triangular t (order `order`): side Left multiplies
+ * the columns of x one by one (split by columns), side Right the rows (split by rows). */
+typedef struct {
+    CBLAS_SIDE side;
+    CBLAS_TRANSPOSE trans;
+    int64_t order, other; /* other: the columns (Left) or rows (Right) of x */
+    const double *t;
+    double *x;
+    int64_t ldx;
+} trmm_ctx;
+
+static void trmm_block(void *arg, int64_t i0, int64_t i1, int *err) {
+    const trmm_ctx *c = (const trmm_ctx *)arg;
+    if (c->side == CblasLeft)
+        BLASFN(cblas_dtrmm)(CblasColMajor, CblasLeft, CblasUpper, c->trans, CblasNonUnit, (blasint)c->order,
+                            (blasint)(i1 - i0), 1.0, c->t, (blasint)c->order, c->x + i0 * c->ldx, (blasint)c->ldx);
+    else
+        BLASFN(cblas_dtrmm)(CblasColMajor, CblasRight, CblasUpper, c->trans, CblasNonUnit, (blasint)(i1 - i0),
+                            (blasint)c->order, 1.0, c->t, (blasint)c->order, c->x + i0, (blasint)c->ldx);
+}
+
+static void trmm_par(int threads, CBLAS_SIDE side, CBLAS_TRANSPOSE trans, int64_t order, int64_t other,
+                     const double *t, double *x, int64_t ldx) {
+    trmm_ctx c = {.side = side, .trans = trans, .order = order, .other = other, .t = t, .x = x, .ldx = ldx};
+    par_for(threads, other, PAR_BLOCK, trmm_block, &c);
+}
+
+/* Applies the orthogonal matrix of dsytrd (dormtr) or dgeqrf (dormqr) to columns of c. */
+typedef struct {
+    int tridiagonal; /* 1: dormtr, 0: dormqr */
+    int64_t rows, reflectors;
+    const double *factors;
+    int64_t ldf;
+    const double *tau;
+    double *c;
+    int64_t ldc;
+} orm_ctx;
+
+static void orm_block(void *arg, int64_t j0, int64_t j1, int *err) {
+    const orm_ctx *o = (const orm_ctx *)arg;
+    lapack_int info;
+    if (o->tridiagonal)
+        info = BLASFN(LAPACKE_dormtr)(LAPACK_COL_MAJOR, 'L', 'U', 'N', (lapack_int)o->rows, (lapack_int)(j1 - j0),
+                                      (double *)o->factors, (lapack_int)o->ldf, o->tau, o->c + j0 * o->ldc,
+                                      (lapack_int)o->ldc);
+    else
+        info = BLASFN(LAPACKE_dormqr)(LAPACK_COL_MAJOR, 'L', 'N', (lapack_int)o->rows, (lapack_int)(j1 - j0),
+                                      (lapack_int)o->reflectors, o->factors, (lapack_int)o->ldf, o->tau,
+                                      o->c + j0 * o->ldc, (lapack_int)o->ldc);
+    *err = (int)info;
+}
 
 static int all_finite(const double *x, int64_t count) {
     for (int64_t i = 0; i < count; i++)
@@ -91,6 +214,7 @@ typedef struct {
     int64_t k, r;      /* matrix size, eigenvectors wanted */
     double *values;    /* out: all k eigenvalues, ascending */
     double *vectors;   /* out: k x r column-major, eigenvectors of the r largest, descending */
+    int threads;
 } eig_result;
 
 /* Copies the top r columns of a k x k ascending eigenvector matrix into out, largest first. */
@@ -114,8 +238,7 @@ static int eig_mrrr(double *s, eig_result *res, const char **what) {
         info = -1000;
         goto done;
     }
-    WITH_ONE_BLAS_THREAD(info = BLASFN(LAPACKE_dsytrd)(LAPACK_COL_MAJOR, 'U', (lapack_int)k, s, (lapack_int)k, d,
-                                                       e, tau));
+    info = BLASFN(LAPACKE_dsytrd)(LAPACK_COL_MAJOR, 'U', (lapack_int)k, s, (lapack_int)k, d, e, tau);
     if (info != 0) { *what = "dsytrd"; goto done; }
     e[k - 1] = 0.0;
     memcpy(d2, d, (size_t)k * sizeof(double));
@@ -128,8 +251,8 @@ static int eig_mrrr(double *s, eig_result *res, const char **what) {
                                   (lapack_int)k, &found, w, z, (lapack_int)k, (lapack_int)r, isuppz, &tryrac);
     if (info == 0 && found != r) info = -2000;
     if (info != 0) { *what = "dstemr"; goto done; }
-    info = BLASFN(LAPACKE_dormtr)(LAPACK_COL_MAJOR, 'L', 'U', 'N', (lapack_int)k, (lapack_int)r, s, (lapack_int)k,
-                                  tau, z, (lapack_int)k);
+    orm_ctx orm = {.tridiagonal = 1, .rows = k, .factors = s, .ldf = k, .tau = tau, .c = z, .ldc = k};
+    info = par_for(res->threads, r, PAR_BLOCK, orm_block, &orm);
     if (info != 0) { *what = "dormtr"; goto done; }
     take_top_descending(z, k, r, r, res->vectors);
 done:
@@ -178,6 +301,7 @@ typedef struct {
     double *qr;              /* m > n: dgeqrf output (m x n, column-major) */
     double *tau;
     double *rfac;            /* m > n: R (n x n, upper, column-major) */
+    int threads;
 } problem;
 
 static void problem_free(problem *p) {
@@ -204,8 +328,9 @@ static moei2_status problem_prepare(problem *p) {
         if (p->gram) {
             p->gwt = alloc_doubles(n * m);
             if (!p->gwt) return MOEI2_ERR_NOMEM;
-            BLASFN(cblas_dgemm)(CblasColMajor, CblasNoTrans, CblasNoTrans, (blasint)n, (blasint)m, (blasint)n, 1.0,
-                                p->gram, (blasint)n, p->wt, (blasint)n, 0.0, p->gwt, (blasint)n);
+            gemm_ctx g = {.ta = CblasNoTrans, .tb = CblasNoTrans, .m = n, .k = n, .a = p->gram, .lda = n,
+                          .b = p->wt, .ldb = n, .c = p->gwt, .ldc = n};
+            par_for(p->threads, m, PAR_BLOCK, gemm_block, &g);
         }
         return MOEI2_OK;
     }
@@ -214,9 +339,8 @@ static moei2_status problem_prepare(problem *p) {
     p->rfac = alloc_doubles(n * n);
     if (!p->qr || !p->tau || !p->rfac) return MOEI2_ERR_NOMEM;
     to_column_major(p->job->weight, p->job->dtype, m, n, p->qr);
-    lapack_int info;
-    WITH_ONE_BLAS_THREAD(info = BLASFN(LAPACKE_dgeqrf)(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)n, p->qr,
-                                                       (lapack_int)m, p->tau));
+    lapack_int info = BLASFN(LAPACKE_dgeqrf)(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)n, p->qr, (lapack_int)m,
+                                             p->tau);
     if (info != 0) return MOEI2_ERR_LAPACK; /* dgeqrf fails only on bad arguments or memory */
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < n; i++) p->rfac[i + j * n] = i <= j ? p->qr[i + j * m] : 0.0;
@@ -226,35 +350,34 @@ static moei2_status problem_prepare(problem *p) {
 /* Writes the upper triangle of the k x k symmetric matrix whose eigenvectors we need into s:
  * W G W^T (m <= n) or R G R^T (m > n); G = I without a Gram. Called again for each fallback
  * solver, since the solvers destroy s. */
+typedef struct {
+    const problem *p;
+    double *s;
+} triangle_ctx;
+
+/* s[0:j1, j0:j1] = W[0:j1, :] (G W^T)[:, j0:j1] (G = I without a Gram). */
+static void triangle_block(void *arg, int64_t j0, int64_t j1, int *err) {
+    const triangle_ctx *t = (const triangle_ctx *)arg;
+    const problem *p = t->p;
+    const double *right = p->gwt ? p->gwt : p->wt;
+    BLASFN(cblas_dgemm)(CblasColMajor, CblasTrans, CblasNoTrans, (blasint)j1, (blasint)(j1 - j0), (blasint)p->n, 1.0,
+                        p->wt, (blasint)p->n, right + j0 * p->n, (blasint)p->n, 0.0, t->s + j0 * p->m,
+                        (blasint)p->m);
+}
+
 static void problem_form(const problem *p, double *s) {
-    const int64_t m = p->m, n = p->n, k = p->k;
+    const int64_t m = p->m, n = p->n;
     if (m <= n) {
-        if (!p->gram) {
-            BLASFN(cblas_dsyrk)(CblasColMajor, CblasUpper, CblasTrans, (blasint)m, (blasint)n, 1.0, p->wt,
-                                (blasint)n, 0.0, s, (blasint)m);
-            return;
-        }
-        /* s[0:j1, j0:j1] = W[0:j1, :] (G W^T)[:, j0:j1]: the upper triangle, block column by column. */
-        for (int64_t j0 = 0; j0 < m; j0 += TRIANGLE_BLOCK) {
-            int64_t j1 = j0 + TRIANGLE_BLOCK < m ? j0 + TRIANGLE_BLOCK : m;
-            BLASFN(cblas_dgemm)(CblasColMajor, CblasTrans, CblasNoTrans, (blasint)j1, (blasint)(j1 - j0), (blasint)n,
-                                1.0, p->wt, (blasint)n, p->gwt + j0 * n, (blasint)n, 0.0, s + j0 * m, (blasint)m);
-        }
+        /* The upper triangle, block column by block column. */
+        triangle_ctx t = {.p = p, .s = s};
+        par_for(p->threads, m, TRIANGLE_BLOCK, triangle_block, &t);
         return;
     }
-    if (!p->gram) {
-        /* R R^T by dtrmm (R^T is lower triangular), rather than dlauum whose unblocked part uses
-         * threaded level-2 BLAS (see "Determinism"). */
-        memcpy(s, p->rfac, (size_t)(k * k) * sizeof(double));
-        BLASFN(cblas_dtrmm)(CblasColMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, (blasint)n, (blasint)n,
-                            1.0, p->rfac, (blasint)n, s, (blasint)n);
-        return;
-    }
-    memcpy(s, p->gram, (size_t)(n * n) * sizeof(double));
-    BLASFN(cblas_dtrmm)(CblasColMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, (blasint)n, (blasint)n, 1.0,
-                        p->rfac, (blasint)n, s, (blasint)n);
-    BLASFN(cblas_dtrmm)(CblasColMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, (blasint)n, (blasint)n, 1.0,
-                        p->rfac, (blasint)n, s, (blasint)n);
+    /* R G R^T (R R^T without a Gram) by products with the triangular R, never dlauum, whose
+     * unblocked part uses level-2 BLAS. */
+    memcpy(s, p->gram ? p->gram : p->rfac, (size_t)(n * n) * sizeof(double));
+    if (p->gram) trmm_par(p->threads, CblasLeft, CblasNoTrans, n, n, p->rfac, s, n);
+    trmm_par(p->threads, CblasRight, CblasTrans, n, n, p->rfac, s, n);
 }
 
 /* A = U_r and B = U_r^T W from the eigenvectors v (k x r, column-major, descending). */
@@ -269,15 +392,16 @@ static moei2_status problem_factors(const problem *p, const double *v) {
                 for (int64_t i = 0; i < m; i++) a[i * r + c] = (float)v[i + c * m];
             /* B row-major r x n is the column-major n x r matrix W^T A: computed from the returned
              * float32 A, so that A B is exactly the projection of W onto span(A) up to sgemm rounding. */
-            BLASFN(cblas_sgemm)(CblasColMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)r, (blasint)m, 1.0f,
-                                (const float *)job->weight, (blasint)n, a, (blasint)r, 0.0f, (float *)job->b,
-                                (blasint)n);
+            gemm_ctx g = {.single = 1, .ta = CblasNoTrans, .tb = CblasTrans, .m = n, .k = m, .a = job->weight,
+                          .lda = n, .b = a, .ldb = r, .c = job->b, .ldc = n};
+            par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
         } else {
             double *a = (double *)job->a;
             for (int64_t c = 0; c < r; c++)
                 for (int64_t i = 0; i < m; i++) a[i * r + c] = v[i + c * m];
-            BLASFN(cblas_dgemm)(CblasColMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)r, (blasint)m, 1.0,
-                                p->wt, (blasint)n, a, (blasint)r, 0.0, (double *)job->b, (blasint)n);
+            gemm_ctx g = {.ta = CblasNoTrans, .tb = CblasTrans, .m = n, .k = m, .a = p->wt, .lda = n, .b = a,
+                          .ldb = r, .c = job->b, .ldc = n};
+            par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
         }
         return MOEI2_OK;
     }
@@ -293,16 +417,15 @@ static moei2_status problem_factors(const problem *p, const double *v) {
         memset(u + c * m + n, 0, (size_t)(m - n) * sizeof(double));
     }
     memcpy(bt, v, (size_t)(n * r) * sizeof(double));
-    lapack_int info = BLASFN(LAPACKE_dormqr)(LAPACK_COL_MAJOR, 'L', 'N', (lapack_int)m, (lapack_int)r, (lapack_int)n,
-                                             p->qr, (lapack_int)m, p->tau, u, (lapack_int)m);
+    orm_ctx orm = {.rows = m, .reflectors = n, .factors = p->qr, .ldf = m, .tau = p->tau, .c = u, .ldc = m};
+    int info = par_for(p->threads, r, PAR_BLOCK, orm_block, &orm);
     if (info != 0) {
         free(u);
         free(bt);
         return info == LAPACK_WORK_MEMORY_ERROR ? MOEI2_ERR_NOMEM : MOEI2_ERR_LAPACK;
     }
     /* bt (n x r column-major) = R^T V_r: the memory of B row-major r x n. */
-    BLASFN(cblas_dtrmm)(CblasColMajor, CblasLeft, CblasUpper, CblasTrans, CblasNonUnit, (blasint)n, (blasint)r, 1.0,
-                        p->rfac, (blasint)n, bt, (blasint)n);
+    trmm_par(p->threads, CblasLeft, CblasTrans, n, r, p->rfac, bt, n);
     if (job->dtype == MOEI2_FLOAT32) {
         float *a = (float *)job->a, *b = (float *)job->b;
         for (int64_t c = 0; c < r; c++)
@@ -351,7 +474,7 @@ static double weight_norm2(const moei2_lowrank_job *job) {
     return sum;
 }
 
-static moei2_status decompose(moei2_lowrank_job *job) {
+static moei2_status decompose(moei2_lowrank_job *job, int threads) {
     moei2_lowrank_info *info = &job->info;
     memset(info, 0, sizeof(*info));
     const int64_t m = job->rows, n = job->cols, r = job->rank;
@@ -359,7 +482,7 @@ static moei2_status decompose(moei2_lowrank_job *job) {
         n > INT32_MAX || (job->dtype != MOEI2_FLOAT32 && job->dtype != MOEI2_FLOAT64))
         return MOEI2_ERR_ARG;
 
-    problem p = {.job = job, .m = m, .n = n, .r = r, .k = m <= n ? m : n, .gram = job->gram};
+    problem p = {.job = job, .m = m, .n = n, .r = r, .k = m <= n ? m : n, .gram = job->gram, .threads = threads};
     info->route = m <= n ? MOEI2_LOWRANK_ROUTE_LEFT_GRAM : MOEI2_LOWRANK_ROUTE_QR;
     if (p.gram && gram_all_zero(p.gram, n)) {
         /* Every W' is optimal (loss 0); the plain truncation is the sensible representative. */
@@ -378,7 +501,7 @@ static moei2_status decompose(moei2_lowrank_job *job) {
     status = problem_prepare(&p);
     if (status != MOEI2_OK) goto done;
 
-    eig_result res = {.k = k, .r = r, .values = values, .vectors = vectors};
+    eig_result res = {.k = k, .r = r, .values = values, .vectors = vectors, .threads = threads};
     int solved = 0;
     size_t used = 0;
     for (int solver = 0; solver < MOEI2_EIG_COUNT && !solved; solver++) {
@@ -461,7 +584,11 @@ done:
 
 moei2_status moei2_lowrank_decompose(moei2_lowrank_job *job) {
     if (!job) return MOEI2_ERR_ARG;
-    job->status = decompose(job);
+    int threads = moei2_blas_get_num_threads();
+    if (threads < 1) threads = 1;
+    if (threads > 1) moei2_blas_set_num_threads(1);
+    job->status = decompose(job, threads);
+    if (threads > 1) moei2_blas_set_num_threads(threads);
     return job->status;
 }
 
@@ -478,7 +605,7 @@ static void *worker(void *arg) {
     for (;;) {
         long long i = atomic_fetch_add(&queue->next, 1);
         if (i >= queue->count) break;
-        moei2_lowrank_decompose(&queue->jobs[i]);
+        queue->jobs[i].status = decompose(&queue->jobs[i], 1);
     }
     return NULL;
 }

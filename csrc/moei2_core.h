@@ -114,8 +114,11 @@ typedef struct {
     moei2_status status;     /* out: what moei2_lowrank_decompose returned */
 } moei2_lowrank_job;
 
-/* Computes one job on the calling thread with whatever BLAS thread count is set. The result does
- * not depend on that count (see lowrank.c), so it equals the one decompose_many gives. */
+/* Computes one job on as many threads as the BLAS thread count set by the caller; BLAS itself runs
+ * single-threaded meanwhile (the count is restored on return), and the work is split in blocks
+ * that do not depend on the thread count (see lowrank.c), so the result is bitwise the one
+ * decompose_many gives. Because the BLAS thread count is process-wide, do not run two calls of
+ * this function concurrently from different threads: use decompose_many for that. */
 moei2_status moei2_lowrank_decompose(moei2_lowrank_job *job);
 
 /* Runs every job, one per worker, on num_threads threads (the caller's thread included; fewer
