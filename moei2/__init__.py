@@ -26,6 +26,7 @@ def set_blas_threads(num_threads):
 
 
 from .config import CompressionConfig, LoRAConfig  # noqa: E402  (pure Python, no heavy deps)
+from . import lowrank  # noqa: E402  (NumPy and the core only)
 
 # Names whose modules need torch/transformers are resolved on first use, so that
 # `import moei2` works with the core install alone.
@@ -55,4 +56,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'moei2' has no attribute {name!r}")
 
 
-__all__ = ["blas_info", "set_blas_threads", "__version__", "CompressionConfig", "LoRAConfig", *_LAZY]
+__all__ = ["blas_info", "set_blas_threads", "__version__", "CompressionConfig", "LoRAConfig", "lowrank", *_LAZY]
