@@ -1,0 +1,279 @@
+/* Search kernels: the cached loss against a direct recomputation of the re-routed output,
+ * importance, exhaustive enumeration, greedy, and the genetic search's reproducibility and
+ * optimality on enumerable layers. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "moei2_core.h"
+
+typedef struct {
+    int64_t N, E, d, k, C, nb;
+    int renorm;
+    double scaling;
+    double *logits;   /* [N, E] */
+    double *outputs;  /* [E, N, d] */
+    int64_t batch_ends[4];
+    /* cache storage */
+    int32_t *cand;
+    double *cprob, *probs, *factor, *norm2;
+    uint64_t *bits;
+    moei2_search_cache cache;
+} test_layer;
+
+static double gaussian(moei2_rng *rng) {
+    double u = moei2_rng_uniform(rng) + 1e-300, v = moei2_rng_uniform(rng);
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+
+static int make_layer(test_layer *t, int64_t N, int64_t E, int64_t d, int64_t k, int64_t r_max, int renorm,
+                      double scaling, uint64_t seed) {
+    memset(t, 0, sizeof *t);
+    t->N = N; t->E = E; t->d = d; t->k = k; t->C = k + r_max; t->renorm = renorm; t->scaling = scaling;
+    t->nb = 3;
+    t->batch_ends[0] = N / 3; t->batch_ends[1] = N / 2; t->batch_ends[2] = N;
+    const int64_t C = t->C, W = MOEI2_MASK_WORDS(E);
+    moei2_rng rng;
+    moei2_rng_seed(&rng, seed);
+    t->logits = malloc((size_t)(N * E) * sizeof(double));
+    t->outputs = malloc((size_t)(E * N * d) * sizeof(double));
+    t->cand = malloc((size_t)(N * C) * sizeof(int32_t));
+    t->cprob = malloc((size_t)(N * C) * sizeof(double));
+    t->probs = renorm ? NULL : malloc((size_t)(N * E) * sizeof(double));
+    t->bits = malloc((size_t)(N * W) * sizeof(uint64_t));
+    t->factor = malloc((size_t)(N * MOEI2_PACKED_SIZE(C)) * sizeof(double));
+    t->norm2 = malloc((size_t)N * sizeof(double));
+    double *gathered = malloc((size_t)(N * C * d) * sizeof(double));
+    if (!t->logits || !t->outputs || !t->cand || !t->cprob || (!renorm && !t->probs) || !t->bits || !t->factor ||
+        !t->norm2 || !gathered) {
+        free(gathered);
+        return 0;
+    }
+    for (int64_t i = 0; i < N * E; i++) t->logits[i] = 1.5 * gaussian(&rng);
+    for (int64_t i = 0; i < E * N * d; i++) t->outputs[i] = gaussian(&rng);
+    int ok = moei2_search_prepare(N, E, k, C, t->logits, t->cand, t->cprob, t->probs, t->bits) == MOEI2_OK;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t q = 0; q < C; q++)
+            memcpy(gathered + (n * C + q) * d, t->outputs + ((int64_t)t->cand[n * C + q] * N + n) * d,
+                   (size_t)d * sizeof(double));
+    ok = ok && moei2_search_factor(N, C, d, NULL, gathered, k, renorm, scaling, t->cprob, t->factor, t->norm2) ==
+                   MOEI2_OK;
+    free(gathered);
+    t->cache = (moei2_search_cache){N, E, k, C, renorm, scaling, t->nb, t->batch_ends, t->cand, t->cprob,
+                                    t->probs, t->bits, t->factor, t->norm2};
+    return ok;
+}
+
+static void free_layer(test_layer *t) {
+    free(t->logits); free(t->outputs); free(t->cand); free(t->cprob); free(t->probs);
+    free(t->bits); free(t->factor); free(t->norm2);
+}
+
+/* The routed output of token n with the experts in `dropped` removed, recomputed from scratch:
+ * -inf logits, softmax over survivors, top-k (ties to the lower index), renormalise, scale. */
+static void routed_output(const test_layer *t, int64_t n, const int *dropped, double *y) {
+    const int64_t E = t->E, d = t->d, k = t->k;
+    const double *z = t->logits + n * E;
+    double top = -INFINITY, total = 0.0;
+    for (int64_t j = 0; j < E; j++) if (!dropped[j] && z[j] > top) top = z[j];
+    for (int64_t j = 0; j < E; j++) if (!dropped[j]) total += exp(z[j] - top);
+    int chosen[64] = {0};
+    int64_t pick[64];
+    double w[64], wsum = 0.0;
+    for (int64_t q = 0; q < k; q++) {
+        int64_t best = -1;
+        for (int64_t j = 0; j < E; j++)
+            if (!dropped[j] && !chosen[j] && (best < 0 || z[j] > z[best])) best = j;
+        chosen[best] = 1;
+        pick[q] = best;
+        w[q] = exp(z[best] - top) / total;
+        wsum += w[q];
+    }
+    memset(y, 0, (size_t)d * sizeof(double));
+    for (int64_t q = 0; q < k; q++) {
+        double wq = t->scaling * (t->renorm ? w[q] / wsum : w[q]);
+        for (int64_t i = 0; i < d; i++) y[i] += wq * t->outputs[(pick[q] * t->N + n) * d + i];
+    }
+}
+
+static double direct_loss(const test_layer *t, const int *dropped) {
+    static const int none[64] = {0};
+    double *y = malloc((size_t)t->d * sizeof(double)), *ys = malloc((size_t)t->d * sizeof(double));
+    double loss = 0.0;
+    int64_t start = 0;
+    for (int64_t b = 0; b < t->nb; b++) {
+        double acc = 0.0;
+        for (int64_t n = start; n < t->batch_ends[b]; n++) {
+            routed_output(t, n, none, y);
+            routed_output(t, n, dropped, ys);
+            for (int64_t i = 0; i < t->d; i++) acc += (y[i] - ys[i]) * (y[i] - ys[i]);
+        }
+        loss += sqrt(acc);
+        start = t->batch_ends[b];
+    }
+    free(y);
+    free(ys);
+    return loss;
+}
+
+static void mask_from_list(uint64_t *mask, int64_t W, const int *dropped, int64_t E) {
+    memset(mask, 0, (size_t)W * sizeof(uint64_t));
+    for (int64_t j = 0; j < E; j++) if (dropped[j]) mask[j >> 6] |= (uint64_t)1 << (j & 63);
+}
+
+/* Every mask of size <= r_max scored by the cache equals the direct recomputation. */
+static void test_loss_matches_direct(int renorm, double scaling, int64_t E, int64_t k, int64_t r_max) {
+    test_layer t;
+    CHECK(make_layer(&t, 30, E, 5, k, r_max, renorm, scaling, 11 + (uint64_t)E));
+    const int64_t W = MOEI2_MASK_WORDS(E);
+    int64_t total = (int64_t)1 << E, count = 0;
+    uint64_t *masks = malloc((size_t)(total * W) * sizeof(uint64_t));
+    double *direct = malloc((size_t)total * sizeof(double)), *cached = malloc((size_t)total * sizeof(double));
+    for (int64_t bitsv = 0; bitsv < total; bitsv++) {
+        int dropped[64] = {0}, r = 0;
+        for (int64_t j = 0; j < E; j++) if ((bitsv >> j) & 1) { dropped[j] = 1; r++; }
+        if (r > r_max) continue;
+        mask_from_list(masks + count * W, W, dropped, E);
+        direct[count++] = direct_loss(&t, dropped);
+    }
+    CHECK(moei2_search_loss(&t.cache, masks, count, 3, cached) == MOEI2_OK);
+    double worst = 0.0;
+    for (int64_t i = 0; i < count; i++) {
+        double rel = fabs(cached[i] - direct[i]) / fmax(direct[i], 1e-300);
+        if (direct[i] == 0.0) rel = fabs(cached[i]);
+        if (rel > worst) worst = rel;
+    }
+    CHECK(worst < 1e-11);
+    if (worst >= 1e-11) fprintf(stderr, "  renorm=%d scaling=%g: worst relative error %g\n", renorm, scaling, worst);
+    /* The empty mask costs exactly nothing. */
+    CHECK(cached[0] == 0.0);
+    /* A mask dropping more than r_max experts is refused. */
+    int too_many[64] = {0};
+    for (int64_t j = 0; j <= r_max; j++) too_many[j] = 1;
+    mask_from_list(masks, W, too_many, E);
+    CHECK(moei2_search_loss(&t.cache, masks, 1, 1, cached) == MOEI2_ERR_ARG);
+    free(masks); free(direct); free(cached);
+    free_layer(&t);
+}
+
+static void test_importance_and_greedy(void) {
+    test_layer t;
+    CHECK(make_layer(&t, 24, 8, 4, 2, 3, 0, 1.0, 5));
+    double imp[8];
+    CHECK(moei2_search_expert_importance(&t.cache, 2, imp) == MOEI2_OK);
+    for (int j = 0; j < 8; j++) {
+        int dropped[64] = {0};
+        dropped[j] = 1;
+        CHECK_CLOSE(imp[j], direct_loss(&t, dropped), 1e-11);
+    }
+    uint64_t mask[1];
+    double best[3], mean[3];
+    int64_t evals = 0;
+    CHECK(moei2_search_greedy(&t.cache, 3, 2, mask, best, mean, &evals) == MOEI2_OK);
+    CHECK(evals == 8 + 7 + 6);
+    CHECK(__builtin_popcountll(mask[0]) == 3);
+    /* The first greedy step picks the least important expert. */
+    int least = 0;
+    for (int j = 1; j < 8; j++) if (imp[j] < imp[least]) least = j;
+    CHECK((mask[0] >> least) & 1);
+    CHECK_CLOSE(best[0], imp[least], 1e-14);
+    for (int s = 0; s < 3; s++) CHECK(best[s] <= mean[s]);
+    CHECK(moei2_search_greedy(&t.cache, 4, 2, mask, best, mean, &evals) == MOEI2_ERR_ARG);
+    free_layer(&t);
+}
+
+static void test_combinations(void) {
+    CHECK(moei2_combinations(8, 2) == 28);
+    CHECK(moei2_combinations(16, 4) == 1820);
+    CHECK(moei2_combinations(60, 15) == 53194089192720ULL);
+    CHECK(moei2_combinations(5, 0) == 1);
+    CHECK(moei2_combinations(5, 6) == 0);
+    CHECK(moei2_combinations(200, 100) == UINT64_MAX);
+}
+
+/* Exhaustive search returns the brute-force ranking; the genetic search finds the optimum
+ * on every enumerable case and is reproducible across thread counts. */
+static void test_searches(int64_t E, int64_t k, int64_t r, int renorm, uint64_t seed) {
+    test_layer t;
+    CHECK(make_layer(&t, 36, E, 4, k, r, renorm, renorm ? 1.0 : 2.0, seed));
+    const int64_t W = MOEI2_MASK_WORDS(E), K = 4;
+    uint64_t ex_masks[4 * 1], ga_masks[4 * 1], ga_masks2[4 * 1];
+    double ex_loss[4], ga_loss[4], ga_loss2[4], hb[50], hm[50], hb2[50], hm2[50];
+    moei2_search_result ex = {ex_masks, ex_loss, 0, NULL, NULL, 0, 0};
+    CHECK(moei2_search_exhaustive(&t.cache, r, K, 2, &ex) == MOEI2_OK);
+    CHECK(ex.found == K);
+    CHECK((uint64_t)ex.evaluations == moei2_combinations(E, r));
+    /* brute force minimum over every r-subset */
+    double best = INFINITY;
+    int64_t idx[16];
+    for (int64_t i = 0; i < r; i++) idx[i] = i;
+    for (;;) {
+        int dropped[64] = {0};
+        for (int64_t i = 0; i < r; i++) dropped[idx[i]] = 1;
+        double l = direct_loss(&t, dropped);
+        if (l < best) best = l;
+        int64_t i = r - 1;
+        while (i >= 0 && idx[i] == E - r + i) i--;
+        if (i < 0) break;
+        idx[i]++;
+        for (int64_t j = i + 1; j < r; j++) idx[j] = idx[j - 1] + 1;
+    }
+    CHECK_CLOSE(ex_loss[0], best, 1e-11);
+    for (int64_t i = 1; i < K; i++) CHECK(ex_loss[i - 1] <= ex_loss[i]);
+
+    moei2_genetic_params p = {r, 100, 50, 20, 0.3, K, 1};
+    moei2_rng rng;
+    moei2_rng_seed(&rng, seed * 7 + 1);
+    moei2_search_result ga = {ga_masks, ga_loss, 0, hb, hm, 0, 0};
+    CHECK(moei2_search_genetic(&t.cache, &p, &rng, &ga) == MOEI2_OK);
+    CHECK(ga.found == K);
+    CHECK(ga_loss[0] == ex_loss[0]);
+    CHECK(memcmp(ga_masks, ex_masks, (size_t)W * sizeof(uint64_t)) == 0);
+    for (int64_t g = 1; g < ga.history_length; g++) CHECK(hb[g] <= hb[g - 1]);
+    for (int64_t i = 0; i < K; i++) CHECK(__builtin_popcountll(ga_masks[i]) == r);
+
+    p.num_threads = 3;
+    moei2_rng_seed(&rng, seed * 7 + 1);
+    moei2_search_result ga2 = {ga_masks2, ga_loss2, 0, hb2, hm2, 0, 0};
+    CHECK(moei2_search_genetic(&t.cache, &p, &rng, &ga2) == MOEI2_OK);
+    CHECK(ga2.evaluations == ga.evaluations && ga2.history_length == ga.history_length);
+    CHECK(memcmp(ga_masks, ga_masks2, sizeof ga_masks) == 0);
+    CHECK(memcmp(ga_loss, ga_loss2, sizeof ga_loss) == 0);
+    CHECK(memcmp(hb, hb2, (size_t)ga.history_length * sizeof(double)) == 0);
+    CHECK(memcmp(hm, hm2, (size_t)ga.history_length * sizeof(double)) == 0);
+    free_layer(&t);
+}
+
+static void test_genetic_small_space(void) {
+    /* 28 masks, population 100: generation 0 scores the whole space and the search stops. */
+    test_layer t;
+    CHECK(make_layer(&t, 20, 8, 3, 2, 2, 1, 1.0, 99));
+    uint64_t masks[3];
+    double loss[3], hb[50], hm[50];
+    moei2_genetic_params p = {2, 100, 50, 20, 0.3, 3, 1};
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 3);
+    moei2_search_result res = {masks, loss, 0, hb, hm, 0, 0};
+    CHECK(moei2_search_genetic(&t.cache, &p, &rng, &res) == MOEI2_OK);
+    CHECK(res.evaluations == 28);
+    CHECK(res.history_length == 1);
+    p.drop_count = 3; /* more than r_max */
+    CHECK(moei2_search_genetic(&t.cache, &p, &rng, &res) == MOEI2_ERR_ARG);
+    free_layer(&t);
+}
+
+int main(void) {
+    test_loss_matches_direct(1, 1.0, 8, 2, 4);
+    test_loss_matches_direct(0, 1.0, 8, 2, 4);
+    test_loss_matches_direct(0, 2.5, 9, 3, 3);
+    test_loss_matches_direct(1, 0.7, 10, 1, 9);
+    test_importance_and_greedy();
+    test_combinations();
+    for (uint64_t seed = 1; seed <= 3; seed++) {
+        test_searches(8, 2, 2, 1, seed);
+        test_searches(8, 2, 4, 0, seed);
+        test_searches(16, 4, 4, seed % 2, seed);
+    }
+    test_genetic_small_space();
+    return check_report("test_search");
+}
