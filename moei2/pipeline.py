@@ -73,9 +73,13 @@ def _batch_token_counts(num_sequences: int, batch_size: int, seq_len: int) -> li
     return [batch_size * seq_len] * full + ([rest * seq_len] if rest else [])
 
 
-def _model_fingerprint(model) -> str:
-    payload = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def _model_fingerprint(model, adapter) -> str:
+    """Config plus the router weights: two checkpoints of one architecture must not share a
+    work_dir, and the routers are small yet differ between any two trained or seeded models."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for view in adapter.moe_layers():
+        digest.update(_to_numpy(view.router_weight).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def routed_expert_parameters(adapter) -> int:
@@ -139,7 +143,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     with timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
-    state = RunState(work_dir, f"{config.fingerprint()}-{_model_fingerprint(model)}-{data_hash}")
+    state = RunState(work_dir, f"{config.fingerprint()}-{_model_fingerprint(model, adapter)}-{data_hash}")
 
     views = adapter.moe_layers()
     moe_layers = [v.layer_index for v in views]
@@ -162,15 +166,15 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
         "layers": {str(l): {} for l in moe_layers},
     }
 
-    def stats_stream(grams, desc):
+    def stats_stream(grams, desc, propagate):
         return iter_layer_stats(model, input_ids, grams=grams, batch_size=config.calib_batch_size,
-                                device=config.device, progress=progress, desc=desc)
+                                device=config.device, progress=progress, desc=desc, propagate=propagate)
 
     def layer_for(stats, view, r_max):
         return search_mod.Layer.from_moe(
             _to_numpy(stats.X), _to_numpy(view.router_weight), _to_numpy(view.gate_up_proj),
             _to_numpy(view.down_proj), top_k=int(view.top_k), renormalize=bool(view.renormalize),
-            scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=batch_sizes)
+            scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=batch_sizes, act=view.act)
 
     # ---- stage 1a: importance and prune counts ----
     dropped: dict[int, list[int]] = {}
@@ -178,7 +182,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
         importance = state.get("expert_importance", {})
         with timer("importance"):
             if len(importance) < len(moe_layers):
-                for stats in stats_stream(None, "importance"):
+                for stats in stats_stream(None, "importance", propagate=False):
                     key = str(stats.layer_index)
                     if key in importance:
                         continue
@@ -186,12 +190,9 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                     importance[key] = layer.expert_importance().tolist()
                     state.put("expert_importance", importance)
         layer_importance = np.array([sum(importance[str(l)]) for l in moe_layers])
-        E = {num_experts[l] for l in moe_layers}
-        if len(E) != 1:
-            raise ValueError("layers with different expert counts are not supported by prune_counts")
-        k_values = {top_k[l] for l in moe_layers}
         counts = search_mod.prune_counts(
-            layer_importance, num_experts=E.pop(), top_k=k_values.pop(), ratio=config.prune_ratio,
+            layer_importance, num_experts=[num_experts[l] for l in moe_layers],
+            top_k=[top_k[l] for l in moe_layers], ratio=config.prune_ratio,
             total=config.prune_total, rule=config.prune_rule)
         counts = {l: int(c) for l, c in zip(moe_layers, counts)}
         for l in moe_layers:
@@ -200,18 +201,18 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                                             prune_count=counts[l])
 
         # ---- stage 1b + 1c: genetic search per layer, KT step per block ----
-        from .blockwise import make_blocks, search_block
-        from .runner import LayerRunner
+        from .blockwise import make_blocks
+        from .calibrate import LayerRunner
 
         candidates = {int(k): v for k, v in state.get("candidates", {}).items()}
         chosen = {int(k): v for k, v in state.get("chosen", {}).items()}
         blocks = make_blocks(moe_layers, config.kt_block)
         block_of = {l: bi for bi, b in enumerate(blocks) for l in b}
-        runner = LayerRunner(model, adapter.decoder_layers)
+        runner = LayerRunner(model, adapter.decoder_layers, device=config.device)
         block_start_hidden: dict[int, object] = {}
         kt_reports = state.get("blocks", {})
         with timer("search"):
-            for stats in stats_stream(None, "genetic search"):
+            for stats in stats_stream(None, "genetic search", propagate=False):
                 l = stats.layer_index
                 block = blocks[block_of[l]]
                 if l == block[0] and str(block_of[l]) not in kt_reports:
@@ -259,7 +260,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
         done_ranks = state.get("ranks", {})
         spectra = state.get("spectra", [])
         with timer("decomposition"):
-            for stats in stats_stream("all" if config.whiten else None, "low-rank"):
+            for stats in stats_stream("all" if config.whiten else None, "low-rank", propagate=True):
                 l = stats.layer_index
                 view = views[l]
                 M = int(view.num_experts)
@@ -387,6 +388,7 @@ def _kt_block(runner, adapter, block, candidates, hidden_start, config, num_batc
     import torch
 
     from . import prune_experts
+    from .blockwise import search_block
 
     first, last = block[0], block[-1]
     # Each position runs its MoE layer plus any dense layers up to the next MoE layer of the block.
