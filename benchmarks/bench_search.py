@@ -1,0 +1,201 @@
+"""Speed and memory of the layer search cache (moei2.search) on layers shaped like real models.
+
+For each layer shape (Qwen1.5-MoE-A2.7B: E=60, k=4, r=15; DeepSeek-V2-Lite: E=64, k=6, r=16;
+d=2048, 8192 calibration tokens in 4 batches) with synthetic router logits and expert outputs:
+
+  * masks scored per second by Layer.loss (one thread and all threads) against the reference
+    approach run in the same process: the re-routed MoE output recomputed per mask from the
+    cached outputs of each token's candidate experts (torch, float32, all threads), then the
+    per-batch Frobenius norms;
+  * agreement of the two on the masks the reference scored;
+  * cache memory against the dense candidate-output cache the reference needs;
+  * wall time of the full genetic search (population 100, 50 generations) on one core.
+
+    python benchmarks/bench_search.py [--quick] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS = [
+    # name, E, k, r, renormalize, scaling
+    ("Qwen1.5-MoE-A2.7B layer", 60, 4, 15, False, 1.0),
+    ("DeepSeek-V2-Lite layer", 64, 6, 16, False, 1.0),
+]
+
+
+def synthetic_layer(E, k, r, N, d, seed):
+    """Router logits with per-expert biases (uneven load, as trained routers have) and expert
+    outputs sharing a per-token component (experts see the same input) plus an expert-specific
+    direction and noise, each expert with its own output scale."""
+    from moei2 import _core
+
+    rng = np.random.default_rng(seed)
+    bias = rng.normal(0.0, 0.7, size=E)
+    logits = bias + rng.normal(0.0, 1.2, size=(N, E))
+    C = k + r
+    candidates = _core.search_prepare(logits, k, C, False)[0]
+    mean = rng.normal(0.0, 1.0, size=(E, d)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, size=E).astype(np.float32)
+    outputs = np.empty((N, C, d), dtype=np.float32)
+    for s in range(0, N, 512):
+        cand = candidates[s:s + 512]
+        n = cand.shape[0]
+        shared = rng.standard_normal((n, 1, d), dtype=np.float32)
+        noise = rng.standard_normal((n, C, d), dtype=np.float32)
+        outputs[s:s + n] = scale[cand][:, :, None] * (0.4 * mean[cand] + 0.7 * shared + 0.6 * noise)
+    return logits, candidates, outputs
+
+
+def reference_losses(torch, logits, candidates, outputs, masks, k, renormalize, scaling, batch_ends):
+    """Recomputes the re-routed output per mask from the cached candidate outputs."""
+    O = torch.from_numpy(outputs)
+    z = torch.from_numpy(logits)
+    cand = torch.from_numpy(candidates.astype(np.int64))
+    N, C = cand.shape
+
+    def routed(drop):                                   # drop: bool [E] tensor
+        zz = z.masked_fill(drop[None, :], float("-inf"))
+        p = torch.softmax(zz, dim=1)
+        cdrop = drop[cand]
+        rank = torch.cumsum((~cdrop).to(torch.int64), dim=1)
+        chosen = (~cdrop) & (rank <= k)                 # first k surviving candidates
+        w = torch.where(chosen, torch.gather(p, 1, cand), torch.zeros((), dtype=p.dtype))
+        if renormalize:
+            w = w / w.sum(dim=1, keepdim=True)
+        w = (scaling * w).to(torch.float32)
+        return torch.einsum("nc,ncd->nd", w, O)
+
+    y = routed(torch.zeros(z.shape[1], dtype=torch.bool))
+    out = []
+    for m in masks:
+        ys = routed(torch.from_numpy(m))
+        diff = (y - ys).double()
+        loss, start = 0.0, 0
+        for end in batch_ends:
+            loss += torch.linalg.vector_norm(diff[start:end]).item()
+            start = end
+        out.append(loss)
+    return np.array(out)
+
+
+def random_masks(rng, M, E, r):
+    masks = np.zeros((M, E), dtype=bool)
+    for i in range(M):
+        masks[i, rng.choice(E, size=r, replace=False)] = True
+    return masks
+
+
+def run_layer(name, E, k, r, renormalize, scaling, N, d, num_masks, num_reference, seed):
+    import torch
+
+    from moei2 import search
+
+    batch_sizes = [N // 4] * 4
+    logits, candidates, outputs = synthetic_layer(E, k, r, N, d, seed)
+    t = time.perf_counter()
+    layer = search.Layer._build(logits, N, E, k, r, renormalize, scaling, batch_sizes,
+                                lambda cand, first: outputs[first:first + cand.shape[0]])
+    build_s = time.perf_counter() - t
+    rng = np.random.default_rng(seed + 1)
+    masks = random_masks(rng, num_masks, E, r)
+
+    # reference: torch, all threads
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ref_masks = masks[:num_reference]
+    reference_losses(torch, logits, candidates, outputs, ref_masks[:1], k, renormalize, scaling,
+                     layer.batch_ends)  # warm-up
+    t = time.perf_counter()
+    ref = reference_losses(torch, logits, candidates, outputs, ref_masks, k, renormalize, scaling, layer.batch_ends)
+    ref_rate = len(ref_masks) / (time.perf_counter() - t)
+
+    layer.num_threads = 1
+    layer.loss(masks[:16])
+    t = time.perf_counter()
+    ours1 = layer.loss(masks)
+    rate1 = num_masks / (time.perf_counter() - t)
+    layer.num_threads = max(1, os.cpu_count() or 1)
+    t = time.perf_counter()
+    ours_all = layer.loss(masks)
+    rate_all = num_masks / (time.perf_counter() - t)
+    assert np.array_equal(ours1, ours_all), "thread count changed a loss"
+    agreement = float(np.max(np.abs(ours1[:num_reference] - ref) / ref))
+
+    layer.num_threads = 1
+    t, c = time.perf_counter(), time.process_time()
+    ga = layer.genetic(r, k_best=3, seed=seed)
+    ga_s, ga_cpu = time.perf_counter() - t, time.process_time() - c
+    dense_bytes = outputs.nbytes
+    return {
+        "layer": name, "num_experts": E, "top_k": k, "r": r, "tokens": N, "hidden": d,
+        "renormalize": renormalize, "scaling": scaling,
+        "cache_build_s": build_s,
+        "cache_bytes": layer.memory_bytes, "dense_candidate_output_bytes": dense_bytes,
+        "reference_masks_per_s": ref_rate,
+        "masks_per_s_1_thread": rate1, "masks_per_s_all_threads": rate_all,
+        "threads": max(1, os.cpu_count() or 1),
+        "speedup_1_thread": rate1 / ref_rate, "speedup_all_threads": rate_all / ref_rate,
+        "max_relative_difference_vs_reference": agreement,
+        "genetic_100x50_s_1_thread": ga_s, "genetic_100x50_cpu_s": ga_cpu,
+        "load_average_1min": os.getloadavg()[0], "genetic_evaluations": ga.evaluations,
+        "genetic_best_loss": float(ga.losses[0]),
+        "genetic_generations": len(ga.history["best"]),
+    }
+
+
+def markdown(results, meta):
+    lines = [
+        "# Layer search cache: masks scored per second", "",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']}, {meta['cpus']} CPUs. "
+        "Reference = re-routed output recomputed per mask from cached candidate outputs "
+        "(torch float32, all threads), in the same process. Load average during the run: "
+        f"{meta['load_average_1min']:.1f} (shared machine: wall times include waiting for a core; "
+        "GA CPU s is the search's own processor time).", "",
+        "| layer | E | k | r | tokens | d | reference masks/s | moei2 masks/s (1 thread) | moei2 masks/s "
+        "(all threads) | speed-up (1 thread) | max rel. diff | cache MiB | dense outputs MiB | "
+        "GA 100x50 (1 core) wall s | GA CPU s | GA evaluations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['layer']} | {r['num_experts']} | {r['top_k']} | {r['r']} | {r['tokens']} | {r['hidden']} | "
+            f"{r['reference_masks_per_s']:.2f} | {r['masks_per_s_1_thread']:.0f} | {r['masks_per_s_all_threads']:.0f} | "
+            f"{r['speedup_1_thread']:.0f}x | {r['max_relative_difference_vs_reference']:.1e} | "
+            f"{r['cache_bytes'] / 2**20:.0f} | {r['dense_candidate_output_bytes'] / 2**20:.0f} | "
+            f"{r['genetic_100x50_s_1_thread']:.3f} | {r['genetic_100x50_cpu_s']:.3f} | {r['genetic_evaluations']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1024 tokens, d=512, fewer masks")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    N, d = (1024, 512) if args.quick else (8192, 2048)
+    num_masks, num_reference = (500, 3) if args.quick else (2000, 5)
+    results = []
+    for name, E, k, r, renorm, scaling in LAYERS:
+        res = run_layer(name, E, k, r, renorm, scaling, N, d, num_masks, num_reference, args.seed)
+        results.append(res)
+        print(json.dumps(res, indent=1))
+    meta = {"command": "python benchmarks/bench_search.py" + (" --quick" if args.quick else ""),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
+            "load_average_1min": os.getloadavg()[0]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_search_quick" if args.quick else "bench_search"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results, meta))
+    print(markdown(results, meta))
+
+
+if __name__ == "__main__":
+    main()
