@@ -33,6 +33,9 @@ _LAZY = {
     "compress": ("moei2.pipeline", "compress"),
     "calibration_windows": ("moei2.pipeline", "calibration_windows"),
     "lora_finetune": ("moei2.recovery", "lora_finetune"),
+    "demo_model": ("moei2.demo", "demo_model"),
+    "demo_model_path": ("moei2.demo", "demo_model_path"),
+    "demo_texts": ("moei2.demo", "demo_texts"),
 }
 
 

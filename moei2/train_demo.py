@@ -62,7 +62,7 @@ DEFAULTS = dict(
     num_experts=16, num_experts_per_tok=4, moe_intermediate_size=96, shared_expert_intermediate_size=256,
     max_position_embeddings=1024, router_aux_loss_coef=0.02,
     train_seed=0, steps=2400, batch_size=8, seq_len=256, lr=2e-3, min_lr_ratio=0.1, warmup=100,
-    weight_decay=0.1, grad_clip=1.0, threads=2,
+    weight_decay=0.1, grad_clip=1.0, threads=1, time_budget=20.0,
     task_seed=2024, task_items=400,
 )
 
@@ -356,13 +356,23 @@ def stage_train(args, out: Path):
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        progress = (step - args.warmup) / max(1, steps - args.warmup)
         return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     rng = np.random.default_rng(args.train_seed)
     history, started = [], time.perf_counter()
     n_windows = len(stream) - args.seq_len - 1
-    for step in range(args.steps):
+    steps, planned_at = args.steps, None
+    step = 0
+    while step < steps:
+        if args.time_budget > 0 and step == min(50, args.warmup) and planned_at is None:
+            # Fix the step count once, from the measured speed, while still in warm-up: the cosine
+            # schedule then depends only on the final count, and rerunning with --steps <that
+            # count> --time-budget 0 repeats the run exactly.
+            elapsed = time.perf_counter() - started
+            affordable = step + int((args.time_budget * 60 - elapsed) / (elapsed / step))
+            steps, planned_at = max(args.warmup + 1, min(args.steps, affordable)), step
+            print(f"train: {elapsed / step:.2f}s/step -> {steps} steps in the {args.time_budget} min budget", flush=True)
         starts = rng.integers(0, n_windows, size=args.batch_size)
         batch = torch.stack([stream[s:s + args.seq_len] for s in starts])
         for group in opt.param_groups:
@@ -376,26 +386,28 @@ def stage_train(args, out: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             entry = {"step": step, "lm_loss": round(lm_loss.item(), 4), "aux": round(aux.item(), 4),
                      "lr": lr_at(step), "seconds": round(time.perf_counter() - started, 1)}
-            if step % 400 == 0 or step == args.steps - 1:
+            if step % 400 == 0 or step == steps - 1:
                 entry["calibration_loss"] = round(_mean_loss(model, valid, args.seq_len, max_windows=32), 4)
                 model.train()
             history.append(entry)
             print("train:", json.dumps(entry), flush=True)
+        step += 1
     seconds = time.perf_counter() - started
     model.eval()
     model.config.use_cache = True
     # float32 (5.6 M parameters, 22 MB) so the reference model carries no rounding of its own.
     model.save_pretrained(model_dir)
-    tokens = args.steps * args.batch_size * args.seq_len
-    meta = {"seconds": round(seconds, 1), "steps": args.steps, "batch_size": args.batch_size,
+    tokens = steps * args.batch_size * args.seq_len
+    meta = {"seconds": round(seconds, 1), "steps": steps, "steps_requested": args.steps,
+            "time_budget_minutes": args.time_budget, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "tokens_seen": tokens, "train_tokens": int(len(stream)),
             "epochs": round(tokens / len(stream), 2), "threads": args.threads, "history": history,
             "hyperparameters": {k: getattr(args, k) for k in DEFAULTS}}
     (model_dir / "training_log.json").write_text(json.dumps(meta, indent=1))
-    print(f"train: {seconds:.0f}s for {args.steps} steps")
+    print(f"train: {seconds:.0f}s for {steps} steps")
 
 
 def _mean_loss(model, ids, seq_len: int, max_windows: int | None = None) -> float:
@@ -415,6 +427,200 @@ def _mean_loss(model, ids, seq_len: int, max_windows: int | None = None) -> floa
             total += nll.item()
             count += rows[:, 1:].numel()
     return total / count
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def unigram_baseline(tokenizer, train_texts: list[str], eval_ids: np.ndarray) -> float:
+    """Perplexity of the add-one-smoothed unigram distribution of the train split on ``eval_ids``:
+    the floor any model that ignores context can reach, so the trained model must be far below it."""
+    from .evaluate import _encode_joined
+
+    counts = np.bincount(_encode_joined(tokenizer, train_texts), minlength=len(tokenizer)).astype(np.float64)
+    log_probs = np.log(counts + 1.0) - np.log(counts.sum() + len(counts))
+    return float(np.exp(-log_probs[eval_ids].mean()))
+
+
+def expert_utilisation(model, ids, seq_len: int, top_k: int) -> dict:
+    """Share of top-k routing slots each expert receives, per layer, over ``ids`` in windows."""
+    import torch
+
+    counts = None
+    with torch.no_grad():
+        for start in range(0, len(ids) - seq_len + 1, seq_len * 8):
+            rows = [ids[s:s + seq_len] for s in range(start, min(start + seq_len * 8, len(ids) - seq_len + 1), seq_len)]
+            out = model(input_ids=torch.as_tensor(np.stack(rows)), output_router_logits=True, use_cache=False)
+            per_layer = [torch.bincount(torch.topk(r.float(), top_k, dim=-1).indices.reshape(-1),
+                                        minlength=r.shape[-1]) for r in out.router_logits]
+            batch = torch.stack(per_layer).double()
+            counts = batch if counts is None else counts + batch
+    share = (counts / counts.sum(dim=1, keepdim=True)).numpy()
+    layers = []
+    for layer, row in enumerate(share):
+        entropy = float(-(row[row > 0] * np.log(row[row > 0])).sum() / np.log(len(row)))
+        layers.append({"layer": layer, "share": [round(float(x), 5) for x in row],
+                       "min_share": round(float(row.min()), 5), "max_share": round(float(row.max()), 5),
+                       "normalised_entropy": round(entropy, 4)})
+    return {"uniform_share": round(1.0 / share.shape[1], 5), "tokens": int(counts[0].sum().item() // top_k),
+            "layers": layers}
+
+
+def stage_report(args, out: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import _encode_joined, _windows, perplexity
+
+    torch.set_num_threads(args.threads)
+    model_dir = out / "demo_model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+    heldout = load_split(out, "heldout")
+    ppl = perplexity(model, tokenizer, heldout, seq_len=args.seq_len)
+    # The unigram baseline is scored on exactly the targets perplexity() scores.
+    targets = np.concatenate([w[1:] for w in _windows(_encode_joined(tokenizer, heldout), args.seq_len)])
+    unigram = unigram_baseline(tokenizer, load_split(out, "train"), targets)
+    utilisation = expert_utilisation(model, _encode_joined(tokenizer, heldout), args.seq_len,
+                                     model.config.num_experts_per_tok)
+    log = json.loads((model_dir / "training_log.json").read_text())
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    n_routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    report = {
+        "source": f"Jane Austen's six novels, Debian package {SOURCE_PACKAGE} (CRAN janeaustenr)",
+        "splits": {s: {"chapters": len(load_split(out, s)),
+                       "tokens": int(len(_encode_joined(tokenizer, load_split(out, s))))} for s in SPLITS},
+        "architecture": {
+            "class": type(model).__name__, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "num_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size,
+            "shared_expert_intermediate_size": config.shared_expert_intermediate_size,
+            "norm_topk_prob": config.norm_topk_prob, "parameters": n_params,
+            "routed_expert_parameters": n_routed,
+            "safetensors_bytes": (model_dir / "model.safetensors").stat().st_size,
+        },
+        "training": {k: v for k, v in log.items() if k != "history"},
+        "history": log["history"],
+        "heldout": {"seq_len": args.seq_len, "tokens": ppl["tokens"], "perplexity": round(ppl["perplexity"], 4),
+                    "unigram_perplexity": round(unigram, 4),
+                    "ratio_to_unigram": round(ppl["perplexity"] / unigram, 4)},
+        "expert_utilisation": utilisation,
+    }
+    (model_dir / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("report:", json.dumps(report["heldout"]))
+    return report
+
+
+# ---- zero-shot tasks -------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r'(?<=[.!?])["\']?\s+(?=["\'_]?[A-Z])')
+_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Dr|St|Messrs)\.$")  # "Mr. Darcy" does not end a sentence
+_WORD = re.compile(r"[A-Za-z]+")
+
+TASKS = {
+    "austen_next_sentence": "Pick the sentence that follows a two-sentence passage among four from elsewhere.",
+    "austen_cloze": "Pick the word that continues a sentence among four of similar corpus frequency.",
+}
+
+
+def sentences_of(text: str) -> list[str]:
+    """Splits a chapter into sentences, paragraph by paragraph (a sentence never spans two)."""
+    found = []
+    for paragraph in text.split("\n\n"):
+        pos = 0
+        for m in _SENTENCE_END.finditer(paragraph):
+            if _ABBREVIATION.search(paragraph, 0, m.start()):
+                continue
+            found.append(paragraph[pos:m.start() + len(m.group(0).rstrip())].strip())
+            pos = m.end()
+        found.append(paragraph[pos:].strip())
+    return [s for s in found if s]
+
+
+def _task_yaml(name: str) -> str:
+    metric = "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n" \
+             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    return (f"# {TASKS[name]}\n# Built from the held-out chapters by python -m moei2.train_demo --stages tasks.\n"
+            f"task: {name}\ncustom_dataset: !function moei2.evaluate.local_task_dataset\n"
+            f"dataset_kwargs:\n  task_file: {name}.jsonl\ntest_split: test\noutput_type: multiple_choice\n"
+            "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+            f"{metric}metadata:\n  version: 1.0\n")
+
+
+def build_tasks(chapters: list[str], train_texts: list[str], seed: int, items: int) -> dict[str, list[dict]]:
+    """Multiple-choice items from held-out chapters; each item's correct choice is at a seeded
+    position, and distractors are matched to the answer (sentence length, word frequency) so
+    that length or frequency alone does not reveal it."""
+    rng = np.random.default_rng(seed)
+    per_chapter = [sentences_of(c) for c in chapters]
+    pool = [(ci, s) for ci, sents in enumerate(per_chapter) for s in sents if 6 <= len(s.split()) <= 40]
+    lengths = np.array([len(s.split()) for _, s in pool])
+
+    next_sentence, seen = [], set()
+    candidates = [(ci, i) for ci, sents in enumerate(per_chapter) for i in range(2, len(sents))
+                  if 6 <= len(sents[i].split()) <= 40 and 8 <= len(" ".join(sents[i - 2:i]).split()) <= 90]
+    for j in rng.permutation(len(candidates)):
+        if len(next_sentence) == items:
+            break
+        ci, i = candidates[j]
+        answer = per_chapter[ci][i]
+        if answer in seen:
+            continue
+        n = len(answer.split())
+        near = [k for k in np.flatnonzero(np.abs(lengths - n) <= max(1, n // 5))
+                if pool[k][0] != ci and pool[k][1] != answer]
+        if len(near) < 3:
+            continue
+        distractors = [pool[k][1] for k in rng.choice(near, 3, replace=False)]
+        label = int(rng.integers(4))
+        choices = distractors[:label] + [answer] + distractors[label:]
+        seen.add(answer)
+        next_sentence.append({"context": " ".join(per_chapter[ci][i - 2:i]), "choices": choices, "label": label})
+
+    counts: dict[str, int] = {}
+    for text in train_texts:
+        for w in _WORD.findall(text):
+            counts[w] = counts.get(w, 0) + 1
+    vocab = sorted((w for w, c in counts.items() if c >= 5 and len(w) >= 4 and w.islower()),
+                   key=lambda w: (-counts[w], w))
+    rank = {w: r for r, w in enumerate(vocab)}
+    cloze, seen = [], set()
+    order = [(ci, i) for ci, sents in enumerate(per_chapter) for i in range(1, len(sents))]
+    for j in rng.permutation(len(order)):
+        if len(cloze) == items:
+            break
+        ci, i = order[j]
+        sentence = per_chapter[ci][i]
+        words = list(_WORD.finditer(sentence))
+        spots = [m for m in words[4:] if m.group(0) in rank]
+        if not spots or sentence in seen:
+            continue
+        m = spots[int(rng.integers(len(spots)))]
+        r = rank[m.group(0)]
+        band = [w for w in vocab[max(0, r - 40):r + 41] if w != m.group(0)]
+        distractors = [band[k] for k in rng.choice(len(band), 3, replace=False)]
+        label = int(rng.integers(4))
+        choices = distractors[:label] + [m.group(0)] + distractors[label:]
+        seen.add(sentence)
+        context = per_chapter[ci][i - 1] + " " + sentence[:m.start()].rstrip()
+        cloze.append({"context": context, "choices": choices, "label": label})
+    return {"austen_next_sentence": next_sentence, "austen_cloze": cloze}
+
+
+def stage_tasks(args, out: Path):
+    tasks = build_tasks(load_split(out, "heldout"), load_split(out, "train"), args.task_seed, args.task_items)
+    task_dir = out / "tasks"
+    if task_dir.exists():
+        shutil.rmtree(task_dir)
+    task_dir.mkdir(parents=True)
+    for name, rows in tasks.items():
+        if len(rows) < args.task_items:
+            raise RuntimeError(f"task {name}: only {len(rows)} of {args.task_items} items could be built")
+        (task_dir / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                encoding="utf-8")
+        (task_dir / f"{name}.yaml").write_text(_task_yaml(name))
+    print("tasks:", {name: len(rows) for name, rows in tasks.items()})
 
 
 # ---- command line ----------------------------------------------------------------------------
