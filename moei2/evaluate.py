@@ -193,7 +193,7 @@ def _task_names(tasks) -> list[str]:
 def _load_task_dict(names: list[str]):
     """Resolves task names with a TaskManager over the shipped tasks (plus lm-eval's own when a
     non-local name is asked for) and loads their data, turning a missing dataset into ValueError."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     local = set(local_tasks())
     needs_defaults = any(n not in local for n in names)
@@ -205,7 +205,7 @@ def _load_task_dict(names: list[str]):
     task_dict = {}
     for name in names:
         try:
-            task_dict.update(get_task_dict([name], manager))
+            task_dict.update(manager.load([name])["tasks"])
         except Exception as exc:  # lm-eval/datasets raise many types for a missing download
             if name in local:
                 raise
@@ -257,7 +257,7 @@ def zero_shot(model, tokenizer, tasks="local", *, limit: int | float | None = No
     finally:
         model.train(was_training)
     results = {}
-    for name in names:
+    for name in task_dict:  # leaf tasks: a group or tag name has been expanded
         r = raw["results"][name]
         results[name] = {"acc": float(r["acc,none"]), "acc_stderr": _float_or_none(r.get("acc_stderr,none")),
                          "acc_norm": _float_or_none(r.get("acc_norm,none")),
@@ -311,7 +311,8 @@ def _register_lm_eval_model():
         experts restored by ``moei2.io.load``) or a plain Hugging Face model directory; every other
         model argument is HFLM's (``batch_size``, ``max_length``, ``device``, ``dtype``)."""
 
-        def __init__(self, pretrained, tokenizer=None, dtype="auto", device="cpu", **kwargs):
+        def __init__(self, pretrained, tokenizer=None, dtype="auto", device=None, **kwargs):
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             if isinstance(pretrained, (str, Path)):
                 model, loaded_tokenizer = load_for_eval(pretrained, dtype=dtype)
                 tokenizer = tokenizer or loaded_tokenizer

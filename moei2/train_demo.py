@@ -13,12 +13,16 @@ Without ``--source`` the script runs ``apt-get download`` itself. Stages (``--st
 
 ``data``       chapters -> seeded train / calibration / held-out split -> ``data/texts/*.jsonl.gz``
 ``tokenizer``  byte-level BPE trained on the train split -> ``data/demo_model/tokenizer.json``
-``train``      Qwen2-MoE trained from scratch with a per-layer load-balancing loss -> safetensors
-``report``     held-out perplexity vs a unigram baseline, expert utilisation -> training_report.json
 ``tasks``      multiple-choice zero-shot tasks built from the held-out split -> ``data/tasks``
+``train``      Qwen2-MoE trained from scratch with a per-layer load-balancing loss -> safetensors
+``report``     held-out perplexity vs a unigram baseline, expert utilisation, zero-shot accuracy on
+               the local tasks -> ``data/demo_model/training_report.json``
 
 Every stage is seeded; the split and the tasks are byte-for-byte reproducible. Training is
-deterministic for a fixed thread count (floating-point reduction order depends on it).
+deterministic for a fixed thread count (floating-point reduction order depends on it). With
+``--time-budget M`` (minutes, default 20) the step count is fixed after 50 steps from the measured
+speed, capped by ``--steps``; the report records it, and ``--steps N --time-budget 0`` repeats the
+run exactly.
 """
 from __future__ import annotations
 
@@ -507,6 +511,13 @@ def stage_report(args, out: Path):
                     "ratio_to_unigram": round(ppl["perplexity"] / unigram, 4)},
         "expert_utilisation": utilisation,
     }
+    try:
+        from .evaluate import zero_shot
+    except ImportError:
+        zero_shot = None
+    if zero_shot is not None and (out / "tasks").is_dir() and out.resolve() == DATA_DIR.resolve():
+        zs = zero_shot(model, tokenizer, "local", batch_size=16)
+        report["zero_shot"] = {"tasks": zs["tasks"], "average": zs["average"], "chance": 0.25}
     (model_dir / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print("report:", json.dumps(report["heldout"]))
     return report
@@ -625,7 +636,7 @@ def stage_tasks(args, out: Path):
 
 # ---- command line ----------------------------------------------------------------------------
 
-STAGES = ("data", "tokenizer", "train", "report", "tasks")
+STAGES = ("data", "tokenizer", "tasks", "train", "report")
 
 
 def main(argv=None) -> int:
