@@ -42,6 +42,9 @@ _LAZY = {
     "prune_experts": ("moei2.models", "prune_experts"),
     "lowrank_experts": ("moei2.models", "lowrank_experts"),
     "iter_layer_stats": ("moei2.calibrate", "iter_layer_stats"),
+    "demo_model": ("moei2.demo", "demo_model"),
+    "demo_model_path": ("moei2.demo", "demo_model_path"),
+    "demo_texts": ("moei2.demo", "demo_texts"),
 }
 
 
