@@ -66,8 +66,8 @@ def cmd_compress(args) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
+    texts = _read_texts(args.calibration)  # user input is checked before the slow model load
     model, tokenizer = _load_model(args.model)
-    texts = _read_texts(args.calibration)
     model, report = compress(model, tokenizer, texts, config, work_dir=args.work_dir, progress=not args.quiet)
     save_report = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
     report["checkpoint"] = save_report

@@ -1,7 +1,7 @@
 """Figures of a compression report (needs the ``plot`` extra: matplotlib).
 
 Every function takes the report dict that :func:`moei2.compress` returns (also stored in a saved
-checkpoint as ``moei2_report.json``) and returns a matplotlib Figure; :func:`render_report` writes
+checkpoint as ``report.json``) and returns a matplotlib Figure; :func:`render_report` writes
 all of them as PNG files.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPORT_FILE = "moei2_report.json"
+from .io import REPORT_NAME as REPORT_FILE  # io imports torch lazily, so plots stay light
 
 
 def _plt():
