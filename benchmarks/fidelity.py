@@ -37,7 +37,36 @@ def rows(quick: bool):
          dict(prune_ratio=0.0, rank_keep_ratio=0.5, rank_rule="uniform", whiten=False)),
         ("uniform-rank whitened SVD (keep 1/2)", "~50% expert params",
          dict(prune_ratio=0.0, rank_keep_ratio=0.5, rank_rule="uniform", whiten=True)),
+        # More levels for the trade-off curve: MoE-I2 removes 1 - 0.75 * keep, the SVD rows match it.
+        ("uniform-rank plain SVD (keep 3/4)", "25% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.75, rank_rule="uniform", whiten=False)),
+        ("MoE-I2 (prune 25% + whitened low-rank 0.4)", "70% expert params",
+         dict(selection="genetic", rank_keep_ratio=0.4)),
+        ("uniform-rank plain SVD (keep 0.3)", "70% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=False)),
+        ("uniform-rank whitened SVD (keep 0.3)", "70% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=True)),
     ]
+
+
+def tradeoff_points(results):
+    """Perplexity against expert parameters removed, one curve per method family."""
+    points = []
+    for r in results:
+        name = r["method"]
+        if name == "original":
+            families = ["MoE-I2", "plain SVD", "whitened SVD"]
+        elif name.startswith("MoE-I2"):
+            families = ["MoE-I2"]
+        elif "plain SVD" in name:
+            families = ["plain SVD"]
+        elif "whitened SVD" in name:
+            families = ["whitened SVD"]
+        else:
+            continue
+        points += [{"method": f, "removed": r["expert_params_removed"], "perplexity": r["perplexity"]}
+                   for f in families]
+    return points
 
 
 def main(argv=None):
@@ -84,7 +113,15 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
                "model": str(moei2.demo_model_path()), "rows": results}
+    payload["tradeoff"] = tradeoff_points(results)
     (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
+    try:
+        from moei2.plot import tradeoff
+
+        figure = tradeoff(payload["tradeoff"])
+        figure.savefig(out / "fidelity_tradeoff.png", dpi=110)
+    except ImportError:
+        print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
     lines = ["| method | budget | held-out ppl | zero-shot acc | expert params removed | compress s |",
              "|---|---|---|---|---|---|"]
     for r in results:

@@ -12,12 +12,13 @@ the per-layer results are those of the model whatever the family.
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+from .models.base import as_index
 
 __all__ = ["LayerStats", "LayerRunner", "iter_layer_stats"]
 
@@ -244,12 +245,7 @@ def _gram_layers(grams, moe_layers) -> frozenset:
         raise ValueError(f"grams must be None, 'all' or a set of MoE layer indices, got {type(grams).__name__}") from None
     out = set()
     for i in items:
-        if isinstance(i, bool):
-            raise ValueError(f"grams: layer index {i!r} is a bool, not an integer")
-        try:
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"grams: layer index {i!r} is not an integer") from None
+        i = as_index(i, "grams: layer index")
         if i not in moe_layers:
             raise ValueError(f"grams: layer {i} is not an MoE layer of this model; MoE layers: {list(moe_layers)}")
         out.add(i)

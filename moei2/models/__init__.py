@@ -8,11 +8,10 @@ writes and :func:`moei2.load` rebuilds.
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Mapping
 from typing import Optional
 
-from .base import MoEAdapter, MoEView
+from .base import MoEAdapter, MoEView, as_index
 from .deepseek_v2 import DeepseekV2Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
@@ -66,12 +65,7 @@ def structure_of(model, adapter: Optional[MoEAdapter] = None) -> dict:
 
 
 def _layer_key(layer, moe_layers: list[int], what: str) -> int:
-    if isinstance(layer, bool):
-        raise ValueError(f"{what}: layer key {layer!r} is a bool, not a layer index")
-    try:
-        index = operator.index(layer)
-    except TypeError:
-        raise ValueError(f"{what}: layer key {layer!r} is not an integer layer index") from None
+    index = as_index(layer, f"{what}: layer key")
     if index not in moe_layers:
         raise ValueError(f"{what}: layer {index} is not an MoE layer of this model; MoE layers: {moe_layers}")
     return index
@@ -91,12 +85,7 @@ def _prune_decoder_layer(decoder_layer, dropped: Mapping):
     if not isinstance(dropped, Mapping) or len(dropped) != 1:
         raise ValueError("dropped: with layer_module=True give exactly one entry {layer_index: expert indices}")
     (layer, drop), = dropped.items()
-    if isinstance(layer, bool):
-        raise ValueError(f"dropped: layer key {layer!r} is a bool, not a layer index")
-    try:
-        operator.index(layer)
-    except TypeError:
-        raise ValueError(f"dropped: layer key {layer!r} is not an integer layer index") from None
+    as_index(layer, "dropped: layer key")
     cls = adapter_class_of_layer(decoder_layer)
     adapter = cls.__new__(cls)  # a layer on its own: no model, no config record to keep
     adapter.model, adapter.config = None, None
@@ -175,12 +164,7 @@ def _check_factors(view: MoEView, layer_factors, index: int) -> list[dict]:
     num_experts, hidden, inter = view.num_experts, view.hidden_size, view.intermediate_size
     keys = {}
     for j in layer_factors:
-        if isinstance(j, bool):
-            raise ValueError(f"{what}: expert key {j!r} is a bool")
-        try:
-            jj = operator.index(j)
-        except TypeError:
-            raise ValueError(f"{what}: expert key {j!r} is not an integer") from None
+        jj = as_index(j, f"{what}: expert key")
         if not 0 <= jj < num_experts:
             raise ValueError(f"{what}: expert {jj} out of range; the layer has {num_experts} experts")
         if jj in keys:

@@ -19,6 +19,17 @@ from torch import nn
 from ..modules import LowRankExperts
 
 
+def as_index(value, what: str) -> int:
+    """An integer index from user input. Bools are refused although Python treats them as ints:
+    ``True`` as an expert or layer index is always a mistake."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} {value!r} is a bool, not an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} {value!r} is not an integer") from None
+
+
 class MoEView:
     """One MoE layer, read live from its modules (so it stays right after pruning or low-rank).
 
@@ -259,12 +270,7 @@ class MoEAdapter:
             raise ValueError(f"{layer_name}: experts to drop must be an iterable of integers, got {type(drop).__name__}")
         indices = []
         for j in drop:
-            if isinstance(j, bool):
-                raise ValueError(f"{layer_name}: expert index {j!r} is a bool, not an integer")
-            try:
-                j = operator.index(j)
-            except TypeError:
-                raise ValueError(f"{layer_name}: expert index {j!r} is not an integer") from None
+            j = as_index(j, f"{layer_name}: expert index")
             if not 0 <= j < num_experts:
                 raise ValueError(f"{layer_name}: expert index {j} out of range; the layer has {num_experts} experts")
             indices.append(j)
