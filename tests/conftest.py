@@ -4,3 +4,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """Runs ``python ARGS`` from a directory outside the checkout, so that a child process imports
+    the installed moei2 (as a user would), not the source tree of the current directory."""
+    def run(*args, timeout=300):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    return run

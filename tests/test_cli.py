@@ -1,7 +1,5 @@
 """The moei2 command line on the bundled demo model, in process (plus one real subprocess)."""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -74,8 +72,8 @@ def test_existing_output_is_left_alone(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_console_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "moei2", "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0
+def test_console_entry_point_runs(run_python):
+    done = run_python("-m", "moei2", "--help")
+    assert done.returncode == 0, done.stderr
     for command in ("compress", "evaluate", "inspect", "report"):
         assert command in done.stdout

@@ -1,6 +1,5 @@
 """The bundled demo model, its text and tasks load from the installed package and are what they claim."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +19,10 @@ def model_and_tokenizer():
     return moei2.demo_model()
 
 
-def test_import_moei2_does_not_import_torch():
+def test_import_moei2_does_not_import_torch(run_python):
     code = "import sys, moei2; moei2.demo_texts; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    done = run_python("-c", code)
+    assert done.returncode == 0, done.stderr
 
 
 def test_demo_files_are_package_data():
