@@ -1,6 +1,5 @@
 """The bundled demo model, its text and tasks load from the installed package and are what they claim."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
