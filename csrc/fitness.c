@@ -354,6 +354,28 @@ static inline double token_error2(const moei2_search_cache *cache, const loss_jo
     return sum;
 }
 
+/* Copies R's first min(C, FAST_WIDTH) columns into FAST_WIDTH-row columns with zeros below the
+ * diagonal. When C >= FAST_WIDTH every fixed-length read stays inside the token's packed R
+ * (column j starts at j(j+1)/2, and (FAST_WIDTH-1) FAST_WIDTH / 2 + FAST_WIDTH = the packed size
+ * of FAST_WIDTH columns), so the copy runs on fixed lengths; entries past the diagonal belong
+ * to later columns and are replaced by zeros. */
+static void pad_columns(const double *restrict r, int64_t C, double *restrict padded) {
+    if (C >= FAST_WIDTH) {
+        for (int j = 0; j < FAST_WIDTH; j++) {
+            const double *col = r + MOEI2_PACKED_SIZE(j);
+            double *dst = padded + j * FAST_WIDTH;
+            for (int i = 0; i < FAST_WIDTH; i++) {
+                const double x = col[i];
+                dst[i] = i <= j ? x : 0.0;
+            }
+        }
+        return;
+    }
+    memset(padded, 0, (size_t)(C * FAST_WIDTH) * sizeof(double));
+    for (int64_t j = 0; j < C; j++)
+        memcpy(padded + j * FAST_WIDTH, r + MOEI2_PACKED_SIZE(j), (size_t)(j + 1) * sizeof(double));
+}
+
 static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last) {
     const moei2_search_cache *cache = job->cache;
     const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates;
@@ -381,10 +403,7 @@ static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last
                 w.top_sum[t] = A;
                 for (int64_t i = 0; i < w.top_len; i++) a[i] = 0.0;
                 for (int64_t j = 0; j < k; j++) axpy(a, r + MOEI2_PACKED_SIZE(j), j + 1, cp[j]);
-                double *padded = w.padded + t * w.padded_cols * FAST_WIDTH;
-                memset(padded, 0, (size_t)(w.padded_cols * FAST_WIDTH) * sizeof(double));
-                for (int64_t j = 0; j < w.padded_cols; j++)
-                    memcpy(padded + j * FAST_WIDTH, r + MOEI2_PACKED_SIZE(j), (size_t)(j + 1) * sizeof(double));
+                pad_columns(r, C, w.padded + t * w.padded_cols * FAST_WIDTH);
                 if (!renorm)
                     for (int64_t j = 0; j < E; j++) w.probs_t[j * TOKEN_BLOCK + t] = cache->probs[(n0 + t) * E + j];
             }
