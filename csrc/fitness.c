@@ -12,7 +12,14 @@
  * probabilities; otherwise 1 and the surviving probability mass 1 - P_S), an expert that stays
  * in the top-k has c_q = s p_q (B - A) / (A B), where B - A is a sum of the probabilities that
  * actually changed: (entrants - dropped) or -P_S. An unaffected token (no top-k expert dropped)
- * contributes exactly 0 when renormalising, and (P_S / (1 - P_S))^2 ||y||^2 otherwise. */
+ * contributes exactly 0 when renormalising, and (P_S / (1 - P_S))^2 ||y||^2 otherwise.
+ *
+ * Since s / A - stay = s / B, the coefficients also split as
+ *   c = stay * p_topk + (s / B) * (p on the experts that left) - (s / B) * (p on those entering),
+ * and R p_topk is fixed per token: a re-routed token then reads only the 2 * (experts that left)
+ * columns of R that changed instead of all L. This form is used where |B - A| <= B (so every
+ * coefficient is bounded by max(s/A, s/B), the largest of the direct form, and nothing cancels
+ * that the direct form would not); elsewhere the coefficients are formed directly. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <pthread.h>
@@ -148,12 +155,13 @@ done:
 
 /* Shared, read-only description of the masks being scored. ids[m] lists mask m's dropped
  * experts first (drop_count[m] of them), then its kept ones: the dropped list gives P_S in r
- * loads, the kept list the surviving mass when P_S is large and 1 - P_S would lose digits. */
+ * loads, the kept list the surviving mass when P_S is large and 1 - P_S would lose digits.
+ * dropped[m * E + j] is 1 when mask m drops expert j: one byte load per candidate tested. */
 typedef struct {
     const moei2_search_cache *cache;
-    const uint64_t *masks;
     const int32_t *ids;
     const int64_t *drop_count;
+    const unsigned char *dropped;
     double *losses;
 } loss_job;
 
@@ -163,103 +171,262 @@ typedef struct {
     moei2_status status;
 } loss_slice;
 
-/* Loops tokens outside and masks inside, so a token's cache entry is read from memory once
- * per batch of masks rather than once per mask. */
+/* Tokens are scored in blocks: the block's cache entries (about 2 KiB each) stay in cache while
+ * every mask of the slice visits them, and its probabilities are transposed so that P_S of one
+ * mask for the whole block is a run of contiguous, vectorisable additions. */
+enum { TOKEN_BLOCK = 32 };
+
+/* Re-routed tokens whose new top-k lies within the first FAST_WIDTH candidates (nearly all of
+ * them: k + the number of experts that left) are scored on a fixed-length vector held in
+ * registers, from copies of R's leading columns padded with zeros to FAST_WIDTH rows. Fixed
+ * lengths make the loops branch-predictable; the zero rows add exact zeros. */
+enum { FAST_WIDTH = 16 };
+
+/* Per-slice scratch, sized by the cache. */
+typedef struct {
+    double *acc;      /* [masks] running sum of squares of the current calibration batch */
+    double *probs_t;  /* [E, TOKEN_BLOCK] the block's probabilities, expert-major */
+    double *ps;       /* [TOKEN_BLOCK] P_S of the current mask for each token of the block */
+    int64_t top_len;  /* max(k, FAST_WIDTH) */
+    double *top_out;  /* [TOKEN_BLOCK, top_len] R times the token's top-k probabilities, 0-padded */
+    double *top_sum;  /* [TOKEN_BLOCK] A: the top-k mass when renormalising, else 1 */
+    int64_t padded_cols; /* min(C, FAST_WIDTH) */
+    double *padded;   /* [TOKEN_BLOCK, padded_cols, FAST_WIDTH] leading columns of R, 0-padded */
+    double *coef;     /* [C] */
+    double *v;        /* [C] */
+    int64_t *pos_out; /* [C] candidate positions leaving the top-k */
+    int64_t *pos_in;  /* [C] candidate positions entering it */
+} slice_scratch;
+
+static void scratch_free(slice_scratch *w) {
+    free(w->acc); free(w->probs_t); free(w->ps); free(w->top_out); free(w->top_sum); free(w->padded);
+    free(w->coef); free(w->v); free(w->pos_out); free(w->pos_in);
+}
+
+static moei2_status scratch_alloc(slice_scratch *w, int64_t M, int64_t E, int64_t k, int64_t C) {
+    memset(w, 0, sizeof *w);
+    w->acc = malloc((size_t)M * sizeof(double));
+    w->probs_t = malloc((size_t)(E * TOKEN_BLOCK) * sizeof(double));
+    w->ps = calloc((size_t)TOKEN_BLOCK, sizeof(double)); /* stays 0 when renormalising */
+    w->top_len = k > FAST_WIDTH ? k : FAST_WIDTH;
+    w->top_out = malloc((size_t)(w->top_len * TOKEN_BLOCK) * sizeof(double));
+    w->top_sum = malloc((size_t)TOKEN_BLOCK * sizeof(double));
+    w->padded_cols = C < FAST_WIDTH ? C : FAST_WIDTH;
+    w->padded = malloc((size_t)(TOKEN_BLOCK * w->padded_cols * FAST_WIDTH) * sizeof(double));
+    w->coef = malloc((size_t)C * sizeof(double));
+    w->v = malloc((size_t)C * sizeof(double));
+    w->pos_out = malloc((size_t)C * sizeof(int64_t));
+    w->pos_in = malloc((size_t)C * sizeof(int64_t));
+    if (!w->acc || !w->probs_t || !w->ps || !w->top_out || !w->top_sum || !w->padded || !w->coef || !w->v ||
+        !w->pos_out || !w->pos_in) {
+        scratch_free(w);
+        return MOEI2_ERR_NOMEM;
+    }
+    return MOEI2_OK;
+}
+
+/* ||R c||^2 for a re-routed token, every coefficient formed directly (the general case). */
+static double rerouted_norm2_direct(const double *restrict r, const double *restrict cp, const int32_t *cand,
+                                    const unsigned char *drop, int64_t k, int64_t L, double stay, double out,
+                                    double in, double *restrict coef, double *restrict v) {
+    for (int64_t q = 0; q < L; q++) {
+        const int d = drop[cand[q]];
+        if (q < k) coef[q] = (d ? out : stay) * cp[q];
+        else coef[q] = d ? 0.0 : in * cp[q];
+    }
+    for (int64_t i = 0; i < L; i++) v[i] = 0.0;
+    for (int64_t j = 0; j < L; j++) {
+        const double cj = coef[j];
+        if (cj == 0.0) continue;
+        const double *col = r + MOEI2_PACKED_SIZE(j);
+        for (int64_t i = 0; i <= j; i++) v[i] += col[i] * cj;
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < L; i++) sum += v[i] * v[i];
+    return sum;
+}
+
+static inline void axpy(double *restrict v, const double *restrict x, int64_t n, double a) {
+    for (int64_t i = 0; i < n; i++) v[i] += x[i] * a;
+}
+
+/* ||v||^2 for v = stay * a + sum over the changed candidates of their coefficient times R's
+ * column, on `width` (a constant after inlining) rows held in registers. */
+static inline double changed_norm2_fixed(const double *restrict padded, const double *restrict a,
+                                         const double *restrict cp, const int64_t *pos_out, int64_t outs,
+                                         const int64_t *pos_in, int64_t ins, double stay, double in,
+                                         const int width) {
+    double v[FAST_WIDTH];
+    for (int i = 0; i < width; i++) v[i] = stay * a[i];
+    for (int64_t j = 0; j < outs; j++) {
+        const double c = -in * cp[pos_out[j]];
+        const double *col = padded + pos_out[j] * FAST_WIDTH;
+        for (int i = 0; i < width; i++) v[i] += col[i] * c;
+    }
+    for (int64_t j = 0; j < ins; j++) {
+        const double c = in * cp[pos_in[j]];
+        const double *col = padded + pos_in[j] * FAST_WIDTH;
+        for (int i = 0; i < width; i++) v[i] += col[i] * c;
+    }
+    /* Two interleaved partial sums halve the dependent chain of additions. */
+    double even = 0.0, odd = 0.0;
+    for (int i = 0; i < width; i += 2) {
+        even += v[i] * v[i];
+        odd += v[i + 1] * v[i + 1];
+    }
+    return even + odd;
+}
+
+/* The squared error of token n under mask m; ps = P_S (unused when renormalising). */
+static inline double token_error2(const moei2_search_cache *cache, const loss_job *job, slice_scratch *w,
+                                  int64_t n, int64_t t, int64_t m, double ps) {
+    const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates;
+    const int renorm = cache->renormalize;
+    const double s = cache->scaling;
+    const int32_t *cand = cache->candidates + n * C;
+    const double *cp = cache->candidate_probs + n * C;
+    const unsigned char *drop = job->dropped + m * E;
+    /* The original top-k experts this mask drops; branch-free, as dropping is unpredictable. */
+    int64_t outs = 0;
+    double lost = 0.0;
+    for (int64_t q = 0; q < k; q++) {
+        const int d = drop[cand[q]];
+        w->pos_out[outs] = q;
+        outs += d;
+        lost += cp[q] * (double)d;
+    }
+    double zs = 1.0;
+    if (!renorm) {
+        if (ps <= 0.5) {
+            zs = 1.0 - ps;
+        } else {
+            const int32_t *kept = job->ids + m * E + job->drop_count[m];
+            const double *prow = cache->probs + n * E;
+            zs = 0.0;
+            for (int64_t i = 0; i < E - job->drop_count[m]; i++) zs += prow[kept[i]];
+        }
+        if (!outs) {
+            const double ratio = ps / zs;
+            return ratio * ratio * cache->output_norm2[n];
+        }
+    } else if (!outs) {
+        return 0.0;
+    }
+    /* As many survivors past the top-k as experts left it: the candidates up to the k-th
+     * survivor are the new top-k. */
+    int64_t ins = 0, L = k;
+    double gained = 0.0;
+    while (ins < outs) {
+        const int d = drop[cand[L]];
+        w->pos_in[ins] = L;
+        ins += !d;
+        gained += cp[L] * (double)!d;
+        L++;
+    }
+    const double A = w->top_sum[t];
+    const double B = renorm ? A - lost + gained : zs;
+    const double diff = renorm ? gained - lost : -ps;
+    const double stay = s * diff / (A * B), in = -s / B;
+    const double *r = cache->factor + n * MOEI2_PACKED_SIZE(C);
+    if (!(fabs(diff) <= B))
+        return rerouted_norm2_direct(r, cp, cand, drop, k, L, stay, s / A, in, w->coef, w->v);
+    /* The split form of the header: stay * (R p_topk) plus the columns that changed. */
+    const double *a = w->top_out + t * w->top_len;
+    if (L <= FAST_WIDTH) {
+        const double *padded = w->padded + t * w->padded_cols * FAST_WIDTH;
+        if (L <= FAST_WIDTH / 2)
+            return changed_norm2_fixed(padded, a, cp, w->pos_out, outs, w->pos_in, ins, stay, in, FAST_WIDTH / 2);
+        return changed_norm2_fixed(padded, a, cp, w->pos_out, outs, w->pos_in, ins, stay, in, FAST_WIDTH);
+    }
+    double *restrict v = w->v;
+    for (int64_t i = 0; i < k; i++) v[i] = stay * a[i];
+    for (int64_t i = k; i < L; i++) v[i] = 0.0;
+    for (int64_t i = 0; i < outs; i++) {
+        const int64_t q = w->pos_out[i];
+        axpy(v, r + MOEI2_PACKED_SIZE(q), q + 1, -in * cp[q]);
+    }
+    for (int64_t i = 0; i < ins; i++) {
+        const int64_t q = w->pos_in[i];
+        axpy(v, r + MOEI2_PACKED_SIZE(q), q + 1, in * cp[q]);
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < L; i++) sum += v[i] * v[i];
+    return sum;
+}
+
+/* Copies R's first min(C, FAST_WIDTH) columns into FAST_WIDTH-row columns with zeros below the
+ * diagonal. When C >= FAST_WIDTH every fixed-length read stays inside the token's packed R
+ * (column j starts at j(j+1)/2, and (FAST_WIDTH-1) FAST_WIDTH / 2 + FAST_WIDTH = the packed size
+ * of FAST_WIDTH columns), so the copy runs on fixed lengths; entries past the diagonal belong
+ * to later columns and are replaced by zeros. */
+static void pad_columns(const double *restrict r, int64_t C, double *restrict padded) {
+    if (C >= FAST_WIDTH) {
+        for (int j = 0; j < FAST_WIDTH; j++) {
+            const double *col = r + MOEI2_PACKED_SIZE(j);
+            double *dst = padded + j * FAST_WIDTH;
+            for (int i = 0; i < FAST_WIDTH; i++) {
+                const double x = col[i];
+                dst[i] = i <= j ? x : 0.0;
+            }
+        }
+        return;
+    }
+    memset(padded, 0, (size_t)(C * FAST_WIDTH) * sizeof(double));
+    for (int64_t j = 0; j < C; j++)
+        memcpy(padded + j * FAST_WIDTH, r + MOEI2_PACKED_SIZE(j), (size_t)(j + 1) * sizeof(double));
+}
+
 static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last) {
     const moei2_search_cache *cache = job->cache;
     const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates;
-    const int64_t W = MOEI2_MASK_WORDS(E), P = MOEI2_PACKED_SIZE(C), M = last - first;
+    const int64_t P = MOEI2_PACKED_SIZE(C), M = last - first;
     const int renorm = cache->renormalize;
-    const double s = cache->scaling;
     if (M <= 0) return MOEI2_OK;
-    double *acc = malloc((size_t)M * sizeof(double));
-    double *coef = malloc((size_t)C * sizeof(double));
-    double *v = malloc((size_t)C * sizeof(double));
-    unsigned char *dropped = malloc((size_t)C);
-    if (!acc || !coef || !v || !dropped) {
-        free(acc); free(coef); free(v); free(dropped);
-        return MOEI2_ERR_NOMEM;
-    }
+    slice_scratch w;
+    if (scratch_alloc(&w, M, E, k, C) != MOEI2_OK) return MOEI2_ERR_NOMEM;
     for (int64_t m = first; m < last; m++) job->losses[m] = 0.0;
     int64_t start = 0;
     for (int64_t b = 0; b < cache->num_batches; b++) {
         const int64_t end = cache->batch_ends[b];
-        memset(acc, 0, (size_t)M * sizeof(double));
-        for (int64_t n = start; n < end; n++) {
-            const int32_t *cand = cache->candidates + n * C;
-            const double *cp = cache->candidate_probs + n * C;
-            const double *r = cache->factor + n * P;
-            const uint64_t *tb = cache->topk_bits + n * W;
-            const double *prow = renorm ? NULL : cache->probs + n * E;
-            const double y2 = cache->output_norm2[n];
-            double A = 1.0;
-            if (renorm) {
-                A = 0.0;
-                for (int64_t q = 0; q < k; q++) A += cp[q];
+        memset(w.acc, 0, (size_t)M * sizeof(double));
+        for (int64_t n0 = start; n0 < end; n0 += TOKEN_BLOCK) {
+            const int64_t nb = end - n0 < TOKEN_BLOCK ? end - n0 : TOKEN_BLOCK;
+            for (int64_t t = 0; t < nb; t++) {
+                const double *cp = cache->candidate_probs + (n0 + t) * C;
+                const double *r = cache->factor + (n0 + t) * P;
+                double *a = w.top_out + t * w.top_len;
+                double A = 1.0;
+                if (renorm) {
+                    A = 0.0;
+                    for (int64_t q = 0; q < k; q++) A += cp[q];
+                }
+                w.top_sum[t] = A;
+                for (int64_t i = 0; i < w.top_len; i++) a[i] = 0.0;
+                for (int64_t j = 0; j < k; j++) axpy(a, r + MOEI2_PACKED_SIZE(j), j + 1, cp[j]);
+                pad_columns(r, C, w.padded + t * w.padded_cols * FAST_WIDTH);
+                if (!renorm)
+                    for (int64_t j = 0; j < E; j++) w.probs_t[j * TOKEN_BLOCK + t] = cache->probs[(n0 + t) * E + j];
             }
             for (int64_t m = first; m < last; m++) {
-                const uint64_t *mb = job->masks + m * W;
-                uint64_t hit = 0;
-                for (int64_t w = 0; w < W; w++) hit |= tb[w] & mb[w];
-                double ps = 0.0, zs = 1.0;
                 if (!renorm) {
+                    /* P_S summed over the dropped experts in list order, token by token. */
+                    double *restrict ps = w.ps;
                     const int32_t *ids = job->ids + m * E;
-                    const int64_t nd = job->drop_count[m];
-                    for (int64_t i = 0; i < nd; i++) ps += prow[ids[i]];
-                    if (ps <= 0.5) {
-                        zs = 1.0 - ps;
-                    } else {
-                        zs = 0.0;
-                        for (int64_t i = nd; i < E; i++) zs += prow[ids[i]];
+                    for (int64_t t = 0; t < nb; t++) ps[t] = 0.0;
+                    for (int64_t i = 0; i < job->drop_count[m]; i++) {
+                        const double *restrict row = w.probs_t + (int64_t)ids[i] * TOKEN_BLOCK;
+                        for (int64_t t = 0; t < nb; t++) ps[t] += row[t];
                     }
-                    if (!hit) {
-                        const double t = ps / zs;
-                        acc[m - first] += t * t * y2;
-                        continue;
-                    }
-                } else if (!hit) {
-                    continue;
                 }
-                /* Walk the candidates to the k-th survivor: those are the new top-k. */
-                double lost = 0.0, gained = 0.0;
-                int64_t survivors = 0, L = 0;
-                while (survivors < k) {
-                    const int d = mask_test(mb, cand[L]);
-                    dropped[L] = (unsigned char)d;
-                    if (d) {
-                        if (L < k) lost += cp[L];
-                    } else {
-                        survivors++;
-                        if (L >= k) gained += cp[L];
-                    }
-                    L++;
-                }
-                const double B = renorm ? A - lost + gained : zs;
-                const double diff = renorm ? gained - lost : -ps;
-                const double stay = s * diff / (A * B), out = s / A, in = -s / B;
-                for (int64_t q = 0; q < L; q++) {
-                    if (q < k) coef[q] = (dropped[q] ? out : stay) * cp[q];
-                    else coef[q] = dropped[q] ? 0.0 : in * cp[q];
-                }
-                for (int64_t i = 0; i < L; i++) v[i] = 0.0;
-                for (int64_t j = 0; j < L; j++) {
-                    const double cj = coef[j];
-                    if (cj == 0.0) continue;
-                    const double *col = r + MOEI2_PACKED_SIZE(j);
-                    for (int64_t i = 0; i <= j; i++) v[i] += col[i] * cj;
-                }
-                double sum = 0.0;
-                for (int64_t i = 0; i < L; i++) sum += v[i] * v[i];
-                acc[m - first] += sum;
+                double acc = w.acc[m - first];
+                for (int64_t t = 0; t < nb; t++) acc += token_error2(cache, job, &w, n0 + t, t, m, w.ps[t]);
+                w.acc[m - first] = acc;
             }
         }
-        for (int64_t m = first; m < last; m++) job->losses[m] += sqrt(acc[m - first]);
+        for (int64_t m = first; m < last; m++) job->losses[m] += sqrt(w.acc[m - first]);
         start = end;
     }
-    free(acc);
-    free(coef);
-    free(v);
-    free(dropped);
+    scratch_free(&w);
     return MOEI2_OK;
 }
 
@@ -278,9 +445,11 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
     if (M == 0) return MOEI2_OK;
     int32_t *ids = malloc((size_t)(M * E) * sizeof(int32_t));
     int64_t *drop_count = malloc((size_t)M * sizeof(int64_t));
-    if (!ids || !drop_count) {
+    unsigned char *dropped = malloc((size_t)(M * E));
+    if (!ids || !drop_count || !dropped) {
         free(ids);
         free(drop_count);
+        free(dropped);
         return MOEI2_ERR_NOMEM;
     }
     moei2_status status = MOEI2_OK;
@@ -294,13 +463,15 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
         if (r > C - k) { status = MOEI2_ERR_ARG; goto done; }
         int32_t *row = ids + m * E;
         for (int64_t j = 0; j < E; j++) {
-            if (mask_test(mb, j)) row[nd++] = (int32_t)j;
+            const int d = mask_test(mb, j);
+            dropped[m * E + j] = (unsigned char)d;
+            if (d) row[nd++] = (int32_t)j;
             else row[r + nk++] = (int32_t)j;
         }
         drop_count[m] = r;
     }
     {
-        loss_job job = {cache, masks, ids, drop_count, losses};
+        loss_job job = {cache, ids, drop_count, dropped, losses};
         int64_t threads = num_threads < 1 ? 1 : num_threads;
         if (threads > M) threads = M;
         loss_slice *slices = calloc((size_t)threads, sizeof(loss_slice));
@@ -335,5 +506,6 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
 done:
     free(ids);
     free(drop_count);
+    free(dropped);
     return status;
 }

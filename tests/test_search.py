@@ -70,6 +70,27 @@ def test_loss_equals_direct_recomputation(renormalize, scaling):
     np.testing.assert_allclose(layer.loss(masks[9]), want[9:10], rtol=1e-10)
 
 
+@pytest.mark.parametrize("renormalize,scaling", [(True, 1.0), (False, 1.0), (False, 2.5)])
+def test_loss_equals_direct_recomputation_wide_layer(renormalize, scaling):
+    # Enough candidates (C = 22) and drops that a token's new top-k reaches past the 8th and the
+    # 16th candidate, and that the dropped experts often hold most of a token's probability.
+    logits, outputs = random_layer(5, N=48, E=40, d=30, scale=2.0)
+    batches = [17, 31]
+    layer = search.Layer.from_dense(logits, outputs, 6, renormalize, scaling, batch_sizes=batches, r_max=16)
+    rng = np.random.default_rng(6)
+    masks = np.zeros((60, 40), dtype=bool)
+    for i, m in enumerate(masks):
+        m[rng.choice(40, size=1 + i % 16, replace=False)] = True
+    masks[-1] = False
+    masks[-1, np.argsort(-logits.sum(axis=0))[:16]] = True  # the most used experts
+    # Keep a token's favourite but drop its next 15: its new top-k is candidates 0 and 16..20.
+    for i, n in enumerate(np.argsort(-logits.max(axis=1))[:8]):
+        masks[i] = False
+        masks[i, np.argsort(-logits[n])[1:16]] = True
+    want = np.array([ref.layer_loss_reference(logits, outputs, 6, renormalize, scaling, batches, m) for m in masks])
+    np.testing.assert_allclose(layer.loss(masks), want, rtol=1e-10, atol=0)
+
+
 def test_loss_float32_outputs_and_default_r_max():
     logits, outputs = random_layer(2, E=6)
     layer = search.Layer.from_dense(logits, outputs.astype(np.float32), 2, False)

@@ -156,6 +156,38 @@ static void test_loss_matches_direct(int renorm, double scaling, int64_t E, int6
     free_layer(&t);
 }
 
+/* A layer wide enough (C = 22) that re-routed tokens reach past the 8th and 16th candidate:
+ * random masks of every size up to r_max, plus masks keeping a token's favourite expert but
+ * dropping its next 15, so that its new top-k is candidates 0 and 16..20. */
+static void test_loss_matches_direct_wide(int renorm, double scaling) {
+    const int64_t N = 24, E = 40, k = 6, r_max = 16, M = 48;
+    test_layer t;
+    CHECK(make_layer(&t, N, E, 30, k, r_max, renorm, scaling, 77 + (uint64_t)renorm));
+    const int64_t W = MOEI2_MASK_WORDS(E);
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 5);
+    uint64_t *masks = malloc((size_t)(M * W) * sizeof(uint64_t));
+    double direct[48], cached[48];
+    for (int64_t i = 0; i < M; i++) {
+        int dropped[64] = {0};
+        if (i < 8) {
+            for (int64_t q = 1; q <= 15; q++) dropped[t.cand[(i * 3) * t.C + q]] = 1;
+        } else {
+            int64_t r = 1 + i % r_max, have = 0;
+            while (have < r) {
+                int64_t j = (int64_t)moei2_rng_below(&rng, (uint64_t)E);
+                if (!dropped[j]) { dropped[j] = 1; have++; }
+            }
+        }
+        mask_from_list(masks + i * W, W, dropped, E);
+        direct[i] = direct_loss(&t, dropped);
+    }
+    CHECK(moei2_search_loss(&t.cache, masks, M, 2, cached) == MOEI2_OK);
+    for (int64_t i = 0; i < M; i++) CHECK_CLOSE(cached[i], direct[i], 1e-11);
+    free(masks);
+    free_layer(&t);
+}
+
 static void test_importance_and_greedy(void) {
     test_layer t;
     CHECK(make_layer(&t, 24, 8, 4, 2, 3, 0, 1.0, 5));
@@ -267,6 +299,9 @@ int main(void) {
     test_loss_matches_direct(0, 1.0, 8, 2, 4);
     test_loss_matches_direct(0, 2.5, 9, 3, 3);
     test_loss_matches_direct(1, 0.7, 10, 1, 9);
+    test_loss_matches_direct_wide(1, 1.0);
+    test_loss_matches_direct_wide(0, 1.0);
+    test_loss_matches_direct_wide(0, 2.5);
     test_importance_and_greedy();
     test_combinations();
     for (uint64_t seed = 1; seed <= 3; seed++) {
