@@ -269,8 +269,10 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                     ranks = np.asarray(done_ranks[str(l)]["ranks"])
                     factors = _unpack_factors(saved, M)
                 else:
-                    if config.importance_on_pruned:
-                        imp = layer_for(stats, view, 1).expert_importance() if M > view.top_k else np.ones(M)
+                    if config.rank_rule == "uniform" or M <= view.top_k:
+                        imp = np.ones(M)  # ranks do not depend on it: skip the removal losses
+                    elif config.importance_on_pruned:
+                        imp = layer_for(stats, view, 1).expert_importance()
                     else:
                         full = report["layers"][str(l)].get("importance")
                         kept = report["layers"][str(l)]["kept"]
