@@ -43,7 +43,9 @@ def calibration_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: whole documents exceed model_max_length, which is harmless here because
+        # they are cut into seq_len windows, but the tokenizer would warn about it.
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
     available = len(ids) // seq_len

@@ -19,7 +19,7 @@ class CharTokenizer:
 
     eos_token_id = 2
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):
         return {"input_ids": [3 + (ord(c) % 97) for c in text]}
 
 
