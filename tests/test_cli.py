@@ -77,3 +77,25 @@ def test_console_entry_point_runs(run_python):
     assert done.returncode == 0, done.stderr
     for command in ("compress", "evaluate", "inspect", "report"):
         assert command in done.stdout
+
+
+def test_stock_lm_eval_hf_model_loads_the_checkpoint(compressed):
+    """lm-eval's own `hf` model type reads a moei2 checkpoint through trust_remote_code."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from moei2.evaluate import TASKS_DIR
+
+    out, _ = compressed
+    result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True",
+                                     tasks=["austen_cloze"], task_manager=TaskManager(include_path=str(TASKS_DIR)),
+                                     limit=8, device="cpu", batch_size=4)
+    from transformers import AutoTokenizer
+
+    import moei2
+    from moei2 import evaluate
+
+    ours = evaluate.zero_shot(moei2.load(out), AutoTokenizer.from_pretrained(out), ["austen_cloze"], limit=8,
+                              batch_size=4)
+    # The same accuracy as moei2's own loader: lm-eval evaluated the compressed model itself.
+    assert result["results"]["austen_cloze"]["acc,none"] == ours["tasks"]["austen_cloze"]["acc"]
