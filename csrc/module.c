@@ -684,9 +684,18 @@ static PyObject *py_search_greedy(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NNNL)", mask, best, mean, (long long)evaluations);
 }
 
-/* Shared ending of the subset searches: trims the result arrays to what was found. */
-static PyObject *search_result_tuple(PyArrayObject *masks, PyArrayObject *losses, PyArrayObject *hbest,
-                                     PyArrayObject *hmean, moei2_search_result *res) {
+/* Shared ending of the subset searches: raises on failure (releasing the arrays), otherwise
+ * trims the result arrays to what was found. */
+static PyObject *search_result_tuple(moei2_status status, const char *what, PyArrayObject *masks,
+                                     PyArrayObject *losses, PyArrayObject *hbest, PyArrayObject *hmean,
+                                     const moei2_search_result *res) {
+    if (status != MOEI2_OK) {
+        Py_XDECREF(masks);
+        Py_XDECREF(losses);
+        Py_XDECREF(hbest);
+        Py_XDECREF(hmean);
+        return raise_status(status, what);
+    }
     PyObject *m = PySequence_GetSlice((PyObject *)masks, 0, res->found);
     PyObject *l = PySequence_GetSlice((PyObject *)losses, 0, res->found);
     PyObject *hb = PySequence_GetSlice((PyObject *)hbest, 0, res->history_length);
@@ -734,14 +743,7 @@ static PyObject *py_search_exhaustive(PyObject *self, PyObject *args) {
         status = moei2_search_exhaustive(&cache, r, k_best, threads, &res);
         Py_END_ALLOW_THREADS
     }
-    if (status != MOEI2_OK) {
-        Py_XDECREF(masks);
-        Py_XDECREF(losses);
-        Py_XDECREF(hb);
-        Py_XDECREF(hm);
-        return raise_status(status, "exhaustive");
-    }
-    return search_result_tuple(masks, losses, hb, hm, &res);
+    return search_result_tuple(status, "exhaustive", masks, losses, hb, hm, &res);
 }
 
 /* search_genetic(cache, num_experts, r, k_best, population, generations, elite_count,
@@ -783,14 +785,7 @@ static PyObject *py_search_genetic(PyObject *self, PyObject *args) {
         status = moei2_search_genetic(&cache, &params, &rng, &res);
         Py_END_ALLOW_THREADS
     }
-    if (status != MOEI2_OK) {
-        Py_XDECREF(masks);
-        Py_XDECREF(losses);
-        Py_XDECREF(hb);
-        Py_XDECREF(hm);
-        return raise_status(status, "genetic");
-    }
-    return search_result_tuple(masks, losses, hb, hm, &res);
+    return search_result_tuple(status, "genetic", masks, losses, hb, hm, &res);
 }
 
 
