@@ -11,6 +11,7 @@ recorded, and a rerun with the same settings, model and data resumes from there.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -85,10 +86,8 @@ def _model_fingerprint(model, adapter) -> str:
 
 
 def routed_expert_parameters(adapter) -> int:
-    total = 0
-    for view in adapter.moe_layers():
-        total += int(np.prod(view.gate_up_proj.shape)) + int(np.prod(view.down_proj.shape))
-    return total
+    """Routed-expert parameters of a model, dense, pruned or low-rank."""
+    return sum(view.routed_parameters() for view in adapter.moe_layers())
 
 
 def _model_size(model) -> tuple[int, int]:
@@ -98,20 +97,18 @@ def _model_size(model) -> tuple[int, int]:
 
 
 class _Timer:
+    """Accumulated wall time per stage name; a stage may be timed in several pieces."""
+
     def __init__(self):
         self.times: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - started
 
 
 # ---- the pipeline -------------------------------------------------------------------------
@@ -230,8 +227,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                 if l == block[-1] and str(block_of[l]) not in kt_reports:
                     with timer("kt_block"):
                         kt_reports[str(block_of[l])] = _kt_block(
-                            runner, adapter, block, candidates, block_start_hidden.pop(block_of[l]),
-                            config, len(batch_sizes))
+                            runner, adapter, block, candidates, block_start_hidden.pop(block_of[l]), config)
                     for l2, c in zip(block, kt_reports[str(block_of[l])]["choice"]):
                         chosen[l2] = c
                     state.put("blocks", kt_reports)
@@ -322,7 +318,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
             report["lora"] = lora_finetune(model, tokenizer, texts, config.lora, seed=config.seed)
 
     params_after, bytes_after = _model_size(model)
-    routed_after = routed_expert_parameters_after(model, get_adapter(model))
+    routed_after = routed_expert_parameters(get_adapter(model))
     report["parameters"] = {
         "routed_expert_before": routed_before, "routed_expert_after": routed_after,
         "routed_expert_reduction": 1.0 - routed_after / routed_before if routed_before else 0.0,
@@ -333,14 +329,6 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     }
     report["times"] = dict(timer.times, total=time.perf_counter() - started)
     return model, report
-
-
-def routed_expert_parameters_after(model, adapter) -> int:
-    """Routed-expert parameters of a possibly pruned and low-rank model."""
-    total = 0
-    for view in adapter.moe_layers():
-        total += sum(p.numel() for p in view.experts_module.parameters())
-    return total
 
 
 def _select(config, layer, stats, r: int, layer_index: int) -> dict:
@@ -387,7 +375,7 @@ def _history_dict(result) -> dict:
     return {"best": np.asarray(history.best).tolist(), "mean": np.asarray(history.mean).tolist()}
 
 
-def _kt_block(runner, adapter, block, candidates, hidden_start, config, num_batches) -> dict:
+def _kt_block(runner, adapter, block, candidates, hidden_start, config) -> dict:
     """Stage 1c for one block: every combination of per-layer candidates through the real layers."""
     import torch
 
