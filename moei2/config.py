@@ -5,7 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 PRUNE_RULES = ("inverse", "uniform")

@@ -15,9 +15,8 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -124,8 +123,6 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     The report (a JSON-serialisable dict) holds experts kept per layer, ranks, parameter and
     size reductions, each stage's loss and time, and the seed.
     """
-    import torch
-
     from . import search as search_mod
     from .calibrate import iter_layer_stats
     from .models import get_adapter

@@ -1,7 +1,6 @@
 """Optional LoRA recovery fine-tuning of a compressed model (peft)."""
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np

@@ -31,7 +31,6 @@ import gzip
 import io
 import json
 import math
-import os
 import re
 import shutil
 import struct

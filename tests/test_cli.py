@@ -59,7 +59,7 @@ def test_bad_input_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main([*argv, "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"moei2 compress: error: " in err and message in err
+    assert "moei2 compress: error: " in err and message in err
     assert not out.exists()
 
 

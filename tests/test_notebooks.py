@@ -1,5 +1,4 @@
 """Every notebook runs from a clean kernel against the installed package (nbclient)."""
-import os
 from pathlib import Path
 
 import pytest
