@@ -652,6 +652,19 @@ static PyObject *py_search_importance(PyObject *self, PyObject *args) {
     return (PyObject *)imp;
 }
 
+/* The cache of a subset search dropping r experts: r may not exceed what re-routing can reach
+ * (num_candidates - top_k) nor leave fewer than top_k experts. Returns -1 with an exception set. */
+static int parse_search_cache(PyObject *cache_o, long long E, long long r, moei2_search_cache *cache) {
+    if (parse_cache_experts(cache_o, E, cache)) return -1;
+    long long r_max = cache->num_candidates - cache->top_k;
+    if (E - cache->top_k < r_max) r_max = E - cache->top_k;
+    if (r < 0 || r > r_max) {
+        PyErr_Format(PyExc_ValueError, "r must be in [0, %lld], got %lld", r_max, r);
+        return -1;
+    }
+    return 0;
+}
+
 /* search_greedy(cache, num_experts, r, num_threads) -> (mask u64[W], step_best, step_mean, evaluations) */
 static PyObject *py_search_greedy(PyObject *self, PyObject *args) {
     PyObject *cache_o;
@@ -659,10 +672,7 @@ static PyObject *py_search_greedy(PyObject *self, PyObject *args) {
     int threads;
     if (!PyArg_ParseTuple(args, "OLLi", &cache_o, &E, &r, &threads)) return NULL;
     moei2_search_cache cache;
-    if (parse_cache_experts(cache_o, E, &cache)) return NULL;
-    if (r < 0 || r > cache.num_candidates - cache.top_k || r > E - cache.top_k)
-        return PyErr_Format(PyExc_ValueError, "r must be in [0, %lld], got %lld",
-                            (long long)(cache.num_candidates - cache.top_k), r);
+    if (parse_search_cache(cache_o, E, r, &cache)) return NULL;
     npy_intp W = MOEI2_MASK_WORDS(E), rn = r;
     PyArrayObject *mask = (PyArrayObject *)PyArray_ZEROS(1, &W, NPY_UINT64, 0);
     PyArrayObject *best = (PyArrayObject *)PyArray_ZEROS(1, &rn, NPY_FLOAT64, 0);
@@ -722,10 +732,7 @@ static PyObject *py_search_exhaustive(PyObject *self, PyObject *args) {
     int threads;
     if (!PyArg_ParseTuple(args, "OLLLi", &cache_o, &E, &r, &k_best, &threads)) return NULL;
     moei2_search_cache cache;
-    if (parse_cache_experts(cache_o, E, &cache)) return NULL;
-    if (r < 0 || r > cache.num_candidates - cache.top_k || r > E - cache.top_k)
-        return PyErr_Format(PyExc_ValueError, "r must be in [0, %lld], got %lld",
-                            (long long)(cache.num_candidates - cache.top_k), r);
+    if (parse_search_cache(cache_o, E, r, &cache)) return NULL;
     if (k_best < 1) return PyErr_Format(PyExc_ValueError, "k_best must be >= 1, got %lld", k_best);
     uint64_t total = moei2_combinations(E, r);
     if (k_best > (long long)total) k_best = (long long)total;
@@ -758,10 +765,7 @@ static PyObject *py_search_genetic(PyObject *self, PyObject *args) {
                           &mutation_rate, &seed, &threads))
         return NULL;
     moei2_search_cache cache;
-    if (parse_cache_experts(cache_o, E, &cache)) return NULL;
-    if (r < 0 || r > cache.num_candidates - cache.top_k || r > E - cache.top_k)
-        return PyErr_Format(PyExc_ValueError, "r must be in [0, %lld], got %lld",
-                            (long long)(cache.num_candidates - cache.top_k), r);
+    if (parse_search_cache(cache_o, E, r, &cache)) return NULL;
     if (k_best < 1 || population < 2 || generations < 1 || elite < 1 || elite > population ||
         !(mutation_rate >= 0.0 && mutation_rate <= 1.0))
         return PyErr_Format(PyExc_ValueError, "genetic: need k_best >= 1, population >= 2, generations >= 1, "
