@@ -276,6 +276,17 @@ static int first_absent_mask(ga_state *s, uint64_t *mask) {
     return 0;
 }
 
+/* A mask not yet in the population: random draws first, the lexicographic walk when they keep
+ * colliding. Returns 0 when every r-subset is already a member. */
+static int absent_random_mask(ga_state *s, uint64_t *mask) {
+    enum { RANDOM_TRIES = 64 };
+    for (int t = 0; t < RANDOM_TRIES; t++) {
+        random_mask(s, mask);
+        if (!in_population(s, mask)) return 1;
+    }
+    return first_absent_mask(s, mask);
+}
+
 /* Scores the pending members and turns them into memo entries. */
 static moei2_status score_pending(ga_state *s, int num_threads, double *scratch) {
     if (s->pending_count == 0) return MOEI2_OK;
@@ -338,17 +349,11 @@ moei2_status moei2_search_genetic(const moei2_search_cache *cache, const moei2_g
         status = MOEI2_ERR_NOMEM;
         goto done;
     }
-    enum { RANDOM_TRIES = 64, CROSSOVER_TRIES = 64 };
+    enum { CROSSOVER_TRIES = 64 };
 
     /* Generation 0: P distinct random masks. */
     while (s.member_count < P) {
-        int found = 0;
-        for (int t = 0; t < RANDOM_TRIES && !found; t++) {
-            random_mask(&s, child);
-            found = !in_population(&s, child);
-        }
-        if (!found) found = first_absent_mask(&s, child);
-        if (!found) break;
+        if (!absent_random_mask(&s, child)) break;
         add_member(&s, child);
     }
     int64_t generation = 0;
@@ -386,11 +391,7 @@ moei2_status moei2_search_genetic(const moei2_search_cache *cache, const moei2_g
                            params->mutation_rate, child);
                 found = !in_population(&s, child);
             }
-            for (int t = 0; t < RANDOM_TRIES && !found; t++) {
-                random_mask(&s, child);
-                found = !in_population(&s, child);
-            }
-            if (!found) found = first_absent_mask(&s, child);
+            if (!found) found = absent_random_mask(&s, child);
             if (!found) break;
             add_member(&s, child);
         }
