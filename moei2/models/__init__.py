@@ -64,11 +64,21 @@ def structure_of(model, adapter: Optional[MoEAdapter] = None) -> dict:
     }
 
 
-def _layer_key(layer, moe_layers: list[int], what: str) -> int:
-    index = as_index(layer, f"{what}: layer key")
-    if index not in moe_layers:
-        raise ValueError(f"{what}: layer {index} is not an MoE layer of this model; MoE layers: {moe_layers}")
-    return index
+def _per_layer_plan(adapter: MoEAdapter, requests, what: str, shape: str, check) -> dict:
+    """Validates ``{layer index: request}`` before anything changes: every key an MoE layer, given
+    once, and ``check(index, request)`` (which raises on bad input) turned into the plan's entry."""
+    if not isinstance(requests, Mapping):
+        raise ValueError(f"{what} must be a mapping {shape}, got {type(requests).__name__}")
+    moe_layers = adapter.moe_layer_indices
+    plan = {}
+    for layer, request in requests.items():
+        index = as_index(layer, f"{what}: layer key")
+        if index not in moe_layers:
+            raise ValueError(f"{what}: layer {index} is not an MoE layer of this model; MoE layers: {moe_layers}")
+        if index in plan:
+            raise ValueError(f"{what}: layer {index} is given more than once")
+        plan[index] = check(index, request)
+    return plan
 
 
 def adapter_class_of_layer(decoder_layer) -> type[MoEAdapter]:
@@ -113,15 +123,9 @@ def prune_experts(model, dropped: Mapping, *, layer_module: bool = False):
     if layer_module:
         return _prune_decoder_layer(model, dropped)
     adapter = get_adapter(model)
-    if not isinstance(dropped, Mapping):
-        raise ValueError(f"dropped must be a mapping {{layer_index: expert indices}}, got {type(dropped).__name__}")
-    moe_layers = adapter.moe_layer_indices
-    plan = {}
-    for layer, drop in dropped.items():
-        index = _layer_key(layer, moe_layers, "dropped")
-        if index in plan:
-            raise ValueError(f"dropped: layer {index} is given more than once")
-        plan[index] = adapter.check_drop(adapter.layers_module[index], drop, layer_name=f"dropped[{index}]")
+    plan = _per_layer_plan(
+        adapter, dropped, "dropped", "{layer_index: expert indices}",
+        lambda index, drop: adapter.check_drop(adapter.layers_module[index], drop, layer_name=f"dropped[{index}]"))
     record = structure_of(model, adapter)
     for index, kept in plan.items():
         entry = record["layers"][str(index)]
@@ -213,15 +217,8 @@ def lowrank_experts(model, factors: Mapping):
     from ..modules import LowRankExperts
 
     adapter = get_adapter(model)
-    if not isinstance(factors, Mapping):
-        raise ValueError(f"factors must be a mapping {{layer_index: {{expert: factors}}}}, got {type(factors).__name__}")
-    moe_layers = adapter.moe_layer_indices
-    plan = {}
-    for layer, layer_factors in factors.items():
-        index = _layer_key(layer, moe_layers, "factors")
-        if index in plan:
-            raise ValueError(f"factors: layer {index} is given more than once")
-        plan[index] = _check_factors(adapter.view(index), layer_factors, index)
+    plan = _per_layer_plan(adapter, factors, "factors", "{layer_index: {expert: factors}}",
+                           lambda index, layer_factors: _check_factors(adapter.view(index), layer_factors, index))
     record = structure_of(model, adapter)
     for index, experts in plan.items():
         view = adapter.view(index)
