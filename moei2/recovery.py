@@ -21,7 +21,7 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("LoRA recovery needs peft: pip install 'moei2[eval]'") from exc
-    from .pipeline import calibration_windows
+    from .data import calibration_windows
 
     config = config or LoRAConfig()
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

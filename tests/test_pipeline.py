@@ -91,7 +91,7 @@ def test_compress_report_and_model(family):
 def test_search_loss_equals_pruned_hf_block(family):
     """One routing convention: the search's loss of a mask is what the pruned HF block produces."""
     from moei2.calibrate import iter_layer_stats
-    from moei2.pipeline import calibration_windows
+    from moei2.data import calibration_windows
 
     model = build_model(family, layers=2)
     adapter = get_adapter(model)
@@ -130,7 +130,7 @@ def test_kt_block_losses_are_real_decoder_layers():
     block = report["blocks"][0]
     assert block["layers"] == [0, 1, 2] and len(block["losses"]) == 8
 
-    from moei2.pipeline import calibration_windows
+    from moei2.data import calibration_windows
 
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
 
@@ -160,7 +160,7 @@ def test_genetic_candidates_match_exhaustive_on_tiny_layers():
     config = small_config(kt_block=1, kt_candidates=3, population=40, generations=20, rank_keep_ratio=None)
     _, report = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
     from moei2.calibrate import iter_layer_stats
-    from moei2.pipeline import calibration_windows
+    from moei2.data import calibration_windows
 
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
     original = build_model("mixtral", layers=2)
@@ -231,7 +231,7 @@ def test_baseline_options_run_at_the_same_budget(overrides):
 
 def test_whitening_lowers_the_layer_output_error():
     """At equal ranks, whitened factors reconstruct the MoE output better than plain SVD."""
-    from moei2.pipeline import calibration_windows
+    from moei2.data import calibration_windows
 
     errors = {}
     # Held-out text from the same source: whitening fits the input distribution it was given.
