@@ -195,6 +195,24 @@ class Layer:
                    topk_bits=topk_bits, factor=factor, output_norm2=norm2)
 
     @classmethod
+    def from_candidate_outputs(cls, router_logits, candidate_outputs, *, top_k: int, renormalize: bool,
+                               scaling_factor: float = 1.0, r_max: Optional[int] = None,
+                               batch_sizes: Optional[Sequence[int]] = None) -> "Layer":
+        """Builds the cache from candidate outputs computed by the caller (torch, on any device).
+
+        router_logits: [N, E]. candidate_outputs(candidates, first_token) -> [n, C, d] float32 or
+        float64: for the chunk of tokens ``first_token .. first_token + n - 1``, the output of
+        expert ``candidates[t, c]`` (int64 [n, C], C = top_k + r_max) on token ``first_token + t``,
+        without routing weight. It is called on consecutive chunks in token order; a chunk may
+        return fewer rows than asked, the next call then starts after the rows it returned.
+        """
+        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
+            router_logits, top_k, r_max, renormalize, scaling_factor)
+        if not callable(candidate_outputs):
+            raise ValueError(f"candidate_outputs must be a callable, got {type(candidate_outputs).__name__}")
+        return cls._build(logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, candidate_outputs)
+
+    @classmethod
     def from_dense(cls, router_logits, expert_outputs, top_k: int, renormalize: bool, scaling_factor: float = 1.0,
                    batch_sizes: Optional[Sequence[int]] = None, r_max: Optional[int] = None) -> "Layer":
         """Builds the cache from every expert's output on every token.
