@@ -25,6 +25,7 @@ rebuilt model computes exactly what the saved one did.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,104 @@ class {LOADER_CLASS}:
         device = device_map if isinstance(device_map, str) and device_map != "auto" else "cpu"
         return moei2.io.load(path, dtype=dtype, device=device)
 '''
+
+
+# ---- safetensors files, read without memory maps -----------------------------------------------
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+class TensorInfo:
+    """One entry of a safetensors header: ``dtype`` (torch), ``shape``, byte range ``start``..``end`` in the file."""
+
+    __slots__ = ("dtype", "shape", "start", "end")
+
+    def __init__(self, dtype, shape, start, end):
+        self.dtype, self.shape, self.start, self.end = dtype, shape, start, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsFile:
+    """A safetensors file's header, parsed and checked (offsets inside the file, sizes matching
+    dtype x shape) without reading the data; :meth:`reader` reads tensors with positioned reads
+    into new tensors, so no memory map keeps pages resident.
+
+    Raises ValueError naming the file for anything that is not a well-formed safetensors file.
+    """
+
+    def __init__(self, path):
+        import torch
+
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than a header")
+                n = int.from_bytes(head, "little")
+                if n > min(_MAX_HEADER, size - 8):
+                    raise ValueError(f"header length {n} exceeds the file")
+                raw = f.read(n)
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.path}: unreadable safetensors file, corrupt or truncated ({exc})") from None
+        self.data_offset = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        data_size = size - self.data_offset
+        for key, entry in header.items():
+            try:
+                name = _ST_DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                start, end = (int(x) for x in entry["data_offsets"])
+                dtype = getattr(torch, name)
+                numel = 1
+                for d in shape:
+                    if d < 0:
+                        raise ValueError("negative dimension")
+                    numel *= d
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                if not 0 <= start <= end <= data_size or end - start != numel * itemsize:
+                    raise ValueError(f"data offsets {start}..{end} do not hold {shape} {entry['dtype']} inside "
+                                     f"{data_size} data bytes")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{self.path}: tensor {key!r} has a corrupt header entry ({exc}); the file is "
+                                 "corrupt or truncated") from None
+            self.tensors[key] = TensorInfo(dtype, shape, start, end)
+
+    @contextlib.contextmanager
+    def reader(self):
+        """Yields ``read(key) -> tensor`` (CPU, the stored dtype); the file is closed at exit."""
+        import torch
+
+        with open(self.path, "rb", buffering=0) as f:
+            def read(key):
+                info = self.tensors[key]
+                buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                if info.nbytes:
+                    f.seek(self.data_offset + info.start)
+                    view = memoryview(buf.numpy())
+                    got = 0
+                    while got < info.nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+                        got += n
+                return buf.view(info.dtype).reshape(info.shape)
+
+            yield read
 
 
 # ---- saving ----------------------------------------------------------------------------------

@@ -1,0 +1,478 @@
+"""A model read from a Hugging Face checkpoint directory one decoder layer at a time.
+
+The models moei2 exists for (Qwen1.5-MoE-A2.7B, DeepSeek-V2-Lite, Mixtral-8x7B: 28-93 GB) do not fit
+in memory next to the work the compression does. :class:`StreamedSource` builds the transformers model
+as a skeleton on the meta device (shapes, no weights) and materialises, on request, one decoder layer
+(or the embeddings, final norm and head) from the safetensors shards::
+
+    src = StreamedSource.open("Qwen1.5-MoE-A2.7B", device="cpu")     # checks everything up front
+    with src.outer():                                                # embeddings, rotary, norm, head
+        hidden = src.model.model.embed_tokens(ids)
+        position_embeddings = src.model.model.rotary_emb(hidden, position_ids)
+    for i in range(src.adapter.num_hidden_layers):
+        with src.layer(i) as layer:                                  # layer i on src.device in src.dtype
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings)[0]
+        # layer i is back on the meta device, its memory returned
+
+Reading. Tensors are read with plain positioned reads into freshly allocated tensors, never through a
+memory map: a held map keeps every touched page in the resident set, and a long run touches the
+whole checkpoint. Page-cache pages are not resident memory of the process and the kernel drops them
+under pressure.
+
+Layout. Real checkpoints store each routed expert separately (``mlp.experts.{j}.gate_proj.weight``,
+``up_proj``, ``down_proj``; Mixtral ``block_sparse_moe.experts.{j}.w1/w3/w2``) while transformers 5
+fuses them at load time into ``experts.gate_up_proj`` [E, 2I, H] (gate rows first, then up) and
+``experts.down_proj`` [E, H, I] (its ``conversion_mapping``: ``MergeModulelist(dim=0)`` then
+``Concatenate(dim=1)``). The generic converter works on a whole state dict; here the same fusion is
+done per layer, into one preallocated tensor per fused parameter, one expert at a time, so a layer
+costs its own size plus one expert matrix. A checkpoint already holding fused tensors is read as is.
+The result equals ``from_pretrained`` bit for bit (tested for all five families).
+
+Checks. :meth:`StreamedSource.open` reads ``config.json``, the index and every shard's header (not
+the data) and raises before any long work for: a directory that is not a model, a missing
+``config.json``, a missing shard, an index naming tensors its shard does not hold, a tensor the model
+needs that no shard holds or one with the wrong shape, an unsupported architecture, and a checkpoint
+moei2 already compressed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .io import SafetensorsFile
+
+__all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+LAYER_PREFIX = "model.layers."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be streamed; the message names the file or tensor."""
+
+
+class _Direct:
+    """A model tensor stored under one checkpoint key."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def sources(self):
+        return [self.key]
+
+
+class _Fused:
+    """A fused expert tensor ``[E, rows, cols]`` built from per-expert matrices.
+
+    ``groups`` is a list of per-expert key lists concatenated along dim 1 (``gate_up_proj``: gate
+    keys then up keys; ``down_proj``: the down keys alone)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def sources(self):
+        return [k for group in self.groups for k in group]
+
+
+_FUSED_SOURCES = {
+    # model parameter -> per-expert names in the checkpoint, per naming scheme
+    "gate_up_proj": (("gate_proj.weight", "up_proj.weight"), ("w1.weight", "w3.weight")),
+    "down_proj": (("down_proj.weight",), ("w2.weight",)),
+}
+
+
+def _candidates(key: str) -> list[str]:
+    """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``)."""
+    out = [key]
+    if ".mlp." in key:
+        out.append(key.replace(".mlp.", ".block_sparse_moe."))
+    return out
+
+
+def _resolve_dtype(dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else stored
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"dtype: {dtype!r} is not a torch dtype")
+        dtype = value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype (or its name), got {dtype!r}")
+    return dtype
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, *, parameter: bool) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    if parameter:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        module._buffers[attr] = value
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Replaces every parameter and buffer by a meta tensor of the same shape, dropping the storage."""
+    for sub in module.modules():
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for attr, b in list(sub._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                sub._buffers[attr] = torch.empty_like(b, device="meta")
+
+
+class StreamedSource:
+    """A causal LM whose weights stay on disk until a layer is asked for; see the module docstring.
+
+    Attributes: ``model`` (the skeleton on the meta device), ``adapter`` (its :class:`moei2.models.MoEAdapter`),
+    ``streamed`` (True), ``device``, ``dtype`` (the compute dtype), ``directory``, ``checkpoint_dtype``
+    (the dtype most tensors are stored in), ``checkpoint_bytes`` (the size of the weight files).
+    """
+
+    streamed = True
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use StreamedSource.open(directory, device=..., dtype=...)")
+
+    # ---- opening and its checks ----
+
+    @classmethod
+    def open(cls, directory, *, device="cpu", dtype=None) -> "StreamedSource":
+        """Opens a Hugging Face checkpoint directory (``config.json`` plus ``model.safetensors.index.json``
+        and its shards, or one ``model.safetensors``) and checks it; nothing is read beyond headers.
+
+        device: where layers are materialised and compute. dtype: the compute dtype (default float32 on
+        the CPU, the checkpoint's dtype elsewhere). Raises FileNotFoundError (no such directory, no
+        config.json, no weights, a missing shard) or :class:`CheckpointError` (a ValueError) naming the
+        file or tensor at fault.
+        """
+        from .models import ADAPTERS, get_adapter
+
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+        root = Path(directory)
+        if not root.exists():
+            raise FileNotFoundError(f"model directory {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise FileNotFoundError(f"model {str(root)!r} is not a directory (expected a Hugging Face checkpoint "
+                                    "directory with config.json and safetensors weights)")
+        config_file = root / "config.json"
+        has_weights = (root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file()
+        if not config_file.is_file():
+            if not has_weights:
+                raise FileNotFoundError(f"{str(root)!r} is not a model directory: it has neither config.json nor "
+                                        f"{SINGLE_NAME} / {INDEX_NAME}")
+            raise FileNotFoundError(f"{str(root)!r}: config.json is missing; a model directory needs its "
+                                    "transformers configuration next to the weights")
+        try:
+            config_dict = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_file}: unreadable ({exc})") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config_dict).__name__}")
+        if "moei2" in config_dict or (root / "moei2.json").is_file():
+            raise CheckpointError(f"{str(root)!r} is already compressed by moei2; compress the original model")
+        architectures = config_dict.get("architectures") or []
+        architecture = next((a for a in architectures if a in ADAPTERS), None)
+        if architecture is None:
+            from .models import FAMILIES
+
+            family = FAMILIES.get(config_dict.get("model_type"))
+            architecture = family.architecture if family is not None else None
+        if architecture is None:
+            found = architectures or config_dict.get("model_type")
+            raise CheckpointError(f"{config_file}: architecture {found!r} is not supported; supported: "
+                                  f"{', '.join(sorted(ADAPTERS))}")
+
+        files, weight_map = cls._weight_files(root)
+        device = torch.device(device)
+
+        model_class = ADAPTERS[architecture].model_class()
+        try:
+            config = model_class.config_class.from_pretrained(str(root))
+        except Exception as exc:
+            raise CheckpointError(f"{config_file}: cannot be read as a {model_class.config_class.__name__} "
+                                  f"({exc})") from None
+        stored_dtype = Counter(h.dtype for f in files.values() for h in f.tensors.values()
+                               if h.dtype.is_floating_point).most_common(1)
+        checkpoint_dtype = stored_dtype[0][0] if stored_dtype else torch.float32
+        dtype = _resolve_dtype(dtype, device, checkpoint_dtype)
+
+        # As from_pretrained records it: the in-memory fingerprint hashes the whole config dict.
+        config._name_or_path = str(directory)
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():
+            model = model_class._from_config(config, dtype=dtype)
+        # no_init_weights also skips the tying init_weights does.
+        model.tie_weights()
+        model.eval()
+        adapter = get_adapter(model)
+
+        self = object.__new__(cls)
+        self.directory = root
+        self.model = model
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self.checkpoint_dtype = checkpoint_dtype
+        self._files = files
+        self._weight_map = weight_map
+        self.checkpoint_bytes = sum(os.path.getsize(f.path) for f in files.values())
+        self._tied = model.get_output_embeddings() is not None and (
+            model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        self._plan = self._make_plan()
+        self._pristine: dict[int, nn.Module] = {}
+        return self
+
+    @staticmethod
+    def _weight_files(root: Path):
+        """``({file name: SafetensorsFile}, {checkpoint key: file name})`` with every index entry checked."""
+        index_file = root / INDEX_NAME
+        if index_file.is_file():
+            try:
+                index = json.loads(index_file.read_text())
+                weight_map = index["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_file}: not a safetensors index ({exc})") from None
+            files = {}
+            for name in sorted(set(weight_map.values())):
+                path = root / name
+                if Path(name).name != name:
+                    raise CheckpointError(f"{index_file}: shard name {name!r} is not a file name in the directory")
+                if not path.is_file():
+                    raise FileNotFoundError(f"{index_file} names shard {name!r}, which is missing from {str(root)!r}")
+                files[name] = SafetensorsFile(path)
+            absent = [(k, v) for k, v in weight_map.items() if k not in files[v].tensors]
+            if absent:
+                k, v = absent[0]
+                raise CheckpointError(f"{index_file} names {len(absent)} tensor(s) absent from their shard, e.g. "
+                                      f"{k!r} in {v!r}")
+            return files, dict(weight_map)
+        single = root / SINGLE_NAME
+        if single.is_file():
+            f = SafetensorsFile(single)
+            return {SINGLE_NAME: f}, {k: SINGLE_NAME for k in f.tensors}
+        others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {others[:3]}: only safetensors weights are streamed)" if others else ""
+        raise FileNotFoundError(f"{str(root)!r} has no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+    def _make_plan(self) -> dict:
+        """``{model state-dict key: _Direct | _Fused}`` for every tensor the model needs; raises naming
+        the first tensor no shard holds or whose stored shape differs from the model's."""
+        plan, missing = {}, []
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        persistent = {k for k in shapes if not k.startswith("model.rotary_emb.")}
+        for key in sorted(persistent):
+            if key == "lm_head.weight" and self._tied and key not in self._weight_map:
+                continue
+            entry = None
+            for name in _candidates(key):
+                if name in self._weight_map:
+                    entry = _Direct(name)
+                    break
+            if entry is None:
+                prefix, _, param = key.rpartition(".")
+                if param in _FUSED_SOURCES and prefix.endswith(".experts"):
+                    entry = self._fused_entry(prefix, param, shapes[key][0])
+            if entry is None:
+                missing.append(key)
+                continue
+            self._check_shapes(key, entry, shapes[key])
+            plan[key] = entry
+        if missing:
+            raise CheckpointError(f"{self.directory}: {len(missing)} tensor(s) the model needs are in no weights file, "
+                                  f"e.g. {missing[:3]}")
+        return plan
+
+    def _fused_entry(self, prefix: str, param: str, num_experts: int) -> Optional[_Fused]:
+        for base in _candidates(prefix):
+            for names in _FUSED_SOURCES[param]:
+                groups = [[f"{base}.{j}.{n}" for j in range(num_experts)] for n in names]
+                found = [k in self._weight_map for g in groups for k in g]
+                if all(found):
+                    return _Fused(groups)
+                if any(found):
+                    absent = next(k for g in groups for k in g if k not in self._weight_map)
+                    raise CheckpointError(f"{self.directory}: expert tensor {absent!r} is in no weights file")
+        return None
+
+    def _header(self, key: str):
+        return self._files[self._weight_map[key]].tensors[key]
+
+    def _check_shapes(self, key: str, entry, shape: tuple) -> None:
+        if isinstance(entry, _Direct):
+            got = self._header(entry.key).shape
+            if got != shape:
+                raise CheckpointError(f"{self._file_of(entry.key)}: tensor {entry.key!r} has shape {got}, the model "
+                                      f"built from config.json needs {shape}")
+            return
+        num_experts, rows, cols = shape
+        per_group = rows // len(entry.groups)
+        for group in entry.groups:
+            for k in group:
+                got = self._header(k).shape
+                if got != (per_group, cols):
+                    raise CheckpointError(f"{self._file_of(k)}: tensor {k!r} has shape {got}, the model built from "
+                                          f"config.json needs {(per_group, cols)}")
+
+    def _file_of(self, key: str) -> Path:
+        return self.directory / self._weight_map[key]
+
+    # ---- reading ----
+
+    def _read(self, entries: dict) -> dict:
+        """``{model key: tensor on device in dtype}`` for ``{model key: plan entry}``; each file is opened
+        once and closed before returning."""
+        by_file: dict[str, list] = {}
+        for key, entry in entries.items():
+            for src in entry.sources():
+                by_file.setdefault(self._weight_map[src], []).append(src)
+        out = {}
+        for key, entry in entries.items():
+            if isinstance(entry, _Fused):
+                num_experts = len(entry.groups[0])
+                first = self._header(entry.groups[0][0])
+                rows, cols = first.shape
+                out[key] = torch.empty((num_experts, rows * len(entry.groups), cols), dtype=self.dtype,
+                                       device=self.device)
+        # One pass over the files in name order, reading each needed tensor in file order.
+        where = {}
+        for key, entry in entries.items():
+            if isinstance(entry, _Direct):
+                where[entry.key] = (key, None)
+            else:
+                for g, group in enumerate(entry.groups):
+                    for j, src in enumerate(group):
+                        where[src] = (key, (g, j))
+        for name in sorted(by_file):
+            file = self._files[name]
+            wanted = sorted(by_file[name], key=lambda k: file.tensors[k].start)
+            with file.reader() as read:
+                for src in wanted:
+                    key, slot = where[src]
+                    tensor = read(src)
+                    if slot is None:
+                        out[key] = tensor.to(device=self.device, dtype=self.dtype)
+                    else:
+                        g, j = slot
+                        rows = tensor.shape[0]
+                        out[key][j, g * rows:(g + 1) * rows].copy_(tensor)
+                    del tensor
+        return out
+
+    def _materialise(self, module: nn.Module, prefix: str) -> None:
+        names = [n for n, _ in module.named_parameters(recurse=True)]
+        entries = {f"{prefix}{n}": self._plan[f"{prefix}{n}"] for n in names}
+        tensors = self._read(entries)
+        for n in names:
+            _set_tensor(module, n, tensors.pop(f"{prefix}{n}"), parameter=True)
+
+    # ---- the protocol ----
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Decoder layer ``i`` materialised on ``device`` in ``dtype`` for the scope; at exit its tensors
+        are dropped (back on the meta device) and the module at ``model.model.layers[i]`` is the
+        unmodified skeleton again, so pruning or low-rank factors applied inside are lost."""
+        import operator
+
+        i = operator.index(i)
+        layers = self.model.model.layers
+        if not 0 <= i < len(layers):
+            raise IndexError(f"layer index {i} out of range: the model has {len(layers)} layers")
+        if i in self._pristine:
+            raise RuntimeError(f"layer {i} is already materialised (nested layer({i}) scopes)")
+        self._pristine[i] = copy.deepcopy(layers[i])
+        live = layers[i]
+        try:
+            self._materialise(live, f"{LAYER_PREFIX}{i}.")
+            yield live
+        finally:
+            _to_meta(live)
+            layers[i] = self._pristine.pop(i)
+
+    @contextlib.contextmanager
+    def outer(self) -> Iterator[nn.Module]:
+        """Embeddings, rotary embedding (rebuilt: its buffers are not stored), final norm and head
+        resident on ``device`` in ``dtype`` for the scope; yields the model."""
+        model = self.model
+        inner = model.model
+        parts = {name: mod for name, mod in model.named_children() if name != "model"}
+        parts.update({f"model.{name}": mod for name, mod in inner.named_children()
+                      if name not in ("layers", "rotary_emb")})
+        old_rotary = getattr(inner, "rotary_emb", None)
+        try:
+            for prefix, module in parts.items():
+                if self._tied and module is model.get_output_embeddings():
+                    continue
+                self._materialise(module, f"{prefix}.")
+            if self._tied:
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            if old_rotary is not None:
+                with torch.device("cpu"):
+                    rotary = type(old_rotary)(config=model.config)
+                inner.rotary_emb = rotary.to(self.device)
+            yield model
+        finally:
+            for module in parts.values():
+                _to_meta(module)
+            if self._tied:
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            if old_rotary is not None:
+                inner.rotary_emb = old_rotary
+
+    def outer_tensors(self) -> dict:
+        """The tensors outside the decoder layers (embeddings, final norm, head), as stored, under
+        their state-dict keys; a tied head is not stored and not returned."""
+        entries = {k: e for k, e in self._plan.items() if not k.startswith(LAYER_PREFIX)}
+        out = {}
+        by_file: dict[str, list] = {}
+        for key, entry in entries.items():
+            by_file.setdefault(self._weight_map[entry.key], []).append(key)
+        for name, keys in sorted(by_file.items()):
+            with self._files[name].reader() as read:
+                for key in keys:
+                    out[key] = read(entries[key].key)
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the configuration and every router weight, read from the shards
+        without touching the experts. Same recipe as the in-memory fingerprint: the JSON of
+        ``model.config.to_dict()`` with sorted keys, then each MoE layer's router weight as float32
+        bytes in layer order."""
+        import numpy as np
+
+        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for view in self.adapter.moe_layers():
+            layer = self.model.model.layers[view.layer_index]
+            name = next(n for n, m in layer.named_modules() if m is view.router)
+            key = f"{LAYER_PREFIX}{view.layer_index}.{name}.weight"
+            src = self._plan[key].key
+            with self._files[self._weight_map[src]].reader() as read:
+                weight = read(src).float()
+            digest.update(np.ascontiguousarray(weight.numpy(), dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (f"StreamedSource({str(self.directory)!r}, {type(self.model).__name__}, "
+                f"{self.adapter.num_hidden_layers} layers, device={self.device}, dtype={self.dtype})")
