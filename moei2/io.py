@@ -26,17 +26,21 @@ rebuilt model computes exactly what the saved one did.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["save", "load", "is_moei2_checkpoint", "inspect_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save", "load", "is_moei2_checkpoint", "inspect_checkpoint", "CheckpointWriter", "CHECKPOINT_FORMAT",
+           "SafetensorsFile"]
 
-CHECKPOINT_FORMAT = 1
-WEIGHTS_NAME = "moei2_model.safetensors"
+CHECKPOINT_FORMAT = 2
+READ_FORMATS = (1, 2)
+WEIGHTS_NAME = "moei2_model.safetensors"  # format 1: one file
+INDEX_NAME = "moei2_model.safetensors.index.json"  # format 2: an index and its shards
+SHARD_PATTERN = "moei2_model-{:05d}-of-{:05d}.safetensors"
 META_NAME = "moei2.json"
 CONFIG_NAME = "config.json"
 REPORT_NAME = "report.json"
@@ -224,23 +228,406 @@ def _is_moei2_dir(path: Path) -> bool:
     return (path / META_NAME).is_file() and (path / CONFIG_NAME).is_file()
 
 
-def save(model, path, *, tokenizer=None, report: Optional[dict] = None, overwrite: bool = False) -> dict:
+# ---- atomic directory replacement and stale staging directories ----------------------------------
+
+_STAGING_TAG = "moei2-tmp"
+_OLD_TAG = "moei2-old"
+_RENAME_EXCHANGE = 2
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (jiffies since boot, from /proc), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        if not Path("/proc/self/stat").exists():
+            try:
+                os.kill(pid, 0)
+                return "?"
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return "?"
+        return None
+
+
+def _owner_tag() -> str:
+    return f"{os.getpid()}-{_process_start(os.getpid()) or 0}"
+
+
+def _owner_alive(name: str, tag: str) -> bool:
+    """Whether the process that made the staging or backup directory ``name`` still runs."""
+    try:
+        pid, start = name.split(f".{tag}-", 1)[1].split("-")[:2]
+        now = _process_start(int(pid))
+    except (IndexError, ValueError):
+        return True  # not ours to judge: keep it
+    return now is not None and (now == "?" or now == start)
+
+
+def _leftovers(target: Path, tag: str) -> list[Path]:
+    prefix = f".{target.name}.{tag}-"
+    try:
+        return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def _recover(target: Path) -> None:
+    """Finishes or undoes what a killed save left next to ``target``.
+
+    A save that had to fall back to two renames (a filesystem without RENAME_EXCHANGE) and died
+    between them leaves the previous checkpoint under a backup name and nothing at ``target``: put
+    it back. Staging and backup directories of processes that are gone are removed; those of live
+    processes (a save running now) are left alone.
+    """
+    for backup in _leftovers(target, _OLD_TAG):
+        if _owner_alive(backup.name, _OLD_TAG):
+            continue
+        if not os.path.lexists(target) and _is_moei2_dir(backup):
+            try:
+                os.rename(backup, target)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(backup, ignore_errors=True)
+    for staging in _leftovers(target, _STAGING_TAG):
+        if not _owner_alive(staging.name, _STAGING_TAG):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"cannot swap {str(a)!r} and {str(b)!r}: {os.strerror(err)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(staging: Path, target: Path, *, exchange=_renameat2_exchange) -> None:
+    """Puts ``staging`` at ``target`` in one atomic step and removes what was there before."""
+    if os.path.lexists(target):
+        if exchange(staging, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(staging, ignore_errors=True)  # now the previous checkpoint
+            return
+        # Fallback: two renames. A crash between them leaves the previous checkpoint under the
+        # backup name, which _recover (run by the next save and by load) puts back.
+        backup = target.parent / f".{target.name}.{_OLD_TAG}-{_owner_tag()}-{os.urandom(4).hex()}"
+        os.rename(target, backup)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(backup, target)
+            raise
+        _fsync_dir(target.parent)
+        shutil.rmtree(backup, ignore_errors=True)
+        return
+    os.rename(staging, target)
+    _fsync_dir(target.parent)
+
+
+# ---- the writer ----------------------------------------------------------------------------------
+
+def _check_output(target: Path, overwrite: bool) -> None:
+    if os.path.lexists(target):
+        if not target.is_dir():
+            raise FileExistsError(f"output path {str(target)!r} exists and is not a directory")
+        if not overwrite:
+            raise FileExistsError(f"output path {str(target)!r} already exists; pass overwrite=True to replace it")
+        if any(target.iterdir()) and not _is_moei2_dir(target):
+            raise ValueError(f"output path {str(target)!r} is a non-empty directory that is not a moei2 checkpoint; "
+                             "refusing to replace it")
+
+
+def _tensor_bytes(tensor) -> memoryview:
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class CheckpointWriter:
+    """Writes a moei2 checkpoint incrementally: tensors go to shard files as they arrive, and the
+    directory appears at ``path`` in one atomic step at :meth:`finish`.
+
+    ::
+
+        with CheckpointWriter(path, overwrite=True) as w:      # checks the output location now
+            for ...:
+                w.add({"model.layers.3.mlp.gate.weight": t, ...})  # full state-dict keys
+            sizes = w.finish(config, record, architecture=..., family=..., dtype=..., aliases=..., sizes=...)
+
+    Everything is written to a staging directory next to ``path`` (named
+    ``.<name>.moei2-tmp-<pid>-<start>-<random>``); :meth:`finish` swaps it in with
+    ``renameat2(RENAME_EXCHANGE)`` where a checkpoint exists (plain rename otherwise; on filesystems
+    that refuse the exchange, two renames that the next save or load repairs if a crash falls
+    between them) and then removes the previous checkpoint. An exception inside the ``with`` block,
+    or :meth:`abort`, removes the staging directory: nothing partial is left and an existing
+    checkpoint is untouched. Staging directories of killed processes are removed by the next writer
+    for the same path. A shard is closed when it reaches ``max_shard_bytes`` (a tensor larger than
+    that gets a shard of its own). Files and directories get the permissions the process umask
+    gives, as ``save_pretrained``'s do.
+    """
+
+    def __init__(self, path, *, overwrite: bool = False, max_shard_bytes: int = 2 << 30):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+        self.path = Path(path).absolute()
+        self.max_shard_bytes = max_shard_bytes
+        _check_output(self.path, overwrite)
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(f"output path {str(self.path)!r}: cannot create its parent directory "
+                                  f"({exc.strerror or exc})") from None
+        _recover(self.path)
+        _check_output(self.path, overwrite)  # recovery may have put a checkpoint back
+        staging = parent / f".{self.path.name}.{_STAGING_TAG}-{_owner_tag()}-{os.urandom(4).hex()}"
+        try:
+            os.mkdir(staging, 0o777)  # the umask applies, as for save_pretrained's directories
+        except OSError as exc:
+            raise PermissionError(f"output path {str(self.path)!r}: its parent directory {str(parent)!r} is not "
+                                  f"writable ({exc.strerror or exc})") from None
+        self.staging = staging
+        self._tensors: dict[str, dict] = {}  # key -> {"dtype", "shape", "shard"}
+        self._shards: list[dict] = []  # {"keys": [...], "data": Path, "bytes": int}
+        self._data = None  # open file of the current shard's tensor data
+        self._closed = False
+
+    # ---- tensors ----
+
+    def _write(self, f, data) -> None:
+        """The one place bytes reach the disk (a full disk raises OSError here)."""
+        f.write(data)
+
+    def add(self, tensors) -> None:
+        """Appends ``{state-dict key: tensor}`` to the current shard; nothing is kept in memory.
+
+        Keys must be new; floating-point tensors must be finite (ValueError naming the key)."""
+        import torch
+
+        from collections.abc import Mapping
+
+        self._check_open()
+        if not isinstance(tensors, Mapping):
+            raise TypeError(f"tensors must be a mapping of state-dict keys to tensors, got {type(tensors).__name__}")
+        for key, tensor in tensors.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"tensor keys must be non-empty strings, got {key!r}")
+            if key in self._tensors:
+                raise ValueError(f"tensor {key!r} is added twice")
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"tensor {key!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+            name = str(tensor.dtype).replace("torch.", "")
+            if name not in _ST_NAMES:
+                raise ValueError(f"tensor {key!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+            if tensor.device.type == "meta":
+                raise ValueError(f"tensor {key!r} is on the meta device (not materialised)")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"tensor {key!r} contains NaN or infinite values; refusing to save it")
+        for key, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            shard = self._shards[-1] if self._shards and self._data is not None else None
+            if shard is None or (shard["bytes"] and shard["bytes"] + nbytes > self.max_shard_bytes):
+                self._close_shard()
+                shard = self._open_shard()
+            self._write(self._data, _tensor_bytes(tensor))
+            self._tensors[key] = {"dtype": str(tensor.dtype).replace("torch.", ""),
+                                  "shape": list(tensor.shape), "shard": len(self._shards) - 1,
+                                  "start": shard["bytes"], "end": shard["bytes"] + nbytes}
+            shard["keys"].append(key)
+            shard["bytes"] += nbytes
+
+    def _open_shard(self) -> dict:
+        shard = {"keys": [], "data": self.staging / f".shard-{len(self._shards):05d}.data", "bytes": 0}
+        self._shards.append(shard)
+        self._data = open(shard["data"], "wb")
+        return shard
+
+    def _close_shard(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
+    def _finish_shards(self) -> dict:
+        """Turns each shard's data file into a safetensors file; returns ``{file name: {sha256, bytes}}``."""
+        import hashlib
+
+        self._close_shard()
+        if not self._shards:
+            self._open_shard()
+            self._close_shard()
+        total = len(self._shards)
+        files = {}
+        for n, shard in enumerate(self._shards):
+            name = SHARD_PATTERN.format(n + 1, total)
+            header = {key: {"dtype": _ST_NAMES[self._tensors[key]["dtype"]], "shape": self._tensors[key]["shape"],
+                            "data_offsets": [self._tensors[key]["start"], self._tensors[key]["end"]]}
+                      for key in shard["keys"]}
+            header["__metadata__"] = {"format": "pt", "moei2_format": str(CHECKPOINT_FORMAT)}
+            raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            digest = hashlib.sha256()
+            with open(self.staging / name, "wb") as out, open(shard["data"], "rb") as data:
+                for chunk in (len(raw).to_bytes(8, "little"), raw):
+                    digest.update(chunk)
+                    self._write(out, chunk)
+                while True:
+                    chunk = data.read(16 << 20)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    self._write(out, chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            shard["data"].unlink()
+            for key in shard["keys"]:
+                self._tensors[key]["file"] = name
+            files[name] = {"sha256": digest.hexdigest(), "bytes": 8 + len(raw) + shard["bytes"]}
+        return files
+
+    # ---- the end ----
+
+    def finish(self, config, record, *, architecture: str, family: str, dtype: str, aliases: dict, sizes: dict,
+               tokenizer=None, report: Optional[dict] = None) -> dict:
+        """Writes the configuration (with ``record`` as its ``moei2`` entry), the index, the loader,
+        tokenizer and report, and ``moei2.json`` (last: a directory without it is never taken for a
+        checkpoint), then swaps the directory in. Returns ``sizes`` plus ``file_bytes`` and ``path``."""
+
+        self._check_open()
+        try:
+            report_text = None
+            if report is not None:
+                if not isinstance(report, dict):
+                    raise TypeError(f"report must be a dict or None, got {type(report).__name__}")
+                try:
+                    report_text = json.dumps(report, indent=2, allow_nan=True, default=_json_default, sort_keys=True)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"report is not JSON-serialisable: {exc}") from None
+            bad = [a for a, src in aliases.items() if src not in self._tensors or a in self._tensors]
+            if bad:
+                raise ValueError(f"aliases {bad[:5]} do not name a written tensor (or name one themselves)")
+            files = self._finish_shards()
+            staging = self.staging
+            if isinstance(config, dict):
+                config_dict = copy.deepcopy(config)
+                config_dict.update(moei2=record, architectures=[architecture],
+                                   auto_map={"AutoModelForCausalLM": f"{LOADER_NAME[:-3]}.{LOADER_CLASS}"})
+                self._write_text(staging / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+            else:
+                config = copy.deepcopy(config)
+                config.moei2 = record
+                config.architectures = [architecture]
+                config.auto_map = {"AutoModelForCausalLM": f"{LOADER_NAME[:-3]}.{LOADER_CLASS}"}
+                config.save_pretrained(str(staging))
+            index = {"metadata": {"total_size": sum(info["end"] - info["start"] for info in self._tensors.values())},
+                     "weight_map": {key: info["file"] for key, info in self._tensors.items()}}
+            self._write_text(staging / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            self._write_text(staging / LOADER_NAME, _LOADER_SOURCE)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
+            if report_text is not None:
+                self._write_text(staging / REPORT_NAME, report_text)
+            meta = {"format": CHECKPOINT_FORMAT, "architecture": architecture, "family": family, "dtype": dtype,
+                    "index": INDEX_NAME, "num_tensors": len(self._tensors) + len(aliases),
+                    "aliases": dict(aliases), "sizes": dict(sizes), "files": files,
+                    "tensors": {key: {"dtype": info["dtype"], "shape": info["shape"], "file": info["file"]}
+                                for key, info in self._tensors.items()}}
+            self._write_text(staging / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(staging)
+            _replace_dir(staging, self.path)
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+        file_bytes = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return dict(sizes, file_bytes=file_bytes, path=str(self.path))
+
+    def _write_text(self, file: Path, text: str) -> None:
+        with open(file, "w") as f:
+            self._write(f, text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def abort(self) -> None:
+        """Removes everything written so far; an existing checkpoint at the path is untouched."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close_shard()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"checkpoint writer for {str(self.path)!r} is already finished or aborted")
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.abort()  # left without finish(): nothing is published
+
+    def __del__(self):
+        try:
+            self.abort()
+        except Exception:
+            pass
+
+
+def save(model, path, *, tokenizer=None, report: Optional[dict] = None, overwrite: bool = False,
+         max_shard_bytes: int = 2 << 30) -> dict:
     """Writes ``model`` (pruned and/or low-rank, or untouched) as a moei2 checkpoint directory.
 
     path: the directory to create. overwrite: replace an existing moei2 checkpoint (or empty
-    directory) there; any other existing path raises FileExistsError. tokenizer: saved alongside
-    when given. report: a JSON-serialisable dict written to ``report.json``.
+    directory) there; any other existing path raises FileExistsError (a non-empty directory that is
+    not a checkpoint ValueError). tokenizer: saved alongside when given. report: a
+    JSON-serialisable dict written to ``report.json``. max_shard_bytes: the size of a weights shard.
 
-    The write is atomic: everything goes to a temporary directory next to ``path`` that is renamed
-    into place at the end, so on any error nothing is left behind and an existing checkpoint is
-    kept. Returns the sizes: ``parameters_before``/``bytes_before`` (the dense model with all
-    original experts, in the saved dtypes), ``parameters_after``/``bytes_after`` (what is saved),
-    the routed-expert parameter counts, ``file_bytes`` (the whole directory) and ``path``.
+    The write goes through :class:`CheckpointWriter`: atomic at the directory level, an existing
+    checkpoint replaced in one step, nothing left behind on any error. The same model saved twice
+    gives the same bytes. Returns the sizes: ``parameters_before``/``bytes_before`` (the dense
+    model with all original experts, in the saved dtypes), ``parameters_after``/``bytes_after``
+    (what is saved), the routed-expert parameter counts, ``file_bytes`` (the whole directory) and
+    ``path``.
     """
-    import copy
-
-    from safetensors.torch import save_file
-
     from .models import get_adapter, structure_of
 
     adapter = get_adapter(model)
@@ -248,67 +635,21 @@ def save(model, path, *, tokenizer=None, report: Optional[dict] = None, overwrit
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if report is not None and not isinstance(report, dict):
         raise TypeError(f"report must be a dict or None, got {type(report).__name__}")
-    target = Path(path).absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"path {str(target)!r} exists and is not a directory")
-        if not overwrite:
-            raise FileExistsError(f"path {str(target)!r} already exists; pass overwrite=True to replace it")
-        if any(target.iterdir()) and not _is_moei2_dir(target):
-            raise ValueError(f"path {str(target)!r} is a non-empty directory that is not a moei2 checkpoint; "
-                             "refusing to replace it")
-    report_text = None
     if report is not None:
         try:
-            report_text = json.dumps(report, indent=2, allow_nan=True, default=_json_default)
+            json.dumps(report, allow_nan=True, default=_json_default)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"report is not JSON-serialisable: {exc}") from None
-
     record = structure_of(model, adapter)
-    tensors, aliases = _unique_state_dict(model)
-    sizes = _sizes(model, adapter, record, tensors)
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
-
-    config = copy.deepcopy(model.config)
-    config.moei2 = record
-    config.architectures = [type(model).__name__]
-    config.auto_map = {"AutoModelForCausalLM": f"{LOADER_NAME[:-3]}.{LOADER_CLASS}"}
-    meta = {"format": CHECKPOINT_FORMAT, "architecture": type(model).__name__, "family": adapter.family,
-            "dtype": dtype, "weights": WEIGHTS_NAME, "num_tensors": len(tensors) + len(aliases),
-            "aliases": aliases, "sizes": sizes}
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    backup = None
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "moei2_format": str(CHECKPOINT_FORMAT)})
-        config.save_pretrained(str(tmp))
-        (tmp / LOADER_NAME).write_text(_LOADER_SOURCE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if report_text is not None:
-            (tmp / REPORT_NAME).write_text(report_text)
-        # moei2.json is written last: a directory without it is never taken for a checkpoint.
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            backup.rmdir()
-            target.rename(backup)
-        try:
-            tmp.rename(target)
-        except BaseException:
-            if backup is not None:
-                backup.rename(target)
-                backup = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    sizes = dict(sizes, file_bytes=sum(f.stat().st_size for f in target.iterdir() if f.is_file()), path=str(target))
-    return sizes
+    with CheckpointWriter(path, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
+        tensors, aliases = _unique_state_dict(model)
+        sizes = _sizes(model, adapter, record, tensors)
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+        writer.add(tensors)
+        del tensors
+        return writer.finish(model.config, record, architecture=type(model).__name__, family=adapter.family,
+                             dtype=dtype, aliases=aliases, sizes=sizes, tokenizer=tokenizer, report=report)
 
 
 def _json_default(value):
@@ -352,26 +693,45 @@ def _read_checkpoint(path):
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     directory = Path(path)
+    if not os.path.lexists(directory):
+        _recover(directory.absolute())  # a save killed between its two fallback renames
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} is not a directory")
-    for name in (META_NAME, CONFIG_NAME, WEIGHTS_NAME):
+    for name in (META_NAME, CONFIG_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}: not a moei2 checkpoint, or an "
                                     "incomplete one")
     meta = _read_json(directory / META_NAME)
     config = _read_json(directory / CONFIG_NAME)
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{directory / META_NAME}: unknown checkpoint format {found!r} "
-                         f"(this moei2 reads format {CHECKPOINT_FORMAT})")
+                         f"(this moei2 reads formats {', '.join(map(str, READ_FORMATS))})")
     if not isinstance(config, dict) or not isinstance(config.get("moei2"), dict):
         raise ValueError(f"{directory / CONFIG_NAME}: no 'moei2' entry recording the experts kept and their ranks")
-    for key, kind in (("architecture", str), ("dtype", str), ("aliases", dict)):
+    checks = [("architecture", str), ("dtype", str), ("aliases", dict)]
+    if meta["format"] >= 2:
+        checks += [("files", dict), ("tensors", dict)]
+    for key, kind in checks:
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{directory / META_NAME}: '{key}' is missing or not a {kind.__name__}")
+    for name in _weight_names(directory, meta):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}: an incomplete checkpoint")
     return directory, meta, config
+
+
+def _weight_names(directory: Path, meta: dict) -> list[str]:
+    if meta["format"] == 1:
+        return [WEIGHTS_NAME]
+    names = sorted(meta["files"])
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not isinstance(meta["files"][n], dict)]
+    if bad or not names:
+        raise ValueError(f"{directory / META_NAME}: 'files' must map weight file names in the directory to their "
+                         f"checksums, got {bad[:3] or 'none'}")
+    return names
 
 
 def _read_json(file: Path):
@@ -381,31 +741,62 @@ def _read_json(file: Path):
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
 
 
-def _weight_header(file: Path) -> dict:
-    """Names, dtypes and shapes of the tensors in a safetensors file (reads the header only)."""
-    from safetensors import safe_open
+def _headers(directory: Path, meta: dict) -> dict:
+    """``{key: (file name, TensorInfo)}`` over every weights file (headers only), checked against the
+    dtypes and shapes recorded at save time (format 2)."""
+    out = {}
+    for name in _weight_names(directory, meta):
+        f = SafetensorsFile(directory / name)
+        for key, info in f.tensors.items():
+            if key in out:
+                raise ValueError(f"{directory / name}: tensor {key!r} is also stored in {out[key][0]}")
+            out[key] = (name, info)
+    if meta["format"] >= 2:
+        recorded = meta["tensors"]
+        if set(recorded) != set(out):
+            extra, missing = sorted(set(out) - set(recorded)), sorted(set(recorded) - set(out))
+            raise ValueError(f"{directory}: the weights files do not hold the tensors {META_NAME} records "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        for key, (name, info) in out.items():
+            want = recorded[key]
+            got_dtype = str(info.dtype).replace("torch.", "")
+            if (not isinstance(want, dict) or want.get("file") != name or want.get("dtype") != got_dtype
+                    or list(want.get("shape", ())) != list(info.shape)):
+                raise ValueError(f"{directory / name}: tensor {key!r} is stored as {got_dtype} {list(info.shape)}, "
+                                 f"{META_NAME} records {want!r}; the checkpoint is corrupt")
+    return out
 
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            out = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
-            return out
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{file}: unreadable safetensors file, corrupt or truncated ({exc})") from None
+
+def _verify_checksums(directory: Path, meta: dict) -> None:
+    import hashlib
+
+    for name, want in sorted(meta["files"].items()):
+        digest = hashlib.sha256()
+        size = 0
+        with open(directory / name, "rb") as f:
+            while True:
+                chunk = f.read(16 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                digest.update(chunk)
+        if size != want.get("bytes") or digest.hexdigest() != want.get("sha256"):
+            raise ValueError(f"{directory / name}: checksum mismatch (sha256 {digest.hexdigest()[:16]}..., "
+                             f"{size} bytes; {META_NAME} records {str(want.get('sha256'))[:16]}..., "
+                             f"{want.get('bytes')} bytes): the file is corrupt. load(..., verify=False) skips "
+                             "this check")
 
 
 def inspect_checkpoint(path) -> dict:
-    """A summary of a moei2 checkpoint without building the model.
+    """A summary of a moei2 checkpoint without building the model (either layout).
 
-    Returns ``path``, ``architecture``, ``family``, ``dtype``, ``layers`` (per MoE layer:
+    Returns ``path``, ``architecture``, ``family``, ``dtype``, ``format``, ``layers`` (per MoE layer:
     ``num_experts`` originally, ``kept`` original indices, ``num_kept``, ``ranks`` or ``None``),
     ``experts_kept`` and ``experts_total``, ``sizes`` (as returned by :func:`save`),
     ``num_tensors``, ``files`` (name → bytes), ``has_tokenizer``, ``has_report``.
     """
     directory, meta, config = _read_checkpoint(path)
-    header = _weight_header(directory / WEIGHTS_NAME)
+    header = _headers(directory, meta)
     record = config["moei2"]
     layers = {}
     for key, entry in sorted(record.get("layers", {}).items(), key=lambda kv: int(kv[0])):
@@ -417,6 +808,7 @@ def inspect_checkpoint(path) -> dict:
         "architecture": meta["architecture"],
         "family": meta.get("family"),
         "dtype": meta["dtype"],
+        "format": meta["format"],
         "layers": layers,
         "experts_kept": sum(v["num_kept"] for v in layers.values()),
         "experts_total": sum(int(v["num_experts"] or 0) for v in layers.values()),
@@ -443,16 +835,53 @@ def _resolve_dtype(dtype, saved: str):
     return dtype
 
 
-def load(path, *, dtype=None, device="cpu"):
-    """Rebuilds a model saved by :func:`save`, in eval mode.
+def _check_record_bounds(directory: Path, record: dict, config) -> None:
+    """Refuses a record whose ranks or expert counts could not come from this configuration, before
+    anything is allocated (an absurd rank would otherwise reach the allocator)."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    inter = int(getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0) or 0)
+    bound = max(hidden, inter)
+    layers = record.get("layers")
+    if not isinstance(layers, dict):
+        return  # check_structure names this
+    for i, entry in layers.items():
+        if not isinstance(entry, dict):
+            continue
+        n = entry.get("num_experts")
+        kept = entry.get("kept")
+        if isinstance(n, int) and not 0 < n <= 1 << 16:
+            raise ValueError(f"{directory / CONFIG_NAME}: moei2 record: layer {i} records {n} experts, not a "
+                             "plausible expert count")
+        if isinstance(kept, list) and isinstance(n, int) and len(kept) > n:
+            raise ValueError(f"{directory / CONFIG_NAME}: moei2 record: layer {i} keeps {len(kept)} experts of {n}")
+        ranks = entry.get("ranks")
+        if isinstance(ranks, list) and bound:
+            for j, triple in enumerate(ranks):
+                if isinstance(triple, (list, tuple)):
+                    for r in triple:
+                        if isinstance(r, int) and not isinstance(r, bool) and r > bound:
+                            raise ValueError(
+                                f"{directory / CONFIG_NAME}: moei2 record: layer {i} expert {j} has rank {r}, above "
+                                f"the largest the experts allow (max(hidden {hidden}, intermediate {inter}) = {bound})")
+
+
+def load(path, *, dtype=None, device="cpu", verify: bool = True):
+    """Rebuilds a model saved by :func:`save`, in eval mode (the sharded layout of format 2 and the
+    single-file layout of format 1).
 
     dtype: the dtype to build the model in (default: the saved one). device: where the model is put.
-    The model is built from its original configuration, pruned and given low-rank experts as
-    recorded in ``config.json``, then every tensor is loaded strictly: a missing, unexpected or
-    mis-shaped tensor raises ValueError naming it, a missing file FileNotFoundError.
+    verify: check each weights file against the sha256 recorded at save time (format 2); pass
+    ``verify=False`` to skip reading every file twice when the files are trusted. The recorded
+    dtype and shape of every tensor are checked either way, and weights with NaN or infinite values
+    are always refused.
+
+    The model is first built on the meta device from its original configuration, pruned and given
+    low-rank experts as recorded in ``config.json``, and every tensor is matched against the files
+    (a missing, unexpected, mis-shaped or non-floating tensor raises ValueError naming it) before
+    anything is allocated; then the weights are read and loaded strictly. A missing file raises
+    FileNotFoundError, a corrupt one ValueError.
     """
     import torch
-    from safetensors.torch import load_file
 
     from .models import ADAPTERS, apply_structure
 
@@ -466,46 +895,68 @@ def load(path, *, dtype=None, device="cpu"):
         device = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
 
-    header = _weight_header(directory / WEIGHTS_NAME)
+    header = _headers(directory, meta)
     model_class = ADAPTERS[architecture].model_class()
     try:
         config = model_class.config_class.from_pretrained(str(directory))
     except Exception as exc:
         raise ValueError(f"{directory / CONFIG_NAME}: cannot be read as a {model_class.config_class.__name__} "
                          f"({exc})") from None
+    _check_record_bounds(directory, config_dict["moei2"], config)
     from transformers.initialization import no_init_weights
 
-    # Weights are all overwritten below, so the random initialisation is skipped.
-    with no_init_weights():
-        model = model_class._from_config(config, dtype=dtype)
-    # no_init_weights also skips the tying that init_weights does.
-    model.tie_weights()
-    apply_structure(model, config_dict["moei2"])
-
-    expected = model.state_dict()
+    # The layout is checked on a skeleton without storage, so a bad record costs no memory.
+    with torch.device("meta"), no_init_weights():
+        skeleton = model_class._from_config(copy.deepcopy(config), dtype=dtype)
+    skeleton.tie_weights()
+    apply_structure(skeleton, config_dict["moei2"])
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    weights_desc = WEIGHTS_NAME if meta["format"] == 1 else "the weights files"
     aliases = meta["aliases"]
     stored = set(header)
     wanted = set(expected) - set(aliases)
     missing = sorted(wanted - stored)
     unexpected = sorted(stored - wanted)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not match the recorded layout: "
+        raise ValueError(f"{directory / weights_desc} does not match the recorded layout: "
                          f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     for key in sorted(wanted):
-        if header[key][1] != tuple(expected[key].shape):
-            raise ValueError(f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {header[key][1]}, the recorded "
-                             f"layout needs {tuple(expected[key].shape)}")
+        name, info = header[key]
+        if info.shape != expected[key][0]:
+            raise ValueError(f"{directory / name}: tensor {key!r} has shape {info.shape}, the recorded "
+                             f"layout needs {expected[key][0]}")
+        if expected[key][1] and not info.dtype.is_floating_point:
+            raise ValueError(f"{directory / name}: tensor {key!r} is stored as {info.dtype}, the model needs a "
+                             "floating-point tensor; the file is corrupt")
     bad_alias = [a for a, src in aliases.items() if a not in expected or src not in stored]
     if bad_alias:
         raise ValueError(f"{directory / META_NAME}: tied-tensor aliases {bad_alias[:5]} do not match the model")
-    try:
-        state = load_file(str(directory / WEIGHTS_NAME))
-    except Exception as exc:
-        raise ValueError(f"{directory / WEIGHTS_NAME}: unreadable, corrupt or truncated ({exc})") from None
+    if verify and meta["format"] >= 2:
+        _verify_checksums(directory, meta)
+
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=dtype)
+    # no_init_weights also skips the tying that init_weights does.
+    model.tie_weights()
+    apply_structure(model, config_dict["moei2"])
+    state = {}
+    for name in _weight_names(directory, meta):
+        f = SafetensorsFile(directory / name)
+        with f.reader() as read:
+            for key in f.tensors:
+                tensor = read(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{directory / name}: tensor {key!r} contains NaN or infinite values; "
+                                     "the checkpoint is corrupt")
+                state[key] = tensor
     for alias, source in aliases.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    del state
     model.config.moei2 = config_dict["moei2"]
     return model.to(device).eval()

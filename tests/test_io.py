@@ -7,10 +7,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import moei2  # noqa: E402
-from moei2.io import CONFIG_NAME, META_NAME, WEIGHTS_NAME  # noqa: E402
+from moei2.io import CONFIG_NAME, META_NAME, SHARD_PATTERN  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
 
 from .tiny_models import EXPERTS, FAMILIES, build_model, input_ids  # noqa: E402
+
+SHARD = SHARD_PATTERN.format(1, 1)  # one shard at the default shard size
 
 
 def compressed(family, tie=False):
@@ -89,10 +91,10 @@ def test_existing_path_and_overwrite(tmp_path):
     model = compressed("olmoe")
     target = tmp_path / "ckpt"
     moei2.save(model, target)
-    stamp = (target / WEIGHTS_NAME).stat().st_mtime_ns
+    stamp = (target / SHARD).stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="overwrite=True"):
         moei2.save(model, target)
-    assert (target / WEIGHTS_NAME).stat().st_mtime_ns == stamp
+    assert (target / SHARD).stat().st_mtime_ns == stamp
     moei2.prune_experts(model, {1: [0]})
     moei2.save(model, target, overwrite=True)
     assert moei2.inspect_checkpoint(target)["layers"][1]["num_kept"] == EXPERTS - 1
@@ -127,14 +129,14 @@ def test_missing_files(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         moei2.load(tmp_path / "nowhere")
     assert not moei2.is_moei2_checkpoint(tmp_path / "nowhere")
-    (saved / WEIGHTS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+    (saved / SHARD).unlink()
+    with pytest.raises(FileNotFoundError, match=SHARD):
         moei2.load(saved)
 
 
 def test_truncated_weights(saved):
-    data = (saved / WEIGHTS_NAME).read_bytes()
-    (saved / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    data = (saved / SHARD).read_bytes()
+    (saved / SHARD).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         moei2.load(saved)
 
