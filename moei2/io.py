@@ -1,27 +1,38 @@
 """Saving and loading compressed (pruned and low-rank) MoE checkpoints.
 
-A checkpoint is a directory holding:
+A checkpoint (format 2) is a directory holding:
 
 ``config.json``
     the model's ORIGINAL transformers configuration plus a ``moei2`` entry recording, for every
     MoE layer, the original expert count, the experts kept (original indices) and each kept
     expert's ``[gate, up, down]`` ranks (``null`` while the layer's experts are dense), and an
     ``auto_map`` pointing transformers' ``AutoModelForCausalLM`` at ``modeling_moei2.py``.
-``moei2_model.safetensors``
-    every tensor of the state dict, tied tensors stored once. It is deliberately not named
-    ``model.safetensors``: a plain ``from_pretrained`` without ``trust_remote_code`` would
-    otherwise build the uncompressed layout and silently fill the missing experts with random
-    weights; with this name it fails with "no file named model.safetensors".
+``moei2_model-00001-of-0000N.safetensors`` and ``moei2_model.safetensors.index.json``
+    every tensor of the state dict, tied tensors stored once, in shards with a Hugging Face style
+    index (``weight_map``). They are deliberately not named ``model*.safetensors``: a plain
+    ``from_pretrained`` without ``trust_remote_code`` would otherwise build the uncompressed
+    layout and silently fill the missing experts with random weights; with these names it fails
+    with "no file named model.safetensors".
 ``moei2.json``
-    format version, architecture, dtype, the tied-tensor aliases and the sizes.
+    format version, architecture, dtype, the tied-tensor aliases, the sizes, the sha256 and size
+    of every weights file (``files``) and each tensor's dtype, shape and file (``tensors``).
+    Written last: a directory without it is never taken for a checkpoint.
 ``modeling_moei2.py``
     a loader so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
     calls :func:`load`.
 ``report.json`` and tokenizer files, when given.
 
-:func:`load` builds the model from its original configuration, reshapes it to the recorded
-layout (:func:`moei2.models.apply_structure`) and then loads the weights strictly, so the
-rebuilt model computes exactly what the saved one did.
+Format 1 (one ``moei2_model.safetensors``, no checksums) is still read.
+
+Writing goes through :class:`CheckpointWriter`, which the streamed pipeline feeds one layer at a
+time: shards are written as tensors arrive, into a staging directory next to the target that is
+swapped in at the end in one atomic step (``renameat2(RENAME_EXCHANGE)``). The same model saved
+twice gives the same bytes (all JSON keys sorted). :func:`load` builds the model from its original
+configuration on the meta device, reshapes it to the recorded layout
+(:func:`moei2.models.apply_structure`), checks every tensor's name, shape and dtype against the
+files and the record before allocating, verifies the checksums (``verify=False`` skips them),
+refuses non-finite weights, and then loads strictly, so the rebuilt model computes exactly what the
+saved one did. See docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -333,10 +344,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_dir(staging: Path, target: Path, *, exchange=_renameat2_exchange) -> None:
+def _replace_dir(staging: Path, target: Path) -> None:
     """Puts ``staging`` at ``target`` in one atomic step and removes what was there before."""
     if os.path.lexists(target):
-        if exchange(staging, target):
+        if _renameat2_exchange(staging, target):
             _fsync_dir(target.parent)
             shutil.rmtree(staging, ignore_errors=True)  # now the previous checkpoint
             return
