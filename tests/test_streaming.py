@@ -225,3 +225,33 @@ def test_pytorch_bin_only(tmp_path):
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
         StreamedSource.open(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2", "mixtral"])
+def test_scale_benchmark_checkpoints_stream(family, tmp_path, monkeypatch):
+    """benchmarks/scale.py writes the real checkpoints' layout (per-expert keys); shrunk widths here."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parent.parent / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    small = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "vocab_size": 128,
+             "shared_expert_intermediate_size": 48, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+             "v_head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2 if family == "mixtral" else 4}
+    config = {k: v for k, v in scale.REAL_CONFIGS[family].items()}
+    config.update({k: v for k, v in small.items() if k in config})
+    monkeypatch.setitem(scale.REAL_CONFIGS, family, config)
+    out = scale.write_checkpoint(tmp_path / "m", family, 2, shard_bytes=40_000)
+    assert out["files"] > 2
+    keys = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
+    expert = "block_sparse_moe.experts.3.w2" if family == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.1.{expert}.weight" in keys
+    src = StreamedSource.open(tmp_path / "m")
+    assert src.checkpoint_dtype == torch.bfloat16 and src.checkpoint_bytes == out["bytes"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    with src.layer(1) as layer:
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, ref.state_dict()[f"model.layers.1.{name}"]), name
+        assert float(layer.input_layernorm.weight.detach().min()) == 1.0
+    src.fingerprint()
