@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a source checkout
+    sys.path.insert(0, str(ROOT))
 
 REAL_CONFIGS = {
     "qwen2_moe": {  # Qwen/Qwen1.5-MoE-A2.7B

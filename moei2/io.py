@@ -173,13 +173,18 @@ class SafetensorsFile:
 
     @contextlib.contextmanager
     def reader(self):
-        """Yields ``read(key) -> tensor`` (CPU, the stored dtype); the file is closed at exit."""
+        """Yields ``read(key, scratch=None) -> tensor`` (CPU, the stored dtype); the file is closed at
+        exit. ``scratch``: a uint8 tensor to read into when large enough (the result is a view of
+        it), which spares the page faults of a fresh allocation per tensor."""
         import torch
 
         with open(self.path, "rb", buffering=0) as f:
-            def read(key):
+            def read(key, scratch=None):
                 info = self.tensors[key]
-                buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                if scratch is not None and scratch.numel() >= info.nbytes:
+                    buf = scratch[:info.nbytes]
+                else:
+                    buf = torch.empty(info.nbytes, dtype=torch.uint8)
                 if info.nbytes:
                     f.seek(self.data_offset + info.start)
                     view = memoryview(buf.numpy())

@@ -364,13 +364,19 @@ class StreamedSource:
                 for g, group in enumerate(entry.groups):
                     for j, src in enumerate(group):
                         where[src] = (key, (g, j))
+        # Expert matrices are read through one reused buffer: they are copied into the fused
+        # tensor at once, and a fresh allocation each would fault in its pages again.
+        scratch = None
         for name in sorted(by_file):
             file = self._files[name]
             wanted = sorted(by_file[name], key=lambda k: file.tensors[k].start)
             with file.reader() as read:
                 for src in wanted:
                     key, slot = where[src]
-                    tensor = read(src)
+                    if slot is not None and scratch is None:
+                        scratch = torch.empty(max(self._header(k).nbytes for e in entries.values()
+                                                  if isinstance(e, _Fused) for k in e.sources()), dtype=torch.uint8)
+                    tensor = read(src, scratch if slot is not None else None)
                     if slot is None:
                         out[key] = tensor.to(device=self.device, dtype=self.dtype)
                     else:
