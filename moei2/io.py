@@ -44,8 +44,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["save", "load", "is_moei2_checkpoint", "inspect_checkpoint", "CheckpointWriter", "CHECKPOINT_FORMAT",
-           "SafetensorsFile"]
+__all__ = ["save", "load", "is_moei2_checkpoint", "inspect_checkpoint", "CheckpointWriter", "SizeTally",
+           "CHECKPOINT_FORMAT", "SafetensorsFile"]
 
 CHECKPOINT_FORMAT = 2
 READ_FORMATS = (1, 2)
@@ -215,29 +215,49 @@ def _unique_state_dict(model):
     return tensors, aliases
 
 
-def _sizes(model, adapter, record, tensors) -> dict:
-    """Parameter counts and bytes of the original (dense, unpruned) and the compressed model."""
-    import torch
+class SizeTally:
+    """The sizes :func:`save` reports, summed piece by piece so a streamed run can count each layer
+    while it is resident: :meth:`add_tensors` for everything written, :meth:`add_moe_layer` for
+    every MoE layer (in its final, pruned and/or low-rank form), then :meth:`result`."""
 
-    params_after = sum(t.numel() for t in tensors.values())
-    bytes_after = sum(t.numel() * t.element_size() for t in tensors.values())
-    params_before, bytes_before = params_after, bytes_after
-    routed_before = routed_after = 0
-    for view in adapter.moe_layers():
+    def __init__(self):
+        self.params_after = self.bytes_after = 0
+        self.params_delta = self.bytes_delta = 0  # what the original had beyond what is written
+        self.routed_before = self.routed_after = 0
+
+    def add_tensors(self, tensors) -> None:
+        for t in tensors.values():
+            self.params_after += t.numel()
+            self.bytes_after += t.numel() * t.element_size()
+
+    def add_moe_layer(self, view, original_experts: int) -> None:
+        import torch
+
         current = list(view.experts_module.parameters())
         element = current[0].element_size() if current else torch.finfo(torch.float32).bits // 8
         now = sum(p.numel() for p in current)
-        original = record["layers"][str(view.layer_index)]["num_experts"]
-        dense = original * 3 * view.intermediate_size * view.hidden_size
-        router_removed = (original - view.num_experts) * view.hidden_size
-        routed_before += dense
-        routed_after += now
-        params_before += dense - now + router_removed
-        bytes_before += (dense - now) * element + router_removed * view.router.weight.element_size()
-    return {"parameters_before": int(params_before), "parameters_after": int(params_after),
-            "bytes_before": int(bytes_before), "bytes_after": int(bytes_after),
-            "routed_expert_parameters_before": int(routed_before),
-            "routed_expert_parameters_after": int(routed_after)}
+        dense = int(original_experts) * 3 * view.intermediate_size * view.hidden_size
+        router_removed = (int(original_experts) - view.num_experts) * view.hidden_size
+        self.routed_before += dense
+        self.routed_after += now
+        self.params_delta += dense - now + router_removed
+        self.bytes_delta += (dense - now) * element + router_removed * view.router.weight.element_size()
+
+    def result(self) -> dict:
+        return {"parameters_before": int(self.params_after + self.params_delta),
+                "parameters_after": int(self.params_after),
+                "bytes_before": int(self.bytes_after + self.bytes_delta), "bytes_after": int(self.bytes_after),
+                "routed_expert_parameters_before": int(self.routed_before),
+                "routed_expert_parameters_after": int(self.routed_after)}
+
+
+def _sizes(model, adapter, record, tensors) -> dict:
+    """Parameter counts and bytes of the original (dense, unpruned) and the compressed model."""
+    tally = SizeTally()
+    tally.add_tensors(tensors)
+    for view in adapter.moe_layers():
+        tally.add_moe_layer(view, record["layers"][str(view.layer_index)]["num_experts"])
+    return tally.result()
 
 
 def _is_moei2_dir(path: Path) -> bool:

@@ -239,6 +239,11 @@ class StreamedSource:
         self._tied = model.get_output_embeddings() is not None and (
             model.get_output_embeddings().weight is model.get_input_embeddings().weight)
         self._plan = self._make_plan()
+        unstored = [f"{LAYER_PREFIX}{i}.{n}" for i, layer in enumerate(model.model.layers)
+                    for n, _ in layer.named_buffers() if f"{LAYER_PREFIX}{i}.{n}" not in self._plan]
+        if unstored:
+            raise CheckpointError(f"{type(model).__name__}: decoder layers hold buffers the checkpoint does not store "
+                                  f"({unstored[:3]}); such layers cannot be streamed")
         self._pristine: dict[int, nn.Module] = {}
         return self
 
@@ -387,11 +392,12 @@ class StreamedSource:
         return out
 
     def _materialise(self, module: nn.Module, prefix: str) -> None:
-        names = [n for n, _ in module.named_parameters(recurse=True)]
-        entries = {f"{prefix}{n}": self._plan[f"{prefix}{n}"] for n in names}
+        names = [(n, True) for n, _ in module.named_parameters(recurse=True)]
+        names += [(n, False) for n, _ in module.named_buffers(recurse=True) if f"{prefix}{n}" in self._plan]
+        entries = {f"{prefix}{n}": self._plan[f"{prefix}{n}"] for n, _ in names}
         tensors = self._read(entries)
-        for n in names:
-            _set_tensor(module, n, tensors.pop(f"{prefix}{n}"), parameter=True)
+        for n, parameter in names:
+            _set_tensor(module, n, tensors.pop(f"{prefix}{n}"), parameter=parameter)
 
     # ---- the protocol ----
 
