@@ -414,7 +414,8 @@ class StreamedSource:
             raise IndexError(f"layer index {i} out of range: the model has {len(layers)} layers")
         if i in self._pristine:
             raise RuntimeError(f"layer {i} is already materialised (nested layer({i}) scopes)")
-        self._pristine[i] = copy.deepcopy(layers[i])
+        # The copy shares the model's config object, as the layer it stands in for does.
+        self._pristine[i] = copy.deepcopy(layers[i], memo={id(self.model.config): self.model.config})
         live = layers[i]
         try:
             self._materialise(live, f"{LAYER_PREFIX}{i}.")

@@ -111,6 +111,7 @@ def test_changes_inside_the_scope_are_dropped(checkpoints):
             with src.layer(layer_index):
                 pass
     assert src.adapter.view(layer_index).num_experts == 8
+    assert src.model.model.layers[layer_index].self_attn.config is src.model.config
     # Several layers at once (one block).
     with src.layer(0) as a, src.layer(1) as b:
         assert a.mlp.gate.weight.device.type == "cpu" and b.mlp.gate.weight.device.type == "cpu"
