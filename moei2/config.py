@@ -42,11 +42,12 @@ class LoRAConfig:
     batch_size: int = _field(4, "sequences per step")
     seq_len: int = _field(256, "tokens per training sequence (instruction examples are cut to it)")
     target_modules: tuple = _field(("q_proj", "k_proj", "v_proj", "o_proj"),
-                                   "module names that get LoRA adapters (comma-separated on the command line)")
+                                   "module names that get LoRA adapters (comma-separated on the command line)",
+                                   metavar="NAMES")
     train_factors: bool = _field(True, "also train the low-rank experts' factors themselves")
     data: Optional[str] = _field(None, "recovery data: a .json/.jsonl file of Alpaca records (instruction, input, "
-                                       "output; loss on the response) or a plain-text file; default: the "
-                                       "calibration texts")
+                                       "output; loss on the response) or a plain-text file; none: the "
+                                       "calibration texts", metavar="FILE")
     merge: bool = _field(True, "fold the adapters into the weights after training")
 
     def __post_init__(self):
@@ -120,8 +121,9 @@ class CompressionConfig:
     rank_rule: str = _field("importance", "rank allocation: by importance (the method) or uniform", choices=RANK_RULES)
     whiten: bool = _field(True, "truncation-aware (whitened) factors; off gives a plain truncated SVD")
 
-    device: str = _field("cpu", "where calibration and the block step run (cpu, cuda, cuda:1, ...)")
-    dtype: Optional[str] = _field(None, "dtype the model is loaded in (default: the checkpoint's)",
+    device: str = _field("cpu", "where calibration and the block step run (cpu, cuda, cuda:1, ...)",
+                         metavar="DEVICE")
+    dtype: Optional[str] = _field(None, "dtype the model is loaded in; none keeps the checkpoint's",
                                   choices=DTYPES[1:])
     lora: Optional[LoRAConfig] = _field(None, "LoRA recovery after compression (a LoRAConfig, or None)")
 
@@ -249,3 +251,52 @@ def _choice(obj, name, choices):
     value = getattr(obj, name)
     if value not in choices:
         raise ValueError(f"{_prefix(obj)}{name} must be one of {choices}, got {value!r}")
+
+
+# ---- named settings --------------------------------------------------------------------------
+
+PRESETS = ("quick", "paper", "defaults")
+
+# Expert-parameter reduction reported for the full method (docs/method.md, "Reported results"):
+# Mixtral-8x7B about 50 %, DeepSeek-V2-Lite 53.98 %, both with 25 % of the experts pruned.
+# A family without a reported figure takes Mixtral's.
+PAPER_EXPERT_REDUCTION = {"mixtral": 0.50, "deepseek_v2": 0.5398}
+PAPER_DEFAULT_REDUCTION = 0.50
+
+
+def full_rank(hidden_size: int, expert_width: int) -> int:
+    """The largest rank at which the factors of an expert matrix are smaller than the matrix:
+    floor(m n / (m + n)), the clamp of docs/method.md."""
+    return (hidden_size * expert_width) // (hidden_size + expert_width)
+
+
+def paper_avg_rank(family: str, hidden_size: int, expert_width: int, prune_ratio: float = 0.25) -> int:
+    """The average rank that, after pruning ``prune_ratio`` of the experts, removes the paper's
+    share of routed-expert parameters: the survivors keep (1 - reduction) / (1 - prune_ratio) of
+    their parameters, and a rank-r factor pair keeps r (m + n) / (m n) of a matrix."""
+    reduction = PAPER_EXPERT_REDUCTION.get(family, PAPER_DEFAULT_REDUCTION)
+    keep = (1.0 - reduction) / (1.0 - prune_ratio)
+    exact = hidden_size * expert_width / (hidden_size + expert_width)
+    return max(1, round(keep * exact))
+
+
+def preset(name: str, *, family: Optional[str] = None, hidden_size: Optional[int] = None,
+           expert_width: Optional[int] = None) -> dict:
+    """The fields a named preset sets (a partial CompressionConfig as a dict).
+
+    ``quick``: a small calibration (64 x 256) for the bundled demo model and first trials.
+    ``paper``: the paper's protocol: 128 x 2048 calibration, 25 % of experts pruned, the average
+    rank that matches the paper's expert-parameter reduction for the model's family (needs
+    ``family``, ``hidden_size`` and ``expert_width``; see :func:`paper_avg_rank`), LoRA on.
+    ``defaults``: nothing, i.e. CompressionConfig's own defaults.
+    """
+    if name == "defaults":
+        return {}
+    if name == "quick":
+        return {"num_sequences": 64, "seq_len": 256}
+    if name == "paper":
+        if family is None or hidden_size is None or expert_width is None:
+            raise ValueError("preset 'paper' needs the model's family, hidden size and expert width")
+        return {"num_sequences": 128, "seq_len": 2048, "prune_ratio": 0.25, "rank_keep_ratio": None,
+                "avg_rank": paper_avg_rank(family, hidden_size, expert_width, 0.25), "lora": {}}
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
