@@ -329,8 +329,14 @@ def cmd_compress(args) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output: {args.output!r} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--output: {out} exists and is not empty (use --overwrite)")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"--output: {out} exists and is not empty (use --overwrite)")
+        from .io import is_moei2_checkpoint
+
+        if not is_moei2_checkpoint(out):
+            raise CLIError(f"--output: {out} is a non-empty directory that is not a moei2 checkpoint; "
+                           "--overwrite replaces only a checkpoint")
     facts = model_facts(args.model)
     config = build_config(args, facts)
     check_fit(config, facts)
@@ -404,6 +410,10 @@ def cmd_evaluate(args) -> int:
         if facts["family"] is None:
             raise CLIError(f"model: {args.model!r} has no model_type in its config.json")
     names = ev._task_names(args.tasks) if args.tasks else []
+    for option, minimum in (("limit", 1), ("batch_size", 1), ("seq_len", 2), ("max_tokens", 2)):
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            raise CLIError(f"--{option.replace('_', '-')}: must be at least {minimum}, got {value}")
     documents = None
     if not args.no_perplexity and args.text:
         documents = []

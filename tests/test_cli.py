@@ -361,13 +361,29 @@ def test_bad_alpaca_files_are_refused_before_the_model_loads(content, suffix, me
     one_line_error(capsys, "--lora-data", message)
 
 
-def test_existing_output_is_left_alone(tmp_path, capsys):
+def test_existing_output_is_left_alone(tmp_path, capsys, never_load):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli.main(["compress", "-o", str(out), *QUICK]) == 2
     assert "exists" in capsys.readouterr().err
+    # --overwrite replaces a checkpoint, never other files, and says so before the work
+    assert cli.main(["compress", "-o", str(out), "--overwrite", *QUICK]) == 2
+    one_line_error(capsys, "--output", "not a moei2 checkpoint")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "--limit"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seq-len", "1"], "--seq-len"),
+    (["--tasks", "3"], "unknown task"),
+])
+def test_evaluate_options_checked(argv, message, capsys, monkeypatch):
+    if message != "unknown task":
+        monkeypatch.setattr(cli, "_load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["evaluate", "demo", "--no-perplexity", *argv]) == 2
+    one_line_error(capsys, "moei2 evaluate: error: ", message)
 
 
 def test_console_entry_point_runs(run_python):
