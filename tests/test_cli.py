@@ -15,7 +15,9 @@ QUICK = ["--num-sequences", "6", "--seq-len", "64", "--batch-size", "3", "--popu
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "demo-compressed"
     report_file = out.parent / "report.json"
-    rc = cli.main(["compress", "--model", "demo", "-o", str(out), "--seed", "3", "--report", str(report_file), *QUICK])
+    work = out.parent / "work"
+    rc = cli.main(["compress", "--model", "demo", "-o", str(out), "--seed", "3", "--report", str(report_file),
+                   "--work-dir", str(work), *QUICK])
     assert rc == 0
     return out, json.loads(report_file.read_text())
 
@@ -280,6 +282,21 @@ def test_truncated_file_in_work_dir(tmp_path, capsys):
     (work / "moei2_state.json").write_text('{"fingerprint": "ab')
     assert cli.main(["compress", "-o", str(tmp_path / "out"), "--work-dir", str(work), *QUICK]) == 2
     one_line_error(capsys, "moei2_state.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_factors_in_work_dir(compressed, tmp_path, capsys):
+    import shutil
+
+    out, _ = compressed
+    work = tmp_path / "work"
+    shutil.copytree(out.parent / "work", work)
+    side_files = sorted(work.glob("*.npz"))
+    assert side_files
+    data = side_files[0].read_bytes()
+    side_files[0].write_bytes(data[: len(data) // 2])
+    assert cli.main(["compress", "-o", str(tmp_path / "out"), "--seed", "3", "--work-dir", str(work), *QUICK]) == 2
+    one_line_error(capsys, "--work-dir", "damaged")
     assert not (tmp_path / "out").exists()
 
 
