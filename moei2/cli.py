@@ -37,23 +37,23 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- model facts, read from config.json before any weight is loaded -----------------------------
 
-def _model_dir(spec: str) -> Path:
+def _model_dir(spec: str, option: str = "--model") -> Path:
     if spec == "demo":
         from .demo import demo_model_path
 
         return demo_model_path()
     path = Path(spec)
     if not path.exists():
-        raise CLIError(f"--model: {spec!r} is neither 'demo' nor an existing directory")
+        raise CLIError(f"{option}: {spec!r} is neither 'demo' nor an existing directory")
     if not path.is_dir():
-        raise CLIError(f"--model: {spec!r} is a file; give the model's directory")
+        raise CLIError(f"{option}: {spec!r} is a file; give the model's directory")
     return path
 
 
 def model_facts(spec: str, option: str = "--model") -> dict:
     """What the checks need from a model directory's config.json: family, hidden size, expert
     width, maximum positions, whether it is a moei2 checkpoint."""
-    path = _model_dir(spec)
+    path = _model_dir(spec, option)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CLIError(f"{option}: {str(path)!r} is not a model directory (no config.json)")
@@ -70,7 +70,10 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     hidden = config.get("hidden_size")
     facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
              "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
-             "dtype": config.get("dtype") or config.get("torch_dtype")}
+             "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
+             "top_k": config.get("num_experts_per_tok"),
+             "experts": next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
+                              if isinstance(config.get(k), int)), None)}
     if family in SUPPORTED_FAMILIES and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
         raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
     return facts
@@ -309,6 +312,12 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
         raise CLIError(f"seq_len: {config.seq_len} exceeds the model's max_position_embeddings ({limit})")
     if config.lora is not None and isinstance(limit, int) and config.lora.seq_len > limit:
         raise CLIError(f"lora.seq_len: {config.lora.seq_len} exceeds the model's max_position_embeddings ({limit})")
+    if config.prune_total is not None and all(isinstance(facts.get(k), int) for k in ("layers", "experts", "top_k")):
+        # every layer counted as MoE: an upper bound, so nothing valid is refused
+        most = facts["layers"] * max(0, facts["experts"] - facts["top_k"])
+        if config.prune_total > most:
+            raise CLIError(f"prune_total: {config.prune_total} is more than the model can drop ({most}: "
+                           f"{facts['layers']} layers x ({facts['experts']} experts - top_k {facts['top_k']}))")
     top = full_rank(facts["hidden_size"], facts["expert_width"])
     if config.avg_rank is not None and config.avg_rank > top:
         raise CLIError(f"avg_rank: {config.avg_rank:g} is above the experts' full rank {top} "

@@ -118,6 +118,7 @@ def never_load(monkeypatch):
     # does not fit the demo model (hidden 128, expert width 96: full rank 54; 1024 positions)
     (["--avg-rank", "100"], "avg_rank"),
     (["--preset", "paper"], "seq_len"),
+    (["--prune-total", "73"], "prune_total"),
     (["--lora", "--lora-seq-len", "4096"], "lora.seq_len"),
 ])
 def test_settings_are_refused_before_the_model_loads(argv, message, tmp_path, capsys, never_load):
