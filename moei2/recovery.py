@@ -79,7 +79,7 @@ def instruction_examples(tokenizer, records, seq_len: int) -> list[tuple[list[in
     """(input ids, labels) of each record: prompt tokens, then response tokens and EOS, cut to
     ``seq_len``; the labels mask the prompt with -100 so that only the response is learnt. A
     record whose prompt leaves no response token within ``seq_len`` is skipped."""
-    eos = tokenizer.eos_token_id
+    eos = getattr(tokenizer, "eos_token_id", None)
     examples = []
     for record in records:
         prompt = tokenizer(alpaca_prompt(record), add_special_tokens=False, verbose=False)["input_ids"]
@@ -146,7 +146,10 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
     else:
         windows = calibration_windows(tokenizer, source, num_sequences=10**9, seq_len=config.seq_len, seed=seed)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # Only instruction batches are padded; a plain tokenizer object need not have a pad token.
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
