@@ -1,14 +1,82 @@
-"""The moei2 command line: compress | evaluate | inspect | report."""
+"""The moei2 command line: compress | evaluate | inspect | report.
+
+The ``compress`` options are generated from the fields of :class:`moei2.CompressionConfig` and
+:class:`moei2.LoRAConfig` (name, type, default and help all come from there), so every setting is
+reachable and no default is written twice. Settings are layered: preset, then ``--config FILE``,
+then the options given. Everything that can be checked without the weights is checked before the
+model loads; a bad input ends with exit status 2 and one line on stderr.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+from .config import PRESETS, CompressionConfig, LoRAConfig, full_rank, preset
+
+SUPPORTED_FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe")
+# The config.json key holding the routed experts' width; the others use moe_intermediate_size.
+_WIDTH_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; the CLI promises one line."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+# ---- model facts, read from config.json before any weight is loaded -----------------------------
+
+def _model_dir(spec: str, option: str = "--model") -> Path:
+    if spec == "demo":
+        from .demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(spec)
+    if not path.exists():
+        raise CLIError(f"{option}: {spec!r} is neither 'demo' nor an existing directory")
+    if not path.is_dir():
+        raise CLIError(f"{option}: {spec!r} is a file; give the model's directory")
+    return path
+
+
+def model_facts(spec: str, option: str = "--model") -> dict:
+    """What the checks need from a model directory's config.json: family, hidden size, expert
+    width, maximum positions, whether it is a moei2 checkpoint."""
+    path = _model_dir(spec, option)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CLIError(f"{option}: {str(path)!r} is not a model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CLIError(f"{option}: cannot read {config_file}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CLIError(f"{option}: {config_file} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CLIError(f"{option}: {config_file} does not hold a JSON object")
+    family = config.get("model_type")
+    width = config.get(_WIDTH_KEY.get(family, "moe_intermediate_size"))
+    hidden = config.get("hidden_size")
+    facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
+             "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
+             "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
+             "top_k": config.get("num_experts_per_tok"),
+             "experts": next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
+                              if isinstance(config.get(k), int)), None)}
+    if family in SUPPORTED_FAMILIES and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
+        raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
+    return facts
 
 
 def _load_model(spec: str, dtype: str | None = None):
@@ -21,10 +89,12 @@ def _load_model(spec: str, dtype: str | None = None):
         from .demo import demo_model
 
         return demo_model(dtype=torch_dtype or torch.float32)
-    path = Path(spec)
-    if not path.is_dir():
-        raise CLIError(f"--model: {spec!r} is neither 'demo' nor a directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    path = _model_dir(spec)
+    model_facts(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"--model: {spec!r} has no usable tokenizer ({_first_line(exc)})") from exc
     from .io import is_moei2_checkpoint, load
 
     if is_moei2_checkpoint(path):
@@ -43,36 +113,274 @@ def _read_texts(paths: list[str] | None):
         path = Path(p)
         if not path.is_file():
             raise CLIError(f"--calibration: {p!r} is not a file")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        try:
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            raise CLIError(f"--calibration: cannot read {p!r}: {exc.strerror or exc}") from exc
+    if not any(t.strip() for t in texts):
+        raise CLIError("--calibration: the files hold no text")
     return texts
 
 
-def cmd_compress(args) -> int:
-    from .config import CompressionConfig, LoRAConfig
-    from .io import save
-    from .pipeline import compress
+# ---- writable locations ----------------------------------------------------------------------
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--output: {out} exists and is not empty (use --overwrite)")
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(path, option: str, *, probe_bytes: int = 1 << 16) -> None:
+    """Refuses, before any long work, a location that cannot be written: an existing file where a
+    directory is wanted, a file among its parents, a read-only or full file system. A small probe
+    file is written and removed in the nearest existing directory, because permission bits do not
+    tell about read-only mounts, quotas or a full disk."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{option}: {str(path)!r} is a file, not a directory")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise CLIError(f"{option}: {str(path)!r} cannot be created: {str(base)!r} is a file")
     try:
-        config = CompressionConfig(
-            num_sequences=args.num_sequences, seq_len=args.seq_len, calib_batch_size=args.batch_size,
-            seed=args.seed, prune_ratio=args.prune_ratio, prune_rule=args.prune_rule,
-            population=args.population, generations=args.generations, kt_candidates=args.kt_candidates,
-            kt_block=args.kt_block, rank_keep_ratio=None if args.no_decompose else args.rank_keep_ratio,
-            lora=LoRAConfig(steps=args.lora_steps) if args.lora else None,
-        )
+        fd, probe = tempfile.mkstemp(prefix=".moei2-probe-", dir=base)
+    except OSError as exc:
+        raise CLIError(f"{option}: cannot write in {str(base)!r}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"\0" * probe_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        raise CLIError(f"{option}: cannot write in {str(base)!r}: {reason}") from exc
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+# ---- settings: preset < --config FILE < options ------------------------------------------------
+
+def _field_type(field) -> tuple[str, bool]:
+    """(base type name, optional) of a dataclass field declared as a string annotation."""
+    text = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    optional = text.startswith("Optional[")
+    if optional:
+        text = text[len("Optional["):-1]
+    return text, optional
+
+
+def _converter(base: str, optional: bool):
+    def convert(text: str):
+        if optional and text.strip().lower() in ("none", "null", ""):
+            return None
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+        if base == "tuple":
+            return tuple(t.strip() for t in text.split(",") if t.strip())
+        return text
+    convert.__name__ = base  # argparse names the type in its "invalid <type> value" message
+    return convert
+
+
+def _option_name(prefix: str, name: str) -> str:
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def _add_field_options(group, cls, prefix: str, dest_prefix: str) -> None:
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        if field.name == "lora":
+            continue
+        meta = field.metadata
+        default = getattr(defaults, field.name)
+        base, optional = _field_type(field)
+        shown = ",".join(default) if isinstance(default, tuple) else f"{default:g}" if isinstance(default, float) \
+            else default
+        help_text = f"{meta.get('help', '')} (default: {shown})".replace("%", "%%")
+        names = [_option_name(prefix, field.name), *meta.get("cli", ())]
+        dest = dest_prefix + field.name
+        if base == "bool":
+            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        metavar = meta.get("metavar") or ("{" + ",".join(meta["choices"]) + "}" if "choices" in meta else base.upper())
+        if optional:
+            metavar += "|none"
+        group.add_argument(*names, dest=dest, type=_converter(base, optional), default=argparse.SUPPRESS,
+                           metavar=metavar, help=help_text)
+
+
+def read_config_file(path) -> dict:
+    """A JSON or YAML (.yaml/.yml, needs pyyaml) mapping of CompressionConfig fields; ``lora`` may
+    be a mapping of LoRAConfig fields, or null."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--config: {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"--config: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--config: {str(path)!r} is not UTF-8 text") from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise CLIError("--config: reading YAML needs pyyaml (pip install 'moei2[yaml]'); JSON works without it") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CLIError(f"--config: {str(path)!r} is not valid YAML ({_first_line(exc)})") from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--config: {str(path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CLIError(f"--config: {str(path)!r} must hold a mapping of CompressionConfig fields")
+    known = {f.name for f in dataclasses.fields(CompressionConfig)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise CLIError(f"--config: unknown CompressionConfig fields in {str(path)!r}: {', '.join(unknown)}")
+    return data
+
+
+def _layer(settings: dict, update: dict) -> None:
+    """Applies one layer of settings. A layer that chooses one way of sizing the ranks (or of
+    turning LoRA on) replaces what a lower layer chose, instead of conflicting with it."""
+    update = dict(update)
+    if update.get("avg_rank") is not None and "rank_keep_ratio" not in update:
+        update["rank_keep_ratio"] = None
+    if update.get("rank_keep_ratio") is not None and "avg_rank" not in update:
+        update["avg_rank"] = None
+    if "lora" in update and isinstance(update["lora"], LoRAConfig):
+        update["lora"] = dataclasses.asdict(update["lora"])
+    if isinstance(update.get("lora"), dict) and isinstance(settings.get("lora"), dict):
+        update["lora"] = {**settings["lora"], **update["lora"]}
+    settings.update(update)
+
+
+def build_config(args, facts: dict | None = None) -> CompressionConfig:
+    """The CompressionConfig of a ``compress`` command line: preset, then ``--config``, then options."""
+    name = args.preset
+    if name == "auto":
+        name = "quick" if args.model == "demo" else "defaults"
+    settings: dict = {}
+    if name == "paper":
+        if facts is None or facts.get("family") not in SUPPORTED_FAMILIES:
+            raise CLIError("--preset paper: the model's family is not known, so its average rank cannot be chosen")
+        _layer(settings, preset("paper", family=facts["family"], hidden_size=facts["hidden_size"],
+                                expert_width=facts["expert_width"]))
+    else:
+        _layer(settings, preset(name))
+    if args.config:
+        _layer(settings, read_config_file(args.config))
+    given = vars(args)
+    options = {k[len("cfg:"):]: v for k, v in given.items() if k.startswith("cfg:")}
+    lora_options = {k[len("lora:"):]: v for k, v in given.items() if k.startswith("lora:")}
+    if getattr(args, "no_decompose", False):
+        options.update(rank_keep_ratio=None, avg_rank=None)
+    if "lora_on" in given:
+        options["lora"] = {} if given["lora_on"] else None
+    _layer(settings, options)
+    if lora_options:
+        if settings.get("lora") is None:
+            first = _option_name("lora_", next(iter(lora_options)))
+            raise CLIError(f"{first}: LoRA recovery is off; add --lora (or use --preset paper)")
+        _layer(settings, {"lora": lora_options})
+    try:
+        return CompressionConfig.from_dict(settings)
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
-    texts = _read_texts(args.calibration)  # user input is checked before the slow model load
-    model, tokenizer = _load_model(args.model)
-    model, report = compress(model, tokenizer, texts, config, work_dir=args.work_dir, progress=not args.quiet)
+
+
+def check_fit(config: CompressionConfig, facts: dict) -> None:
+    """Refuses settings that cannot work on this model, from its config.json alone."""
+    if facts["moei2"]:
+        raise CLIError(f"--model: {str(facts['path'])!r} is already a moei2 checkpoint; compressing it again is "
+                       "not supported: compress the original model")
+    if facts["family"] not in SUPPORTED_FAMILIES:
+        raise CLIError(f"--model: model_type {facts['family']!r} is not a supported MoE family "
+                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    limit = facts.get("max_positions")
+    if isinstance(limit, int) and config.seq_len > limit:
+        raise CLIError(f"seq_len: {config.seq_len} exceeds the model's max_position_embeddings ({limit})")
+    if config.lora is not None and isinstance(limit, int) and config.lora.seq_len > limit:
+        raise CLIError(f"lora.seq_len: {config.lora.seq_len} exceeds the model's max_position_embeddings ({limit})")
+    if config.prune_total is not None and all(isinstance(facts.get(k), int) for k in ("layers", "experts", "top_k")):
+        # every layer counted as MoE: an upper bound, so nothing valid is refused
+        most = facts["layers"] * max(0, facts["experts"] - facts["top_k"])
+        if config.prune_total > most:
+            raise CLIError(f"prune_total: {config.prune_total} is more than the model can drop ({most}: "
+                           f"{facts['layers']} layers x ({facts['experts']} experts - top_k {facts['top_k']}))")
+    top = full_rank(facts["hidden_size"], facts["expert_width"])
+    if config.avg_rank is not None and config.avg_rank > top:
+        raise CLIError(f"avg_rank: {config.avg_rank:g} is above the experts' full rank {top} "
+                       f"(hidden {facts['hidden_size']} x width {facts['expert_width']}): nothing would be saved")
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def run_compression(model, tokenizer, texts, config, *, work_dir=None, progress=True):
+    """The one call into the pipeline (kept as a single seam so that it can later take a
+    checkpoint directory for streamed compression)."""
+    from .pipeline import compress
+
+    return compress(model, tokenizer, texts, config, work_dir=work_dir, progress=progress)
+
+
+def cmd_compress(args) -> int:
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output: {args.output!r} is a file, not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"--output: {out} exists and is not empty (use --overwrite)")
+        from .io import is_moei2_checkpoint
+
+        if not is_moei2_checkpoint(out):
+            raise CLIError(f"--output: {out} is a non-empty directory that is not a moei2 checkpoint; "
+                           "--overwrite replaces only a checkpoint")
+    facts = model_facts(args.model)
+    config = build_config(args, facts)
+    check_fit(config, facts)
+    texts = _read_texts(args.calibration)
+    if config.lora is not None and config.lora.data is not None:
+        from .recovery import read_recovery_data
+
+        try:
+            read_recovery_data(config.lora.data)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"--lora-data: {_first_line(exc)}") from exc
+    check_writable(out, "--output")
+    if args.report:
+        check_writable(Path(args.report).absolute().parent, "--report")
+        if Path(args.report).is_dir():
+            raise CLIError(f"--report: {args.report!r} is a directory")
+    if args.work_dir:
+        check_writable(args.work_dir, "--work-dir")
+
+    from .io import save
+
+    model, tokenizer = _load_model(args.model, config.dtype)
+    import zipfile
+
+    try:
+        model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
+                                        progress=not args.quiet)
+    except (EOFError, zipfile.BadZipFile) as exc:
+        # np.load of a truncated .npz side file of the run state
+        raise CLIError(f"--work-dir: {args.work_dir!r} holds a damaged or truncated file ({_first_line(exc)}); "
+                       "delete the directory or use another one") from exc
     save_report = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
     report["checkpoint"] = save_report
-    text = json.dumps(report, indent=2, default=str)
     if args.report:
-        Path(args.report).write_text(text)
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(summary(report))
     return 0
 
@@ -98,34 +406,116 @@ def summary(report: dict) -> str:
 def cmd_evaluate(args) -> int:
     from . import evaluate as ev
 
-    model, tokenizer = _load_model(args.model)
+    if args.model != "demo":
+        facts = model_facts(args.model, "model")
+        if facts["family"] is None:
+            raise CLIError(f"model: {args.model!r} has no model_type in its config.json")
+    names = ev._task_names(args.tasks) if args.tasks else []
+    for option, minimum in (("limit", 1), ("batch_size", 1), ("seq_len", 2), ("max_tokens", 2)):
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            raise CLIError(f"--{option.replace('_', '-')}: must be at least {minimum}, got {value}")
+    documents = None
+    if not args.no_perplexity and args.text:
+        documents = []
+        for file in args.text:
+            documents += ev.read_documents(file)
+    for option in ("report",):
+        value = getattr(args, option)
+        if value:
+            check_writable(Path(value).absolute().parent, f"--{option}")
+    model, tokenizer = _load_model(args.model, args.dtype)
     result = {}
-    if args.tasks:
-        result["zero_shot"] = ev.zero_shot(model, tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size)
+    if names:
+        result["zero_shot"] = ev.zero_shot(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size)
     if not args.no_perplexity:
         from .demo import demo_texts
 
-        texts = demo_texts("heldout") if args.text is None else [Path(args.text).read_text()]
-        result["perplexity"] = ev.perplexity(model, tokenizer, texts)
+        texts = demo_texts("heldout") if documents is None else documents
+        kwargs = {k: getattr(args, k) for k in ("seq_len", "max_tokens") if getattr(args, k) is not None}
+        result["perplexity"] = ev.perplexity(model, tokenizer, texts, **kwargs)
+        result["perplexity"]["source"] = "bundled held-out text" if documents is None else list(args.text)
     if args.throughput:
         result["throughput"] = ev.throughput(model, tokenizer)
-    text = json.dumps(result, indent=2, default=str)
     if args.report:
-        Path(args.report).write_text(text)
-    print(text)
+        Path(args.report).write_text(json.dumps(result, indent=2, default=str))
+    print(ev.format_result(result))
     return 0
 
 
 def cmd_inspect(args) -> int:
     from .io import inspect_checkpoint
 
-    print(json.dumps(inspect_checkpoint(args.checkpoint), indent=2, default=str))
+    info = inspect_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_inspection(info, _expert_shape(args.checkpoint)))
     return 0
+
+
+def _expert_shape(checkpoint) -> tuple[int, int] | None:
+    try:
+        facts = model_facts(str(checkpoint), "checkpoint")
+    except CLIError:
+        return None
+    if isinstance(facts["hidden_size"], int) and isinstance(facts["expert_width"], int):
+        return facts["hidden_size"], facts["expert_width"]
+    return None
+
+
+_DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def format_inspection(info: dict, shape: tuple[int, int] | None) -> str:
+    """The per-layer table of ``moei2 inspect``: experts kept, rank range, routed-expert
+    parameters before and after, and their size in the checkpoint's dtype."""
+    dtype = str(info.get("dtype", "")).replace("torch.", "")
+    item = _DTYPE_BYTES.get(dtype)
+    lines = [f"{info['path']}", f"  {info['architecture']} ({info.get('family')}), {dtype}, "
+             f"{info['experts_kept']} of {info['experts_total']} routed experts kept"]
+    header = f"  {'layer':>5}  {'experts':>9}  {'ranks':>11}  {'params before':>14}  {'params after':>13}  {'size':>10}"
+    lines.append(header)
+    total_before = total_after = 0
+    for layer, entry in sorted(info["layers"].items(), key=lambda kv: int(kv[0])):
+        total = int(entry.get("num_experts") or 0)
+        kept = int(entry.get("num_kept") or 0)
+        ranks = entry.get("ranks")
+        flat = [int(r) for triple in ranks for r in triple] if ranks else []
+        rank_text = (f"{min(flat)}-{max(flat)}" if min(flat) != max(flat) else f"{flat[0]}") if flat else "full"
+        if shape is not None:
+            h, w = shape
+            before = total * 3 * h * w
+            after = sum(r * (h + w) for r in flat) if flat else kept * 3 * h * w
+            total_before += before
+            total_after += after
+            size = _size(after * item) if item else "?"
+            numbers = f"{before:>14,}  {after:>13,}  {size:>10}"
+        else:
+            numbers = f"{'?':>14}  {'?':>13}  {'?':>10}"
+        lines.append(f"  {int(layer):>5}  {f'{kept}/{total}':>9}  {rank_text:>11}  {numbers}")
+    if shape is not None and total_before:
+        size = _size(total_after * item) if item else "?"
+        kept_text = f"{info['experts_kept']}/{info['experts_total']}"
+        lines.append(f"  {'all':>5}  {kept_text:>9}  {'':>11}  {total_before:>14,}  {total_after:>13,}  {size:>10}")
+        lines.append(f"  routed expert parameters removed: {100 * (1 - total_after / total_before):.1f}%")
+    files = info.get("files") or {}
+    lines.append(f"  checkpoint files: {_size(sum(files.values()))} in {len(files)} files")
+    return "\n".join(lines)
 
 
 def cmd_report(args) -> int:
     from .plot import render_report
 
+    if args.output:
+        check_writable(args.output, "--output")
     paths = render_report(args.checkpoint, args.output)
     for p in paths:
         print(p)
@@ -133,46 +523,55 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moei2", description="Compress MoE language models with MoE-I2.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="moei2", description="Compress MoE language models with MoE-I2.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="compress a model and save a moei2 checkpoint")
-    c.add_argument("--model", default="demo", help="'demo' (bundled model) or a model directory")
+    c = sub.add_parser("compress", help="compress a model and save a moei2 checkpoint",
+                       description="Settings are layered: --preset, then --config FILE, then the options "
+                                   "given. Each option is a field of CompressionConfig (LoRAConfig for --lora-*); "
+                                   "the defaults shown are those fields' defaults, which a preset may change.")
+    c.add_argument("--model", default="demo", help="'demo' (bundled model, the default) or a model directory")
     c.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
     c.add_argument("--calibration", nargs="*", help="text files for calibration (default: bundled text)")
-    c.add_argument("--num-sequences", type=int, default=64)
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--seed", type=int, default=42)
-    c.add_argument("--prune-ratio", type=float, default=0.25)
-    c.add_argument("--prune-rule", default="inverse", choices=["inverse", "uniform"])
-    c.add_argument("--population", type=int, default=100)
-    c.add_argument("--generations", type=int, default=50)
-    c.add_argument("--kt-candidates", type=int, default=3)
-    c.add_argument("--kt-block", type=int, default=3)
-    c.add_argument("--rank-keep-ratio", type=float, default=2.0 / 3.0)
-    c.add_argument("--no-decompose", action="store_true", help="prune only")
-    c.add_argument("--lora", action="store_true", help="LoRA recovery after compression (needs peft)")
-    c.add_argument("--lora-steps", type=int, default=100)
+    c.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                   help="named settings: quick (64 x 256 calibration), paper (128 x 2048, the average rank "
+                        "matching the paper's expert-parameter reduction for the model's family, LoRA on), "
+                        "defaults (CompressionConfig's); auto (the default) is quick for the demo model, defaults otherwise")
+    c.add_argument("--config", metavar="FILE", help="JSON or YAML mapping of CompressionConfig fields")
+    c.add_argument("--no-decompose", action="store_true", help="prune only (rank_keep_ratio and avg_rank none)")
     c.add_argument("--work-dir", help="directory for resumable progress")
     c.add_argument("--report", help="write the JSON report here too")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_field_options(c.add_argument_group("compression settings (CompressionConfig fields)"),
+                       CompressionConfig, "", "cfg:")
+    lora = c.add_argument_group("LoRA recovery (LoRAConfig fields; used when LoRA is on)")
+    lora.add_argument("--lora", dest="lora_on", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                      help="LoRA recovery after compression (needs peft); the paper preset turns it on")
+    _add_field_options(lora, LoRAConfig, "lora_", "lora:")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("evaluate", help="zero-shot accuracy, perplexity, throughput")
     e.add_argument("model", help="'demo', a moei2 checkpoint or a model directory")
-    e.add_argument("--tasks", default="local", help="comma-separated lm-eval tasks, or 'local'")
-    e.add_argument("--limit", type=int)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--text", help="held-out text file for perplexity (default: bundled)")
+    e.add_argument("--tasks", default="local",
+                   help="comma-separated lm-eval tasks; 'local' (bundled tasks), 'paper' (the paper's seven); "
+                        "'' for none (default: local)")
+    e.add_argument("--limit", type=int, help="items per task")
+    e.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
+    e.add_argument("--text", nargs="+", metavar="FILE",
+                   help="text files for perplexity, WikiText-2/PTB style: blank lines separate documents "
+                        "(default: the bundled held-out text)")
+    e.add_argument("--seq-len", type=int, help="perplexity window in tokens (default: 256)")
+    e.add_argument("--max-tokens", type=int, help="score at most this many tokens of the text")
     e.add_argument("--no-perplexity", action="store_true")
-    e.add_argument("--throughput", action="store_true")
-    e.add_argument("--report", help="write the JSON result here")
+    e.add_argument("--throughput", action="store_true", help="also measure generation tokens/s")
+    e.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="load the model in this dtype")
+    e.add_argument("--report", help="write the full JSON result (lm-eval's included) here")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("inspect", help="describe a moei2 checkpoint")
     i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true", help="the machine-readable summary")
     i.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("report", help="render a checkpoint's compression report as PNG figures")
@@ -182,16 +581,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.strerror}: {exc.filename}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in ("compress", "evaluate", "inspect", "report")), None)
+    prog = f"moei2 {command}" if command else "moei2"
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
+    except SystemExit as exc:  # --help, or argparse's own exit
+        return exc.code if isinstance(exc.code, int) else 0
     except CLIError as exc:
-        print(f"moei2 {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"moei2 {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{prog}: error: out of memory", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, EOFError) as exc:
+        reason = "the disk is full: " if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"{prog}: error: {reason}{_first_line(exc)}", file=sys.stderr)
         return 2
 
 

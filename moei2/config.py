@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,28 +14,54 @@ SELECTIONS = ("genetic", "greedy", "frequency", "random")
 RANK_RULES = ("importance", "uniform")
 
 
+# Upper bounds on the search sizes: beyond them the genetic search's memory or the KT walk's
+# K^T decoder passes would run for days or exhaust memory, so a typo is refused up front.
+MAX_POPULATION = 100_000
+MAX_GENERATIONS = 100_000
+MAX_KT_COMBINATIONS = 10_000
+MAX_SEED = 2**64 - 1  # the C search takes a uint64 seed
+DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|mps|meta|(cuda|xpu|npu|hpu)(:[0-9]+)?)$")
+
+
+def _field(default, help: str, **extra):
+    """A dataclass field whose ``help`` (and optional ``choices``, ``cli`` aliases) the command
+    line reads, so each setting is documented in exactly one place."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass
 class LoRAConfig:
     """LoRA recovery fine-tuning after compression (needs the ``eval`` extra: peft)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    learning_rate: float = 2e-4
-    steps: int = 100
-    batch_size: int = 4
-    seq_len: int = 256
-    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
-    merge: bool = True
+    rank: int = _field(8, "LoRA rank of the adapters")
+    alpha: float = _field(16.0, "LoRA scaling alpha")
+    dropout: float = _field(0.05, "dropout on the adapters' input, in [0, 1)")
+    learning_rate: float = _field(2e-4, "AdamW learning rate")
+    steps: int = _field(100, "optimizer steps")
+    batch_size: int = _field(4, "sequences per step")
+    seq_len: int = _field(256, "tokens per training sequence (instruction examples are cut to it)")
+    target_modules: tuple = _field(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                   "module names that get LoRA adapters (comma-separated on the command line)",
+                                   metavar="NAMES")
+    train_factors: bool = _field(True, "also train the low-rank experts' factors themselves")
+    data: Optional[str] = _field(None, "recovery data: a .json/.jsonl file of Alpaca records (instruction, input, "
+                                       "output; loss on the response) or a plain-text file; none: the "
+                                       "calibration texts", metavar="FILE")
+    merge: bool = _field(True, "fold the adapters into the weights after training")
 
     def __post_init__(self):
         _positive_int(self, "rank", "steps", "batch_size", "seq_len")
         _positive_float(self, "alpha", "learning_rate")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError("lora.target_modules must be a non-empty sequence of module names")
-        self.target_modules = tuple(self.target_modules)
+        _number(self, "dropout", 0.0, 1.0, high_open=True)
+        _bools(self, "train_factors", "merge")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets \
+                or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"lora.target_modules must be a non-empty sequence of module names, got {targets!r}")
+        self.target_modules = tuple(targets)
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ValueError(f"lora.data must be a file path (str) or None, got {self.data!r}")
 
 
 @dataclass
@@ -64,72 +91,78 @@ class CompressionConfig:
     Other
         seed: every random choice (calibration sampling, genetic search). device, dtype: where
         calibration and the block step run. lora: optional LoRA recovery.
+
+    Every field is checked on construction; a bad value raises ValueError or TypeError naming it.
     """
 
-    num_sequences: int = 128
-    seq_len: int = 2048
-    calib_batch_size: int = 8
-    seed: int = 42
+    num_sequences: int = _field(128, "calibration sequences")
+    seq_len: int = _field(2048, "tokens per calibration sequence")
+    calib_batch_size: int = _field(8, "calibration sequences per forward pass", cli=("--batch-size",))
+    seed: int = _field(42, "seed of every random choice (calibration sampling, search)")
 
-    prune_ratio: float = 0.25
-    prune_total: Optional[int] = None
-    prune_rule: str = "inverse"
-    population: int = 100
-    generations: int = 50
-    elite_fraction: float = 0.2
-    mutation_rate: float = 0.3
-    kt_candidates: int = 3
-    kt_block: int = 3
-    selection: str = "genetic"
+    prune_ratio: float = _field(0.25, "fraction of all routed experts to drop, in [0, 1)")
+    prune_total: Optional[int] = _field(None, "number of routed experts to drop in total (overrides prune_ratio)")
+    prune_rule: str = _field("inverse", "per-layer prune counts: inverse layer importance or uniform",
+                             choices=PRUNE_RULES)
+    population: int = _field(100, f"genetic search population (2 to {MAX_POPULATION:,})")
+    generations: int = _field(50, f"genetic search generations (1 to {MAX_GENERATIONS:,})")
+    elite_fraction: float = _field(0.2, "fraction of each generation kept as parents, in (0, 1]")
+    mutation_rate: float = _field(0.3, "per-slot mutation probability, in [0, 1]")
+    kt_candidates: int = _field(3, "K: candidate expert sets kept per layer for the block step")
+    kt_block: int = _field(3, f"T: consecutive MoE layers searched jointly (K**T at most {MAX_KT_COMBINATIONS:,})")
+    selection: str = _field("genetic", "expert selection: the method (genetic) or a baseline", choices=SELECTIONS)
 
-    rank_keep_ratio: Optional[float] = 2.0 / 3.0
-    avg_rank: Optional[float] = None
-    alpha: float = 0.15
-    eps: float = 1e-8
-    importance_on_pruned: bool = True
-    rank_rule: str = "importance"
-    whiten: bool = True
+    rank_keep_ratio: Optional[float] = _field(2.0 / 3.0, "fraction of the surviving experts' parameters the "
+                                                         "low-rank factors keep, in (0, 1]")
+    avg_rank: Optional[float] = _field(None, "average rank R_avg of the low-rank experts (instead of rank_keep_ratio)")
+    alpha: float = _field(0.15, "rank allocation exponent on expert importance")
+    eps: float = _field(1e-8, "rank allocation offset added to expert importance")
+    importance_on_pruned: bool = _field(True, "recompute expert importance on the pruned model before ranking")
+    rank_rule: str = _field("importance", "rank allocation: by importance (the method) or uniform", choices=RANK_RULES)
+    whiten: bool = _field(True, "truncation-aware (whitened) factors; off gives a plain truncated SVD")
 
-    device: str = "cpu"
-    dtype: Optional[str] = None
-    lora: Optional[LoRAConfig] = None
+    device: str = _field("cpu", "where calibration and the block step run (cpu, cuda, cuda:1, ...)",
+                         metavar="DEVICE")
+    dtype: Optional[str] = _field(None, "dtype the model is loaded in; none keeps the checkpoint's",
+                                  choices=DTYPES[1:])
+    lora: Optional[LoRAConfig] = _field(None, "LoRA recovery after compression (a LoRAConfig, or None)")
 
     def __post_init__(self):
         _positive_int(self, "num_sequences", "seq_len", "calib_batch_size", "population", "generations",
                       "kt_candidates", "kt_block")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not (isinstance(self.prune_ratio, (int, float)) and 0.0 <= self.prune_ratio < 1.0):
-            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        _number(self, "prune_ratio", 0.0, 1.0, high_open=True)
         if self.prune_total is not None:
-            if not isinstance(self.prune_total, int) or self.prune_total < 0:
+            if not isinstance(self.prune_total, int) or isinstance(self.prune_total, bool) or self.prune_total < 0:
                 raise ValueError(f"prune_total must be a non-negative integer or None, got {self.prune_total!r}")
-        if self.prune_rule not in PRUNE_RULES:
-            raise ValueError(f"prune_rule must be one of {PRUNE_RULES}, got {self.prune_rule!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.rank_rule not in RANK_RULES:
-            raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {self.rank_rule!r}")
-        if not 0.0 < self.elite_fraction <= 1.0:
-            raise ValueError(f"elite_fraction must be in (0, 1], got {self.elite_fraction!r}")
-        if not 0.0 <= self.mutation_rate <= 1.0:
-            raise ValueError(f"mutation_rate must be in [0, 1], got {self.mutation_rate!r}")
-        if self.population < 2:
-            raise ValueError(f"population must be at least 2, got {self.population}")
+        _choice(self, "prune_rule", PRUNE_RULES)
+        _choice(self, "selection", SELECTIONS)
+        _choice(self, "rank_rule", RANK_RULES)
+        _number(self, "elite_fraction", 0.0, 1.0, low_open=True)
+        _number(self, "mutation_rate", 0.0, 1.0)
+        if not 2 <= self.population <= MAX_POPULATION:
+            raise ValueError(f"population must be in [2, {MAX_POPULATION:,}], got {self.population}")
+        if self.generations > MAX_GENERATIONS:
+            raise ValueError(f"generations must be in [1, {MAX_GENERATIONS:,}], got {self.generations}")
+        if self.kt_candidates > MAX_KT_COMBINATIONS or self.kt_candidates ** min(self.kt_block, 64) > MAX_KT_COMBINATIONS:
+            raise ValueError(f"kt_candidates ** kt_block must be at most {MAX_KT_COMBINATIONS:,} combinations per "
+                             f"block, got {self.kt_candidates} ** {self.kt_block}")
         if self.rank_keep_ratio is not None and self.avg_rank is not None:
             raise ValueError("give at most one of rank_keep_ratio and avg_rank")
-        if self.rank_keep_ratio is not None and not 0.0 < self.rank_keep_ratio <= 1.0:
-            raise ValueError(f"rank_keep_ratio must be in (0, 1] or None, got {self.rank_keep_ratio!r}")
-        if self.avg_rank is not None and not (isinstance(self.avg_rank, (int, float)) and self.avg_rank >= 1):
-            raise ValueError(f"avg_rank must be >= 1 or None, got {self.avg_rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite non-negative number, got {self.alpha!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
-        if self.dtype not in (None, "float32", "float64", "bfloat16", "float16"):
+        if self.rank_keep_ratio is not None:
+            _number(self, "rank_keep_ratio", 0.0, 1.0, low_open=True, none_ok=True)
+        if self.avg_rank is not None:
+            _number(self, "avg_rank", 1.0, math.inf, high_open=True, none_ok=True)
+        _number(self, "alpha", 0.0, math.inf, high_open=True)
+        _number(self, "eps", 0.0, math.inf, low_open=True, high_open=True)
+        _bools(self, "importance_on_pruned", "whiten")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps', ..., got {self.device!r}")
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be None, float32, float64, bfloat16 or float16, got {self.dtype!r}")
         if isinstance(self.lora, dict):
-            self.lora = LoRAConfig(**self.lora)
+            self.lora = LoRAConfig.from_dict(self.lora)
         if self.lora is not None and not isinstance(self.lora, LoRAConfig):
             raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(self.lora).__name__}")
 
@@ -146,13 +179,12 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CompressionConfig fields: {', '.join(unknown)}")
+        if not isinstance(data, dict):
+            raise TypeError(f"a CompressionConfig needs a mapping of its fields, got {type(data).__name__}")
+        _known(cls, data, "")
         data = dict(data)
         if isinstance(data.get("lora"), dict):
-            data["lora"] = LoRAConfig(**data["lora"])
+            data["lora"] = LoRAConfig.from_dict(data["lora"])
         return cls(**data)
 
     def fingerprint(self) -> str:
@@ -161,16 +193,110 @@ class CompressionConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _lora_from_dict(cls, data: dict) -> "LoRAConfig":
+    if not isinstance(data, dict):
+        raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(data).__name__}")
+    _known(cls, data, "lora.")
+    return cls(**data)
+
+
+LoRAConfig.from_dict = classmethod(_lora_from_dict)
+
+
+def _known(cls, data: dict, prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(prefix + u for u in unknown)}")
+
+
+def _prefix(obj) -> str:
+    return "lora." if isinstance(obj, LoRAConfig) else ""
+
+
 def _positive_int(obj, *names):
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            prefix = "lora." if isinstance(obj, LoRAConfig) else ""
-            raise ValueError(f"{prefix}{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{_prefix(obj)}{name} must be a positive integer, got {value!r}")
 
 
 def _positive_float(obj, *names):
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"lora.{name} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{_prefix(obj)}{name} must be a positive number, got {value!r}")
+
+
+def _number(obj, name, low, high, *, low_open=False, high_open=False, none_ok=False):
+    """A finite real number within [low, high] (either end open); bools are refused because
+    ``True`` would silently read as 1."""
+    value = getattr(obj, name)
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        extra = " or None" if none_ok else ""
+        raise ValueError(f"{_prefix(obj)}{name} must be a finite number in {interval}{extra}, got {value!r}")
+
+
+def _bools(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{_prefix(obj)}{name} must be True or False, got {value!r}")
+
+
+def _choice(obj, name, choices):
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{_prefix(obj)}{name} must be one of {choices}, got {value!r}")
+
+
+# ---- named settings --------------------------------------------------------------------------
+
+PRESETS = ("quick", "paper", "defaults")
+
+# Expert-parameter reduction reported for the full method (docs/method.md, "Reported results"):
+# Mixtral-8x7B about 50 %, DeepSeek-V2-Lite 53.98 %, both with 25 % of the experts pruned.
+# A family without a reported figure takes Mixtral's.
+PAPER_EXPERT_REDUCTION = {"mixtral": 0.50, "deepseek_v2": 0.5398}
+PAPER_DEFAULT_REDUCTION = 0.50
+
+
+def full_rank(hidden_size: int, expert_width: int) -> int:
+    """The largest rank at which the factors of an expert matrix are smaller than the matrix:
+    floor(m n / (m + n)), the clamp of docs/method.md."""
+    return (hidden_size * expert_width) // (hidden_size + expert_width)
+
+
+def paper_avg_rank(family: str, hidden_size: int, expert_width: int, prune_ratio: float = 0.25) -> int:
+    """The average rank that, after pruning ``prune_ratio`` of the experts, removes the paper's
+    share of routed-expert parameters: the survivors keep (1 - reduction) / (1 - prune_ratio) of
+    their parameters, and a rank-r factor pair keeps r (m + n) / (m n) of a matrix."""
+    reduction = PAPER_EXPERT_REDUCTION.get(family, PAPER_DEFAULT_REDUCTION)
+    keep = (1.0 - reduction) / (1.0 - prune_ratio)
+    exact = hidden_size * expert_width / (hidden_size + expert_width)
+    return max(1, round(keep * exact))
+
+
+def preset(name: str, *, family: Optional[str] = None, hidden_size: Optional[int] = None,
+           expert_width: Optional[int] = None) -> dict:
+    """The fields a named preset sets (a partial CompressionConfig as a dict).
+
+    ``quick``: a small calibration (64 x 256) for the bundled demo model and first trials.
+    ``paper``: the paper's protocol: 128 x 2048 calibration, 25 % of experts pruned, the average
+    rank that matches the paper's expert-parameter reduction for the model's family (needs
+    ``family``, ``hidden_size`` and ``expert_width``; see :func:`paper_avg_rank`), LoRA on.
+    ``defaults``: nothing, i.e. CompressionConfig's own defaults.
+    """
+    if name == "defaults":
+        return {}
+    if name == "quick":
+        return {"num_sequences": 64, "seq_len": 256}
+    if name == "paper":
+        if family is None or hidden_size is None or expert_width is None:
+            raise ValueError("preset 'paper' needs the model's family, hidden size and expert width")
+        return {"num_sequences": 128, "seq_len": 2048, "prune_ratio": 0.25, "rank_keep_ratio": None,
+                "avg_rank": paper_avg_rank(family, hidden_size, expert_width, 0.25), "lora": {}}
+    raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")

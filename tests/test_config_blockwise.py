@@ -76,3 +76,63 @@ def test_search_block_matches_brute_force_and_shares_prefixes():
     # prefix sharing: K0 + K0*K1 + K0*K1*K2 layer passes per batch
     assert len(calls) == 3 * (3 + 6 + 18)
     assert sorted(map(tuple, combos.tolist())) == sorted(itertools.product(range(3), range(2), range(3)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"avg_rank": float("inf"), "rank_keep_ratio": None}, "avg_rank"),
+        ({"avg_rank": float("nan"), "rank_keep_ratio": None}, "avg_rank"),
+        ({"eps": float("inf")}, "eps"),
+        ({"whiten": "no"}, "whiten"),
+        ({"importance_on_pruned": 1}, "importance_on_pruned"),
+        ({"lora": {"merge": "yes"}}, "lora.merge"),
+        ({"lora": {"train_factors": 0}}, "lora.train_factors"),
+        ({"lora": {"target_modules": [1]}}, "lora.target_modules"),
+        ({"lora": {"bogus": 1}}, "lora.bogus"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"population": 2**61}, "population"),
+        ({"generations": 10**9}, "generations"),
+        ({"kt_candidates": 100, "kt_block": 3}, "kt_candidates"),
+        ({"kt_candidates": 2, "kt_block": 10**9}, "kt_block"),
+        ({"elite_fraction": "a"}, "elite_fraction"),
+        ({"prune_ratio": True}, "prune_ratio"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"device": "gpu"}, "device"),
+    ],
+)
+def test_bad_values_are_refused_at_construction(kwargs, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        CompressionConfig(**kwargs)
+
+
+def test_largest_accepted_values():
+    c = CompressionConfig(seed=2**64 - 1, population=100_000, kt_candidates=100, kt_block=2)
+    assert c.seed == 2**64 - 1
+    assert CompressionConfig(kt_candidates=1, kt_block=10**6).kt_block == 10**6  # 1 combination
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for cls in (CompressionConfig, LoRAConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+
+
+def test_paper_preset_matches_the_reported_expert_reduction():
+    from moei2.config import paper_avg_rank, preset
+
+    # Mixtral-8x7B (hidden 4096, width 14336): about 50 % of expert parameters removed;
+    # DeepSeek-V2-Lite (2048, 1408): 53.98 %; both with 25 % of the experts pruned.
+    for family, h, w, reduction, rank in [("mixtral", 4096, 14336, 0.50, 2124), ("deepseek_v2", 2048, 1408, 0.5398, 512)]:
+        assert paper_avg_rank(family, h, w) == rank
+        assert 1 - 0.75 * rank * (h + w) / (h * w) == pytest.approx(reduction, abs=5e-4)
+    settings = preset("paper", family="deepseek_v2", hidden_size=2048, expert_width=1408)
+    c = CompressionConfig.from_dict(settings)
+    assert (c.num_sequences, c.seq_len, c.avg_rank, c.rank_keep_ratio) == (128, 2048, 512, None)
+    assert c.lora == LoRAConfig()
+    assert preset("quick") == {"num_sequences": 64, "seq_len": 256}
+    with pytest.raises(ValueError, match="preset"):
+        preset("fast")

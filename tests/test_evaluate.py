@@ -129,3 +129,37 @@ def test_lm_eval_console_script_lists_bundled_tasks(capsys):
     ev.lm_eval_main(["validate", "--tasks", "austen_cloze,austen_continuation"])
     out = capsys.readouterr()
     assert "austen_cloze" in out.out + out.err
+
+
+def test_paper_tasks_are_the_seven_of_the_paper():
+    paper = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "rte", "winogrande"]
+    assert list(ev.PAPER_TASKS) == paper
+    assert ev._task_names("paper") == paper
+    assert ev._task_names("paper,piqa") == [*paper, "piqa"]  # piqa stays available by name
+    assert ev._task_names(["local", "paper"]) == [*ev.local_tasks(), *paper]
+
+
+def test_read_documents(tmp_path):
+    file = tmp_path / "ptb.txt"
+    file.write_text("a b c\nd e f\n\n\n  \ng h\r\n\r\ni\n")
+    assert ev.read_documents(file) == ["a b c\nd e f", "g h", "i"]
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    with pytest.raises(ValueError, match="no text"):
+        ev.read_documents(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="UTF-8"):
+        ev.read_documents(tmp_path / "bin.txt")
+    with pytest.raises(ValueError, match="not a file"):
+        ev.read_documents(tmp_path / "missing.txt")
+
+
+def test_format_result_is_a_compact_table():
+    result = {"zero_shot": {"tasks": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.01, "samples": 100},
+                                      "boolq": {"acc": 0.75, "acc_stderr": None, "samples": 40}},
+                            "average": 0.625, "raw": {"config": {"pretty_env_info": "x" * 10_000}}},
+              "perplexity": {"perplexity": 12.3456, "tokens": 5000, "nll": 1.0},
+              "throughput": {"tokens_per_s": 99.94, "batch_size": 1, "threads": 2, "seconds": [1.0]}}
+    text = ev.format_result(result)
+    assert len(text.splitlines()) == 7 and "pretty_env_info" not in text
+    assert "0.5000" in text and "0.0100" in text and "   100" in text and "0.6250" in text
+    assert "12.346 over 5,000 tokens" in text and "99.9 tokens/s" in text
