@@ -239,7 +239,8 @@ def allocate_ranks(importance, shapes, avg_rank=None, keep_ratio=None, alpha=0.1
         shapes: M pairs (m_j, n_j), or one pair for every expert.
         avg_rank: R_avg, the average rank. Exactly one of ``avg_rank`` and ``keep_ratio``.
         keep_ratio: fraction in (0, 1] of the dense parameters sum(m_j n_j) to keep, i.e.
-            ``R_avg = keep_ratio * sum(m_j n_j) / sum(m_j + n_j)``.
+            ``R_avg = keep_ratio * sum(m_j n_j) / sum(m_j + n_j)``; 1 keeps every parameter the
+            caps allow (the budget is then at most the sum of the caps).
         alpha: exponent (0 gives uniform ranks), eps: added to every importance.
 
     Returns:
