@@ -1,9 +1,10 @@
 /* The search cache's per-token factors, and the candidate expert outputs they are made from.
  *
  * Factor: for each token, R upper triangular with R^T R = O O^T, O the C x d matrix of its
- * candidate outputs. The level-3 route forms the Gram G = O O^T in float64 with one dsyrk per
- * token and factors it by Cholesky: C(C+1)d flops per token at dsyrk's rate, against dgeqrf's
- * 2C^2 d at level-2 rate. Forming G squares the conditioning: the error of ||R c|| grows like
+ * candidate outputs. The level-3 route forms the Gram G = O O^T in float64 once per
+ * token (a register-tiled kernel: for C ~ 20 the BLAS syrk/gemm entry overheads dominate) and
+ * factors it by Cholesky: C(C+1)d flops per token at level-3 rate, against dgeqrf's 2C^2 d at
+ * level-2 rate. Forming G squares the conditioning: the error of ||R c|| grows like
  * eps * (|O| |c| / ||O c||)^2 instead of eps * |O| |c| / ||O c|| for a QR of O itself. So each
  * token's Cholesky is accepted only when its reciprocal condition estimate (dpocon) is at least
  * GRAM_MIN_RCOND; otherwise (and when the Cholesky fails: rank-deficient O, d < C) that token
@@ -27,6 +28,11 @@
 /* cond(G) = cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative
  * for the worst coefficient vector, under the 1e-10 promised against the float64 oracle. */
 #define GRAM_MIN_RCOND 1e-5
+/* Columns of the outputs per pass: the C rows' slices of this length (C x 4 KiB) stay close to
+ * the core while every tile that needs them reads them, and float32 rows are widened once per
+ * pass rather than once per tile. */
+enum { GRAM_CHUNK = 512 };
+
 /* Tokens per pool block: enough work per block (~1 ms) to hide the hand-out. */
 #define FACTOR_BLOCK 16
 
@@ -43,7 +49,10 @@ typedef struct {
 
 /* Per-thread scratch of one block. */
 typedef struct {
-    double *a;     /* [d, C] column-major: the token's outputs */
+    double *a;     /* [d, C] column-major: a copy of the token's outputs for QR, on first use */
+    int64_t dc;
+    double *buf;   /* [ceil(C/4)*4, GRAM_CHUNK] widened row slices; the padding rows stay 0 */
+    const double **rows; /* [ceil(C/4)*4] */
     double *g;     /* [C, C] */
     double *tau, *work, *w;
     lapack_int lwork;
@@ -52,32 +61,101 @@ typedef struct {
 } factor_scratch;
 
 static void factor_scratch_free(factor_scratch *s) {
-    free(s->a); free(s->g); free(s->tau); free(s->work); free(s->w); free(s->pwork); free(s->iwork);
+    free(s->a); free(s->buf); free(s->rows); free(s->g); free(s->tau); free(s->work); free(s->w); free(s->pwork); free(s->iwork);
 }
 
 static moei2_status factor_scratch_alloc(factor_scratch *s, int64_t C, int64_t d, int64_t k) {
     memset(s, 0, sizeof *s);
     int64_t dc, cc;
     if (moei2_mul_ok(d, C, &dc) || moei2_mul_ok(C, C, &cc)) return MOEI2_ERR_NOMEM;
-    s->a = moei2_alloc(dc, sizeof(double));
     s->g = moei2_alloc(cc, sizeof(double));
+    s->buf = moei2_calloc((C + 3) / 4 * 4 * GRAM_CHUNK, sizeof(double));
+    s->rows = moei2_alloc((C + 3) / 4 * 4, sizeof(double *));
     s->tau = moei2_alloc(C, sizeof(double));
     s->w = moei2_alloc(k, sizeof(double));
     s->pwork = moei2_alloc(3 * C, sizeof(double));
     s->iwork = moei2_alloc(C, sizeof(lapack_int));
-    if (!s->a || !s->g || !s->tau || !s->w || !s->pwork || !s->iwork) goto fail;
-    double query = 0.0;
-    lapack_int info = BLASFN(LAPACKE_dgeqrf_work)(LAPACK_COL_MAJOR, (lapack_int)d, (lapack_int)C, s->a,
-                                                  (lapack_int)d, s->tau, &query, -1);
-    if (info != 0) { factor_scratch_free(s); return MOEI2_ERR_LAPACK; }
-    s->lwork = (lapack_int)query;
-    if (s->lwork < (lapack_int)C) s->lwork = (lapack_int)C;
-    s->work = moei2_alloc(s->lwork, sizeof(double));
-    if (!s->work) goto fail;
+    if (!s->buf || !s->rows || !s->g || !s->tau || !s->w || !s->pwork || !s->iwork) goto fail;
+    s->dc = dc;
     return MOEI2_OK;
 fail:
     factor_scratch_free(s);
     return MOEI2_ERR_NOMEM;
+}
+
+/* out[4 i + j] = <a_i, b_j> for four rows a and four rows b of length d. Eight independent
+ * lanes per product, summed in a fixed order at the end: the compiler maps the lanes onto vector
+ * registers, and the result does not depend on which code path the CPU selects beyond FMA
+ * rounding. The products of float32 values are exact in float64. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define GRAM_CLONES \
+    __attribute__((target_clones("avx512f", "arch=haswell", "default"), optimize("fp-contract=fast")))
+#else
+#define GRAM_CLONES
+#endif
+enum { GRAM_LANES = 8 };
+
+GRAM_CLONES
+static void gram_4x4(const double *restrict const *a, const double *restrict const *b, int64_t d, double *out) {
+    double acc[16][GRAM_LANES];
+    memset(acc, 0, sizeof acc);
+    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    const double *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    int64_t t = 0;
+    for (; t + GRAM_LANES <= d; t += GRAM_LANES) {
+        for (int l = 0; l < GRAM_LANES; l++) {
+            const double x0 = (double)a0[t + l], x1 = (double)a1[t + l], x2 = (double)a2[t + l], x3 = (double)a3[t + l];
+            const double y0 = (double)b0[t + l], y1 = (double)b1[t + l], y2 = (double)b2[t + l], y3 = (double)b3[t + l];
+            acc[0][l] += x0 * y0; acc[1][l] += x0 * y1; acc[2][l] += x0 * y2; acc[3][l] += x0 * y3;
+            acc[4][l] += x1 * y0; acc[5][l] += x1 * y1; acc[6][l] += x1 * y2; acc[7][l] += x1 * y3;
+            acc[8][l] += x2 * y0; acc[9][l] += x2 * y1; acc[10][l] += x2 * y2; acc[11][l] += x2 * y3;
+            acc[12][l] += x3 * y0; acc[13][l] += x3 * y1; acc[14][l] += x3 * y2; acc[15][l] += x3 * y3;
+        }
+    }
+    for (int l = 0; t < d; t++, l++) {
+        const double x[4] = {a0[t], a1[t], a2[t], a3[t]}, y[4] = {b0[t], b1[t], b2[t], b3[t]};
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) acc[4 * i + j][l] += x[i] * y[j];
+    }
+    for (int p = 0; p < 16; p++) {
+        double sum = 0.0;
+        for (int l = 0; l < GRAM_LANES; l++) sum += acc[p][l];
+        out[p] = sum;
+    }
+}
+
+/* The upper triangle of G = A A^T (A: the token's C rows of length d, float32 or float64) into g
+ * (C x C column-major), in passes over GRAM_CHUNK columns and 4 x 4 tiles per pass. buf holds
+ * [ceil(C/4)*4, GRAM_CHUNK] doubles whose rows past C are zero; rows has room for ceil(C/4)*4
+ * pointers. */
+static void gram_upper(const float *a32, const double *a64, int64_t C, int64_t d, double *buf, const double **rows,
+                       double *g) {
+    double tile[16];
+    for (int64_t j = 0; j < C; j++)
+        for (int64_t i = 0; i <= j; i++) g[j * C + i] = 0.0;
+    const int64_t Cp = (C + 3) / 4 * 4;
+    for (int64_t t0 = 0; t0 < d; t0 += GRAM_CHUNK) {
+        const int64_t len = d - t0 < GRAM_CHUNK ? d - t0 : GRAM_CHUNK;
+        for (int64_t q = 0; q < Cp; q++) {
+            double *slot = buf + q * GRAM_CHUNK;
+            if (q >= C) {
+                rows[q] = slot; /* zero row */
+            } else if (a32) {
+                const float *src = a32 + q * d + t0;
+                for (int64_t t = 0; t < len; t++) slot[t] = (double)src[t];
+                rows[q] = slot;
+            } else {
+                rows[q] = a64 + q * d + t0;
+            }
+        }
+        for (int64_t i0 = 0; i0 < C; i0 += 4)
+            for (int64_t j0 = i0; j0 < C; j0 += 4) {
+                gram_4x4(rows + i0, rows + j0, len, tile);
+                for (int p = 0; p < 4 && i0 + p < C; p++)
+                    for (int q = 0; q < 4 && j0 + q < C; q++)
+                        if (i0 + p <= j0 + q) g[(j0 + q) * C + i0 + p] += tile[4 * p + q];
+            }
+    }
 }
 
 /* Factors token n; 1 when it took the QR route, 0 for Cholesky, < 0 a status. */
@@ -85,24 +163,16 @@ static int factor_token(const factor_ctx *c, factor_scratch *s, int64_t n) {
     const int64_t C = c->C, d = c->d, k = c->k, P = MOEI2_PACKED_SIZE(C);
     /* The token's [C, d] row-major block is the d x C column-major matrix whose columns are the
      * candidate outputs. */
-    int finite = 1;
-    if (c->f32) {
-        const float *src = c->f32 + n * C * d;
-        for (int64_t i = 0; i < C * d; i++) {
-            s->a[i] = (double)src[i];
-            finite &= isfinite(src[i]) != 0;
-        }
-    } else {
-        const double *src = c->f64 + n * C * d;
-        memcpy(s->a, src, (size_t)(C * d) * sizeof(double));
-        for (int64_t i = 0; i < C * d; i++) finite &= isfinite(src[i]) != 0;
-    }
-    if (!finite) return -(int)MOEI2_ERR_NONFINITE;
+    const float *src32 = c->f32 ? c->f32 + n * C * d : NULL;
+    const double *src64 = c->f64 ? c->f64 + n * C * d : NULL;
     double *r = c->factor + n * P;
     int qr = 1;
     if (d >= C) {
-        BLASFN(cblas_dsyrk)(CblasColMajor, CblasUpper, CblasTrans, (blasint)C, (blasint)d, 1.0, s->a,
-                            (blasint)d, 0.0, s->g, (blasint)C);
+        gram_upper(src32, src64, C, d, s->buf, s->rows, s->g);
+        /* A NaN or Inf anywhere in row i makes G_ii = sum of its squares non-finite (so does
+         * an overflow of the squares, which the QR route would meet too). */
+        for (int64_t i = 0; i < C; i++)
+            if (!isfinite(s->g[i * C + i])) return -(int)MOEI2_ERR_NONFINITE;
         double anorm = 0.0; /* 1-norm of the symmetric G from its upper triangle */
         for (int64_t j = 0; j < C; j++) {
             double col = 0.0;
@@ -125,6 +195,26 @@ static int factor_token(const factor_ctx *c, factor_scratch *s, int64_t n) {
         }
     }
     if (qr) {
+        if (!s->work) {
+            double query = 0.0;
+            if (!s->a && !(s->a = moei2_alloc(s->dc, sizeof(double)))) return -(int)MOEI2_ERR_NOMEM;
+            lapack_int info = BLASFN(LAPACKE_dgeqrf_work)(LAPACK_COL_MAJOR, (lapack_int)d, (lapack_int)C, s->a,
+                                                          (lapack_int)d, s->tau, &query, -1);
+            if (info != 0) return -(int)MOEI2_ERR_LAPACK;
+            s->lwork = (lapack_int)query < (lapack_int)C ? (lapack_int)C : (lapack_int)query;
+            if (!(s->work = moei2_alloc(s->lwork, sizeof(double)))) return -(int)MOEI2_ERR_NOMEM;
+        }
+        int finite = 1;
+        if (src32) {
+            for (int64_t i = 0; i < C * d; i++) {
+                s->a[i] = (double)src32[i];
+                finite &= isfinite(src32[i]) != 0;
+            }
+        } else {
+            memcpy(s->a, src64, (size_t)(C * d) * sizeof(double));
+            for (int64_t i = 0; i < C * d; i++) finite &= isfinite(src64[i]) != 0;
+        }
+        if (!finite) return -(int)MOEI2_ERR_NONFINITE;
         lapack_int info = BLASFN(LAPACKE_dgeqrf_work)(LAPACK_COL_MAJOR, (lapack_int)d, (lapack_int)C, s->a,
                                                       (lapack_int)d, s->tau, s->work, s->lwork);
         if (info != 0) return -(int)MOEI2_ERR_LAPACK;
