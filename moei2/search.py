@@ -276,17 +276,15 @@ class Layer:
         logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
             logits, top_k, r_max, renormalize, scaling_factor)
         if isinstance(act, str):
-            from ._threads import kernel_section
-
+            # Everything below runs on moei2's pool with OpenBLAS pinned to one thread (see
+            # moei2._threads): no other BLAS pool is entered between the kernels.
             cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
             f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
-            C = top_k + r_max
-            chunk = max(1, _CHUNK_BYTES // (4 * C * H))
+            chunk = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
             threads = _num_threads()
-            with kernel_section():
-                start = 0
-                while start < N:
-                    start += cache.factor_moe(*f32, start, min(chunk, N - start), threads)
+            start = 0
+            while start < N:
+                start += cache.factor_moe(*f32, start, min(chunk, N - start), threads)
             return cls(cache)
 
         dtype = np.float32 if all(a.dtype == np.float32 for a in (X, gate_up_proj, down_proj)) else np.float64
@@ -470,7 +468,9 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
         raise ValueError(f"the pruning budget {budget} exceeds what the layers allow ({int(caps.sum())} = "
                          f"sum of num_experts - top_k)")
     if rule == "inverse":
-        weights = (imp == 0).astype(np.float64) if np.any(imp == 0) else 1.0 / imp
+        # min / I rather than 1 / I: a denormal importance would make 1 / I overflow to inf and
+        # the shares NaN; the ratio keeps every weight in (0, 1] with the same proportions.
+        weights = (imp == 0).astype(np.float64) if np.any(imp == 0) else imp.min() / imp
     elif rule == "uniform":
         weights = np.ones(L)
     else:
@@ -517,7 +517,9 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
             add = min(left, int(caps[l] - counts[l]))
             counts[l] += add
             left -= add
-    assert int(counts.sum()) == budget and np.all(counts <= caps)
+    if int(counts.sum()) != budget or np.any(counts > caps) or np.any(counts < 0):
+        raise RuntimeError(f"prune_counts could not meet the budget {budget} (got {counts.tolist()}); "
+                           "please report this with the layer importances")
     return counts
 
 

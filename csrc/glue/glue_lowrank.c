@@ -155,12 +155,13 @@ static PyObject *py_lowrank_decompose_many(PyObject *self, PyObject *args, PyObj
         return PyErr_Format(PyExc_ValueError, "num_threads must be in [1, 4096], got %d", num_threads);
     /* A tuple copy, so that nothing the workers read can be freed or replaced while the GIL is
      * released: the copy holds a reference to every item, and each item tuple to its arrays. */
-    PyObject *items = PySequence_Tuple(items_obj);
-    if (!items) {
-        PyErr_Clear();
-        return PyErr_Format(PyExc_TypeError, "items must be a sequence of (W, gram, rank, A, B) tuples, got %s",
+    /* Only a list or tuple: any other sequence (an ndarray with 2^31 rows) could take unbounded
+     * time and memory to copy before a single item is checked. */
+    if (!PyList_Check(items_obj) && !PyTuple_Check(items_obj))
+        return PyErr_Format(PyExc_TypeError, "items must be a list or tuple of (W, gram, rank, A, B) tuples, got %s",
                             Py_TYPE(items_obj)->tp_name);
-    }
+    PyObject *items = PySequence_Tuple(items_obj);
+    if (!items) return NULL;
     Py_ssize_t count = PyTuple_GET_SIZE(items);
     moei2_lowrank_job *jobs = (moei2_lowrank_job *)PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof(*jobs));
     PyObject *result = NULL;
