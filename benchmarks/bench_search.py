@@ -363,8 +363,14 @@ def main(argv=None):
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
             "load_average_1min": os.getloadavg()[0]}
     stem = "bench_search_quick" if args.quick else "bench_search"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(results, meta))
+    previous = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
+    record = {"meta": meta, "results": results}
+    md = markdown(results, meta)
+    if "construction" in previous:  # figures of an earlier --construction run stay
+        record["construction"] = previous["construction"]
+        md += "\n" + construction_markdown(previous["construction"]["results"], previous["construction"]["command"])
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{stem}.md").write_text(md)
     print(markdown(results, meta))
 
 

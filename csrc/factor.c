@@ -312,8 +312,13 @@ static int expert_block(void *arg, int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; e++) {
         const float *gu = job->gate_up + e * 2 * F * H;
         const float *dn = job->down + e * H * F;
-        for (int64_t p0 = c->bounds[e]; p0 < c->bounds[e + 1]; p0 += EXPERT_PANEL) {
-            const int64_t rows = c->bounds[e + 1] - p0 < EXPERT_PANEL ? c->bounds[e + 1] - p0 : EXPERT_PANEL;
+        /* Panels of equal size (at most EXPERT_PANEL rows): a short last panel would pay for
+         * packing the expert's weights for a handful of rows. */
+        const int64_t total = c->bounds[e + 1] - c->bounds[e];
+        const int64_t panels = (total + EXPERT_PANEL - 1) / EXPERT_PANEL;
+        const int64_t size = panels ? (total + panels - 1) / panels : 0;
+        for (int64_t p0 = c->bounds[e]; p0 < c->bounds[e + 1]; p0 += size) {
+            const int64_t rows = c->bounds[e + 1] - p0 < size ? c->bounds[e + 1] - p0 : size;
             for (int64_t i = 0; i < rows; i++)
                 memcpy(xg + i * H, job->x + (c->order[p0 + i] / C) * H, (size_t)H * sizeof(float));
             /* h [rows, 2I] = xg [rows, H] gu^T, gu [2I, H] row-major */
