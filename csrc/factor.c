@@ -94,24 +94,30 @@ fail:
 #define GRAM_CLONES
 #endif
 enum { GRAM_LANES = 8 };
+/* Sixteen named vector accumulators (GCC vector extensions) stay in registers; an array of
+ * accumulators indexed in a loop was kept in memory, a load and a store per FMA. */
+typedef double gram_vec __attribute__((vector_size(GRAM_LANES * sizeof(double))));
+#define GRAM_LOAD(v, p) memcpy(&(v), (p), sizeof(gram_vec))
 
 GRAM_CLONES
 static void gram_4x4(const double *restrict const *a, const double *restrict const *b, int64_t d, double *out) {
-    double acc[16][GRAM_LANES];
-    memset(acc, 0, sizeof acc);
     const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
     const double *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    gram_vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0}, c6 = {0}, c7 = {0};
+    gram_vec c8 = {0}, c9 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0}, c14 = {0}, c15 = {0};
     int64_t t = 0;
     for (; t + GRAM_LANES <= d; t += GRAM_LANES) {
-        for (int l = 0; l < GRAM_LANES; l++) {
-            const double x0 = (double)a0[t + l], x1 = (double)a1[t + l], x2 = (double)a2[t + l], x3 = (double)a3[t + l];
-            const double y0 = (double)b0[t + l], y1 = (double)b1[t + l], y2 = (double)b2[t + l], y3 = (double)b3[t + l];
-            acc[0][l] += x0 * y0; acc[1][l] += x0 * y1; acc[2][l] += x0 * y2; acc[3][l] += x0 * y3;
-            acc[4][l] += x1 * y0; acc[5][l] += x1 * y1; acc[6][l] += x1 * y2; acc[7][l] += x1 * y3;
-            acc[8][l] += x2 * y0; acc[9][l] += x2 * y1; acc[10][l] += x2 * y2; acc[11][l] += x2 * y3;
-            acc[12][l] += x3 * y0; acc[13][l] += x3 * y1; acc[14][l] += x3 * y2; acc[15][l] += x3 * y3;
-        }
+        gram_vec x0, x1, x2, x3, y0, y1, y2, y3;
+        GRAM_LOAD(x0, a0 + t); GRAM_LOAD(x1, a1 + t); GRAM_LOAD(x2, a2 + t); GRAM_LOAD(x3, a3 + t);
+        GRAM_LOAD(y0, b0 + t); GRAM_LOAD(y1, b1 + t); GRAM_LOAD(y2, b2 + t); GRAM_LOAD(y3, b3 + t);
+        c0 += x0 * y0; c1 += x0 * y1; c2 += x0 * y2; c3 += x0 * y3;
+        c4 += x1 * y0; c5 += x1 * y1; c6 += x1 * y2; c7 += x1 * y3;
+        c8 += x2 * y0; c9 += x2 * y1; c10 += x2 * y2; c11 += x2 * y3;
+        c12 += x3 * y0; c13 += x3 * y1; c14 += x3 * y2; c15 += x3 * y3;
     }
+    double acc[16][GRAM_LANES];
+    const gram_vec all[16] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15};
+    memcpy(acc, all, sizeof acc);
     for (int l = 0; t < d; t++, l++) {
         const double x[4] = {a0[t], a1[t], a2[t], a3[t]}, y[4] = {b0[t], b1[t], b2[t], b3[t]};
         for (int i = 0; i < 4; i++)
@@ -122,6 +128,13 @@ static void gram_4x4(const double *restrict const *a, const double *restrict con
         for (int l = 0; l < GRAM_LANES; l++) sum += acc[p][l];
         out[p] = sum;
     }
+}
+
+/* Widens float32 to float64 with the same vector width as the tiles: the baseline x86-64 build
+ * converts two values per instruction, which would cost as much as the tiles themselves. */
+GRAM_CLONES
+static void widen(const float *restrict src, double *restrict dst, int64_t n) {
+    for (int64_t t = 0; t < n; t++) dst[t] = (double)src[t];
 }
 
 /* The upper triangle of G = A A^T (A: the token's C rows of length d, float32 or float64) into g
@@ -141,8 +154,7 @@ static void gram_upper(const float *a32, const double *a64, int64_t C, int64_t d
             if (q >= C) {
                 rows[q] = slot; /* zero row */
             } else if (a32) {
-                const float *src = a32 + q * d + t0;
-                for (int64_t t = 0; t < len; t++) slot[t] = (double)src[t];
+                widen(a32 + q * d + t0, slot, len);
                 rows[q] = slot;
             } else {
                 rows[q] = a64 + q * d + t0;

@@ -14,7 +14,6 @@ Functions:
 * :func:`allocate_ranks`: MoE-I2's per-expert ranks from expert importance.
 """
 import numbers
-import os
 
 import numpy as np
 
@@ -155,10 +154,9 @@ def _item_fields(item, index):
 
 
 def _default_threads():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from ._threads import num_threads
+
+    return num_threads()
 
 
 def decompose_many(items, *, return_info=False, num_threads=None, _skip_solvers=0):

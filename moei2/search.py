@@ -18,7 +18,6 @@ C (csrc/fitness.c, importance.c, genetic.c); moei2._reference holds the float64 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 

@@ -1,7 +1,6 @@
 """The C core behind moei2.search and moei2.lowrank: the C-owned search cache, the factor step's
 two routes, candidate outputs in C, thread-count independence, and the reliability defects
 (huge sizes, float messages, late or missing checks, BLAS thread count under concurrency)."""
-import os
 import re
 import subprocess
 import sys
