@@ -255,7 +255,7 @@ def construction_worker(mode, N, seed):
 
 
 def factor_rate(N, seed, C, d):
-    """GFLOP/s of the factor step (its dsyrk flops, C (C + 1) d per token) beside dgemm's."""
+    """GFLOP/s of the factor step (the Gram's upper triangle, C (C + 1) d flops per token) beside dgemm's."""
     from moei2 import _core
     from moei2._threads import num_threads
 
@@ -315,9 +315,10 @@ def construction_markdown(results, command):
                      f"{r['torch_gemms_s']:.2f} | {r['ratio']:.2f} | {r['torch_gemm_gflops']:.0f} | "
                      f"{r['load_average_1min']:.1f} |")
     lines += ["", "## Factor step against dgemm", "",
-              "SearchCache.factor_outputs on float32 outputs [N, 19, 2048] (Gram by dsyrk + Cholesky per token, "
-              "QR where ill-conditioned), on the C pool; GFLOP/s counts the dsyrk's C(C+1)d flops per token. "
-              "dgemm: NumPy float64 2048^3 on all threads, same process. Goal: factor >= dgemm / 2.", "",
+              "SearchCache.factor_outputs on float32 outputs [N, 19, 2048] (per token: float64 Gram by a "
+              "register-tiled kernel, Cholesky, QR where ill-conditioned), on the C pool; GFLOP/s counts the "
+              "C(C+1)d flops of the Gram's upper triangle per token. dgemm: NumPy float64 2048^3 on all threads, "
+              "same process. Goal: factor >= dgemm / 2.", "",
               "| tokens | factor s | factor GFLOP/s | dgemm GFLOP/s | ratio | tokens via QR |", "|---|---|---|---|---|---|"]
     for r in results:
         if "factor_s" in r:
