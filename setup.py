@@ -117,8 +117,12 @@ def discover_blas():
 
 
 blas = discover_blas()
+# The kernels (csrc/*.c, which know nothing of Python) and the glue (csrc/glue/*.c).
 sources = sorted(
-    os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith(".c")
+    os.path.join(folder, name)
+    for folder in ("csrc", os.path.join("csrc", "glue"))
+    for name in os.listdir(os.path.join(HERE, folder))
+    if name.endswith(".c")
 )
 define_macros = [
     ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
@@ -130,7 +134,7 @@ if blas["prefix"]:
 core = Extension(
     "moei2._core",
     sources=sources,
-    include_dirs=["csrc", numpy.get_include(), *blas["include_dirs"]],
+    include_dirs=["csrc", os.path.join("csrc", "glue"), numpy.get_include(), *blas["include_dirs"]],
     library_dirs=blas["library_dirs"],
     libraries=[*blas["libraries"], "m", "pthread"],
     runtime_library_dirs=blas["runtime_library_dirs"],

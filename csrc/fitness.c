@@ -22,12 +22,12 @@
  * that the direct form would not); elsewhere the coefficients are formed directly. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "moei2_blas.h"
 #include "moei2_core.h"
+#include "moei2_internal.h"
 #include "search_internal.h"
 
 /* ---- preparation: ranking and softmax --------------------------------------------------- */
@@ -80,77 +80,6 @@ done:
     return status;
 }
 
-/* ---- factors of the candidate outputs --------------------------------------------------- */
-
-moei2_status moei2_search_factor(int64_t num_tokens, int64_t num_candidates, int64_t dim,
-                                 const float *outputs_f32, const double *outputs_f64, int64_t top_k,
-                                 int renormalize, double scaling, const double *candidate_probs,
-                                 double *factor, double *output_norm2) {
-    const int64_t N = num_tokens, C = num_candidates, d = dim, k = top_k;
-    if (N < 0 || C < 1 || d < 1 || k < 1 || k > C || (outputs_f32 == NULL) == (outputs_f64 == NULL))
-        return MOEI2_ERR_ARG;
-    if (d > INT32_MAX || C > INT32_MAX) return MOEI2_ERR_ARG;
-    const int64_t P = MOEI2_PACKED_SIZE(C);
-    double *a = malloc((size_t)(d * C) * sizeof(double));
-    double *tau = malloc((size_t)C * sizeof(double));
-    double *w = malloc((size_t)k * sizeof(double));
-    double *work = NULL;
-    moei2_status status = MOEI2_OK;
-    if (!a || !tau || !w) { status = MOEI2_ERR_NOMEM; goto done; }
-    {
-        double query = 0.0;
-        lapack_int info = BLASFN(LAPACKE_dgeqrf_work)(LAPACK_COL_MAJOR, (lapack_int)d, (lapack_int)C, a,
-                                                      (lapack_int)d, tau, &query, -1);
-        if (info != 0) { status = MOEI2_ERR_LAPACK; goto done; }
-        lapack_int lwork = (lapack_int)query;
-        if (lwork < (lapack_int)C) lwork = (lapack_int)C;
-        work = malloc((size_t)lwork * sizeof(double));
-        if (!work) { status = MOEI2_ERR_NOMEM; goto done; }
-        const int64_t rows = d < C ? d : C;
-        for (int64_t n = 0; n < N; n++) {
-            /* The token's [C, d] row-major block is the d x C column-major matrix whose columns
-             * are the candidate outputs: LAPACK factors it in place without a transpose. */
-            if (outputs_f32) {
-                const float *src = outputs_f32 + n * C * d;
-                for (int64_t i = 0; i < C * d; i++) a[i] = (double)src[i];
-            } else {
-                memcpy(a, outputs_f64 + n * C * d, (size_t)(C * d) * sizeof(double));
-            }
-            for (int64_t i = 0; i < C * d; i++)
-                if (!isfinite(a[i])) { status = MOEI2_ERR_NONFINITE; goto done; }
-            info = BLASFN(LAPACKE_dgeqrf_work)(LAPACK_COL_MAJOR, (lapack_int)d, (lapack_int)C, a, (lapack_int)d,
-                                               tau, work, lwork);
-            if (info != 0) { status = MOEI2_ERR_LAPACK; goto done; }
-            double *r = factor + n * P;
-            for (int64_t j = 0; j < C; j++) {
-                double *col = r + MOEI2_PACKED_SIZE(j);
-                for (int64_t i = 0; i <= j; i++) col[i] = i < rows ? a[j * d + i] : 0.0;
-            }
-            /* ||y||^2 = ||R w||^2 with w the original top-k weights (the first k candidates). */
-            const double *cp = candidate_probs + n * C;
-            double norm = 1.0;
-            if (renormalize) {
-                norm = 0.0;
-                for (int64_t q = 0; q < k; q++) norm += cp[q];
-            }
-            for (int64_t q = 0; q < k; q++) w[q] = scaling * cp[q] / norm;
-            double sum = 0.0;
-            for (int64_t i = 0; i < k; i++) {
-                double v = 0.0;
-                for (int64_t j = i; j < k; j++) v += r[MOEI2_PACKED_SIZE(j) + i] * w[j];
-                sum += v * v;
-            }
-            output_norm2[n] = sum;
-        }
-    }
-done:
-    free(a);
-    free(tau);
-    free(w);
-    free(work);
-    return status;
-}
-
 /* ---- the loss of a batch of masks ------------------------------------------------------- */
 
 /* Shared, read-only description of the masks being scored. ids[m] lists mask m's dropped
@@ -165,11 +94,6 @@ typedef struct {
     double *losses;
 } loss_job;
 
-typedef struct {
-    const loss_job *job;
-    int64_t first, last; /* masks [first, last) */
-    moei2_status status;
-} loss_slice;
 
 /* Tokens are scored in blocks: the block's cache entries (about 2 KiB each) stay in cache while
  * every mask of the slice visits them, and its probabilities are transposed so that P_S of one
@@ -205,7 +129,7 @@ static void scratch_free(slice_scratch *w) {
 
 static moei2_status scratch_alloc(slice_scratch *w, int64_t M, int64_t E, int64_t k, int64_t C) {
     memset(w, 0, sizeof *w);
-    w->acc = malloc((size_t)M * sizeof(double));
+    w->acc = moei2_alloc(M, sizeof(double));
     w->probs_t = malloc((size_t)(E * TOKEN_BLOCK) * sizeof(double));
     w->ps = calloc((size_t)TOKEN_BLOCK, sizeof(double)); /* stays 0 when renormalising */
     w->top_len = k > FAST_WIDTH ? k : FAST_WIDTH;
@@ -430,10 +354,8 @@ static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last
     return MOEI2_OK;
 }
 
-static void *score_slice_thread(void *arg) {
-    loss_slice *slice = arg;
-    slice->status = score_slice(slice->job, slice->first, slice->last);
-    return NULL;
+static int score_block(void *arg, int64_t first, int64_t last) {
+    return (int)score_slice((const loss_job *)arg, first, last);
 }
 
 moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *masks, int64_t num_masks,
@@ -443,9 +365,11 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
     if (M < 0 || k < 1 || C <= k || C > E || cache->num_batches < 1) return MOEI2_ERR_ARG;
     if (!cache->renormalize && cache->probs == NULL) return MOEI2_ERR_ARG;
     if (M == 0) return MOEI2_OK;
-    int32_t *ids = malloc((size_t)(M * E) * sizeof(int32_t));
-    int64_t *drop_count = malloc((size_t)M * sizeof(int64_t));
-    unsigned char *dropped = malloc((size_t)(M * E));
+    int64_t ME;
+    if (moei2_mul_ok(M, E, &ME)) return MOEI2_ERR_NOMEM;
+    int32_t *ids = moei2_alloc(ME, sizeof(int32_t));
+    int64_t *drop_count = moei2_alloc(M, sizeof(int64_t));
+    unsigned char *dropped = moei2_alloc(ME, 1);
     if (!ids || !drop_count || !dropped) {
         free(ids);
         free(drop_count);
@@ -471,37 +395,13 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
         drop_count[m] = r;
     }
     {
+        /* One block per thread: each block allocates its scratch once. Each mask is summed by
+         * exactly one thread in token order, so the split never changes a result. */
         loss_job job = {cache, ids, drop_count, dropped, losses};
-        int64_t threads = num_threads < 1 ? 1 : num_threads;
-        if (threads > M) threads = M;
-        loss_slice *slices = calloc((size_t)threads, sizeof(loss_slice));
-        pthread_t *handles = calloc((size_t)threads, sizeof(pthread_t));
-        int *started = calloc((size_t)threads, sizeof(int));
-        if (!slices || !handles || !started) {
-            free(slices); free(handles); free(started);
-            status = MOEI2_ERR_NOMEM;
-            goto done;
-        }
-        for (int64_t t = 0; t < threads; t++) {
-            slices[t].job = &job;
-            slices[t].first = M * t / threads;
-            slices[t].last = M * (t + 1) / threads;
-        }
-        /* Slice 0 runs on the calling thread; a slice whose thread cannot start runs there too.
-         * Each mask is summed by exactly one thread in token order, so the split never changes
-         * a result. */
-        for (int64_t t = 1; t < threads; t++)
-            started[t] = pthread_create(&handles[t], NULL, score_slice_thread, &slices[t]) == 0;
-        score_slice_thread(&slices[0]);
-        for (int64_t t = 1; t < threads; t++) {
-            if (started[t]) pthread_join(handles[t], NULL);
-            else score_slice_thread(&slices[t]);
-        }
-        for (int64_t t = 0; t < threads; t++)
-            if (slices[t].status != MOEI2_OK) status = slices[t].status;
-        free(slices);
-        free(handles);
-        free(started);
+        const int64_t threads = num_threads < 1 ? 1 : num_threads;
+        const int64_t block = M / threads + (M % threads != 0);
+        int err = moei2_par_for((int)threads, M, block, score_block, &job);
+        if (err) status = (moei2_status)err;
     }
 done:
     free(ids);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "moei2_core.h"
+#include "moei2_internal.h"
 #include "search_internal.h"
 
 uint64_t moei2_combinations(int64_t n, int64_t r) {
@@ -99,15 +100,24 @@ static uint64_t mask_hash(const uint64_t *mask, int64_t words) {
     return h;
 }
 
+/* The smallest power of two >= 2 * capacity (at least 16), or -1 when that overflows. */
+static int64_t memo_table_size(int64_t capacity) {
+    int64_t size = 16;
+    if (capacity > INT64_MAX / 4) return -1;
+    while (size < 2 * capacity) size *= 2;
+    return size;
+}
+
 static moei2_status memo_init(mask_memo *memo, int64_t words, int64_t capacity) {
+    memset(memo, 0, sizeof *memo);
+    int64_t entries;
     memo->words = words;
-    memo->size = 0;
     memo->capacity = capacity;
-    memo->table_size = 16;
-    while (memo->table_size < 2 * capacity) memo->table_size *= 2;
-    memo->masks = malloc((size_t)(capacity * words) * sizeof(uint64_t));
-    memo->losses = malloc((size_t)capacity * sizeof(double));
-    memo->table = malloc((size_t)memo->table_size * sizeof(int64_t));
+    memo->table_size = memo_table_size(capacity);
+    if (memo->table_size < 0 || moei2_mul_ok(capacity, words, &entries)) return MOEI2_ERR_NOMEM;
+    memo->masks = moei2_alloc(entries, sizeof(uint64_t));
+    memo->losses = moei2_alloc(capacity, sizeof(double));
+    memo->table = moei2_alloc(memo->table_size, sizeof(int64_t));
     if (!memo->masks || !memo->losses || !memo->table) return MOEI2_ERR_NOMEM;
     for (int64_t i = 0; i < memo->table_size; i++) memo->table[i] = -1;
     return MOEI2_OK;
@@ -132,16 +142,20 @@ static int64_t memo_find(const mask_memo *memo, const uint64_t *mask) {
 }
 
 static moei2_status memo_grow(mask_memo *memo) {
-    const int64_t W = memo->words, capacity = memo->capacity * 2;
-    uint64_t *masks = realloc(memo->masks, (size_t)(capacity * W) * sizeof(uint64_t));
+    const int64_t W = memo->words;
+    int64_t capacity, entries;
+    if (moei2_mul_ok(memo->capacity, 2, &capacity) || moei2_mul_ok(capacity, W, &entries) ||
+        (uint64_t)entries > SIZE_MAX / sizeof(uint64_t))
+        return MOEI2_ERR_NOMEM;
+    const int64_t table_size = memo_table_size(capacity);
+    if (table_size < 0 || (uint64_t)table_size > SIZE_MAX / sizeof(int64_t)) return MOEI2_ERR_NOMEM;
+    uint64_t *masks = realloc(memo->masks, (size_t)entries * sizeof(uint64_t));
     if (!masks) return MOEI2_ERR_NOMEM;
     memo->masks = masks;
     double *losses = realloc(memo->losses, (size_t)capacity * sizeof(double));
     if (!losses) return MOEI2_ERR_NOMEM;
     memo->losses = losses;
-    int64_t table_size = memo->table_size;
-    while (table_size < 2 * capacity) table_size *= 2;
-    int64_t *table = malloc((size_t)table_size * sizeof(int64_t));
+    int64_t *table = moei2_alloc(table_size, sizeof(int64_t));
     if (!table) return MOEI2_ERR_NOMEM;
     for (int64_t i = 0; i < table_size; i++) table[i] = -1;
     for (int64_t e = 0; e < memo->size; e++) {
@@ -335,16 +349,21 @@ moei2_status moei2_search_genetic(const moei2_search_cache *cache, const moei2_g
     s.r = r;
     s.rng = rng;
     moei2_status status = MOEI2_OK;
-    double *scratch = malloc((size_t)P * sizeof(double));
-    uint64_t *child = malloc((size_t)W * sizeof(uint64_t));
-    ranked_member *ranked = malloc((size_t)P * sizeof(ranked_member));
-    int64_t *parents = malloc((size_t)P * sizeof(int64_t));
-    s.perm = malloc((size_t)E * sizeof(int64_t));
-    s.dropped = malloc((size_t)E * sizeof(int64_t));
-    s.kept = malloc((size_t)E * sizeof(int64_t));
-    s.pending = malloc((size_t)(P * W) * sizeof(uint64_t));
-    s.members = malloc((size_t)P * sizeof(int64_t));
-    if (memo_init(&s.memo, W, 4 * P) != MOEI2_OK || !scratch || !child || !ranked || !parents || !s.perm ||
+    /* Every size below is checked: a population near 2^61 must give MOEI2_ERR_NOMEM, not a
+     * wrapped size and a short buffer. */
+    int64_t pw = -1, memo_capacity = -1;
+    if (moei2_mul_ok(P, W, &pw) || moei2_mul_ok(P, 4, &memo_capacity)) pw = memo_capacity = -1;
+    double *scratch = moei2_alloc(P, sizeof(double));
+    uint64_t *child = moei2_alloc(W, sizeof(uint64_t));
+    ranked_member *ranked = moei2_alloc(P, sizeof(ranked_member));
+    int64_t *parents = moei2_alloc(P, sizeof(int64_t));
+    s.perm = moei2_alloc(E, sizeof(int64_t));
+    s.dropped = moei2_alloc(E, sizeof(int64_t));
+    s.kept = moei2_alloc(E, sizeof(int64_t));
+    s.pending = moei2_alloc(pw, sizeof(uint64_t));
+    s.members = moei2_alloc(P, sizeof(int64_t));
+    if (memo_capacity < 0 || memo_init(&s.memo, W, memo_capacity) != MOEI2_OK || !scratch || !child || !ranked ||
+        !parents || !s.perm ||
         !s.dropped || !s.kept || !s.pending || !s.members) {
         status = MOEI2_ERR_NOMEM;
         goto done;

@@ -33,14 +33,13 @@
  * LAPACK call, on as many threads as the caller's BLAS thread count. Which thread computes a
  * block changes nothing. dsytrd and dgeqrf run as one call on one thread. */
 #include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "moei2_blas.h"
 #include "moei2_core.h"
+#include "moei2_internal.h"
 
 /* Columns of W G W^T formed per dgemm call when only its upper triangle is needed: narrow enough
  * to skip most of the lower half (about (1 + 1/blocks)/2 of the full product), wide enough for
@@ -59,56 +58,6 @@ static double *alloc_doubles(int64_t count) {
 /* Block size of the thread-count independent partitions (see "Determinism"); wide enough for
  * the BLAS kernels to run at full speed. */
 #define PAR_BLOCK 128
-#define PAR_MAX_THREADS 256
-
-/* Computes columns (or rows) [begin, end) of one operation; sets *err to a LAPACK info != 0. */
-typedef void (*block_fn)(void *ctx, int64_t begin, int64_t end, int *err);
-
-typedef struct {
-    block_fn fn;
-    void *ctx;
-    int64_t total, block;
-    atomic_llong next; /* index of the next block nobody has taken */
-    atomic_int err;    /* first error reported */
-} par_state;
-
-static void *par_worker(void *arg) {
-    par_state *st = (par_state *)arg;
-    for (;;) {
-        long long b = atomic_fetch_add(&st->next, 1);
-        if (b >= (st->total + st->block - 1) / st->block) break;
-        int64_t begin = (int64_t)b * st->block;
-        int64_t end = begin + st->block < st->total ? begin + st->block : st->total;
-        int err = 0;
-        st->fn(st->ctx, begin, end, &err);
-        if (err) {
-            int none = 0;
-            atomic_compare_exchange_strong(&st->err, &none, err);
-        }
-    }
-    return NULL;
-}
-
-/* fn over [0, total) in blocks of `block`, on up to `threads` threads (the caller's included).
- * A thread that cannot start only costs parallelism. Returns the first error of any block. */
-static int par_for(int threads, int64_t total, int64_t block, block_fn fn, void *ctx) {
-    if (total <= 0) return 0;
-    par_state st = {.fn = fn, .ctx = ctx, .total = total, .block = block};
-    atomic_init(&st.next, 0);
-    atomic_init(&st.err, 0);
-    int64_t blocks = (total + block - 1) / block;
-    int want = threads < PAR_MAX_THREADS ? threads : PAR_MAX_THREADS;
-    if ((int64_t)want > blocks) want = (int)blocks;
-    pthread_t tids[PAR_MAX_THREADS];
-    int started = 0;
-    for (int t = 0; t < want - 1; t++) {
-        if (pthread_create(&tids[t], NULL, par_worker, &st) != 0) break;
-        started++;
-    }
-    par_worker(&st);
-    for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
-    return atomic_load(&st.err);
-}
 
 /* C[:, cols] = alpha op(A) op(B)[:, cols] (column-major), float64 or float32. */
 typedef struct {
@@ -120,7 +69,7 @@ typedef struct {
     int64_t lda, ldb, ldc;
 } gemm_ctx;
 
-static void gemm_block(void *arg, int64_t j0, int64_t j1, int *err) {
+static int gemm_block(void *arg, int64_t j0, int64_t j1) {
     const gemm_ctx *g = (const gemm_ctx *)arg;
     int64_t boff = g->tb == CblasNoTrans ? j0 * g->ldb : j0;
     if (g->single)
@@ -131,6 +80,7 @@ static void gemm_block(void *arg, int64_t j0, int64_t j1, int *err) {
         BLASFN(cblas_dgemm)(CblasColMajor, g->ta, g->tb, (blasint)g->m, (blasint)(j1 - j0), (blasint)g->k, 1.0,
                             (const double *)g->a, (blasint)g->lda, (const double *)g->b + boff, (blasint)g->ldb, 0.0,
                             (double *)g->c + j0 * g->ldc, (blasint)g->ldc);
+    return 0;
 }
 
 /* In-place triangular product with the upper triangular t (order `order`): side Left multiplies
@@ -144,7 +94,7 @@ typedef struct {
     int64_t ldx;
 } trmm_ctx;
 
-static void trmm_block(void *arg, int64_t i0, int64_t i1, int *err) {
+static int trmm_block(void *arg, int64_t i0, int64_t i1) {
     const trmm_ctx *c = (const trmm_ctx *)arg;
     if (c->side == CblasLeft)
         BLASFN(cblas_dtrmm)(CblasColMajor, CblasLeft, CblasUpper, c->trans, CblasNonUnit, (blasint)c->order,
@@ -152,12 +102,13 @@ static void trmm_block(void *arg, int64_t i0, int64_t i1, int *err) {
     else
         BLASFN(cblas_dtrmm)(CblasColMajor, CblasRight, CblasUpper, c->trans, CblasNonUnit, (blasint)(i1 - i0),
                             (blasint)c->order, 1.0, c->t, (blasint)c->order, c->x + i0, (blasint)c->ldx);
+    return 0;
 }
 
 static void trmm_par(int threads, CBLAS_SIDE side, CBLAS_TRANSPOSE trans, int64_t order, int64_t other,
                      const double *t, double *x, int64_t ldx) {
     trmm_ctx c = {.side = side, .trans = trans, .order = order, .other = other, .t = t, .x = x, .ldx = ldx};
-    par_for(threads, other, PAR_BLOCK, trmm_block, &c);
+    moei2_par_for(threads, other, PAR_BLOCK, trmm_block, &c);
 }
 
 /* Applies the orthogonal matrix of dsytrd (dormtr) or dgeqrf (dormqr) to columns of c. */
@@ -171,7 +122,7 @@ typedef struct {
     int64_t ldc;
 } orm_ctx;
 
-static void orm_block(void *arg, int64_t j0, int64_t j1, int *err) {
+static int orm_block(void *arg, int64_t j0, int64_t j1) {
     const orm_ctx *o = (const orm_ctx *)arg;
     lapack_int info;
     if (o->tridiagonal)
@@ -182,7 +133,7 @@ static void orm_block(void *arg, int64_t j0, int64_t j1, int *err) {
         info = BLASFN(LAPACKE_dormqr)(LAPACK_COL_MAJOR, 'L', 'N', (lapack_int)o->rows, (lapack_int)(j1 - j0),
                                       (lapack_int)o->reflectors, o->factors, (lapack_int)o->ldf, o->tau,
                                       o->c + j0 * o->ldc, (lapack_int)o->ldc);
-    *err = (int)info;
+    return (int)info;
 }
 
 static int all_finite(const double *x, int64_t count) {
@@ -252,7 +203,7 @@ static int eig_mrrr(double *s, eig_result *res, const char **what) {
     if (info == 0 && found != r) info = -2000;
     if (info != 0) { *what = "dstemr"; goto done; }
     orm_ctx orm = {.tridiagonal = 1, .rows = k, .factors = s, .ldf = k, .tau = tau, .c = z, .ldc = k};
-    info = par_for(res->threads, r, PAR_BLOCK, orm_block, &orm);
+    info = moei2_par_for(res->threads, r, PAR_BLOCK, orm_block, &orm);
     if (info != 0) { *what = "dormtr"; goto done; }
     take_top_descending(z, k, r, r, res->vectors);
 done:
@@ -330,7 +281,7 @@ static moei2_status problem_prepare(problem *p) {
             if (!p->gwt) return MOEI2_ERR_NOMEM;
             gemm_ctx g = {.ta = CblasNoTrans, .tb = CblasNoTrans, .m = n, .k = n, .a = p->gram, .lda = n,
                           .b = p->wt, .ldb = n, .c = p->gwt, .ldc = n};
-            par_for(p->threads, m, PAR_BLOCK, gemm_block, &g);
+            moei2_par_for(p->threads, m, PAR_BLOCK, gemm_block, &g);
         }
         return MOEI2_OK;
     }
@@ -356,13 +307,14 @@ typedef struct {
 } triangle_ctx;
 
 /* s[0:j1, j0:j1] = W[0:j1, :] (G W^T)[:, j0:j1] (G = I without a Gram). */
-static void triangle_block(void *arg, int64_t j0, int64_t j1, int *err) {
+static int triangle_block(void *arg, int64_t j0, int64_t j1) {
     const triangle_ctx *t = (const triangle_ctx *)arg;
     const problem *p = t->p;
     const double *right = p->gwt ? p->gwt : p->wt;
     BLASFN(cblas_dgemm)(CblasColMajor, CblasTrans, CblasNoTrans, (blasint)j1, (blasint)(j1 - j0), (blasint)p->n, 1.0,
                         p->wt, (blasint)p->n, right + j0 * p->n, (blasint)p->n, 0.0, t->s + j0 * p->m,
                         (blasint)p->m);
+    return 0;
 }
 
 static void problem_form(const problem *p, double *s) {
@@ -370,7 +322,7 @@ static void problem_form(const problem *p, double *s) {
     if (m <= n) {
         /* The upper triangle, block column by block column. */
         triangle_ctx t = {.p = p, .s = s};
-        par_for(p->threads, m, TRIANGLE_BLOCK, triangle_block, &t);
+        moei2_par_for(p->threads, m, TRIANGLE_BLOCK, triangle_block, &t);
         return;
     }
     /* R G R^T (R R^T without a Gram) by products with the triangular R, never dlauum, whose
@@ -394,14 +346,14 @@ static moei2_status problem_factors(const problem *p, const double *v) {
              * float32 A, so that A B is exactly the projection of W onto span(A) up to sgemm rounding. */
             gemm_ctx g = {.single = 1, .ta = CblasNoTrans, .tb = CblasTrans, .m = n, .k = m, .a = job->weight,
                           .lda = n, .b = a, .ldb = r, .c = job->b, .ldc = n};
-            par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
+            moei2_par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
         } else {
             double *a = (double *)job->a;
             for (int64_t c = 0; c < r; c++)
                 for (int64_t i = 0; i < m; i++) a[i * r + c] = v[i + c * m];
             gemm_ctx g = {.ta = CblasNoTrans, .tb = CblasTrans, .m = n, .k = m, .a = p->wt, .lda = n, .b = a,
                           .ldb = r, .c = job->b, .ldc = n};
-            par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
+            moei2_par_for(p->threads, r, PAR_BLOCK, gemm_block, &g);
         }
         return MOEI2_OK;
     }
@@ -418,7 +370,7 @@ static moei2_status problem_factors(const problem *p, const double *v) {
     }
     memcpy(bt, v, (size_t)(n * r) * sizeof(double));
     orm_ctx orm = {.rows = m, .reflectors = n, .factors = p->qr, .ldf = m, .tau = p->tau, .c = u, .ldc = m};
-    int info = par_for(p->threads, r, PAR_BLOCK, orm_block, &orm);
+    int info = moei2_par_for(p->threads, r, PAR_BLOCK, orm_block, &orm);
     if (info != 0) {
         free(u);
         free(bt);
@@ -586,54 +538,27 @@ moei2_status moei2_lowrank_decompose(moei2_lowrank_job *job) {
     if (!job) return MOEI2_ERR_ARG;
     int threads = moei2_blas_get_num_threads();
     if (threads < 1) threads = 1;
-    if (threads > 1) moei2_blas_set_num_threads(1);
+    moei2_blas_pin_single();
     job->status = decompose(job, threads);
-    if (threads > 1) moei2_blas_set_num_threads(threads);
+    moei2_blas_unpin();
     return job->status;
 }
 
 /* ---- many decompositions in parallel --------------------------------------------------------- */
 
-typedef struct {
-    moei2_lowrank_job *jobs;
-    int64_t count;
-    atomic_llong next;  /* the next job nobody has taken yet */
-} job_queue;
-
-static void *worker(void *arg) {
-    job_queue *queue = (job_queue *)arg;
-    for (;;) {
-        long long i = atomic_fetch_add(&queue->next, 1);
-        if (i >= queue->count) break;
-        queue->jobs[i].status = decompose(&queue->jobs[i], 1);
-    }
-    return NULL;
+static int decompose_block(void *arg, int64_t begin, int64_t end) {
+    moei2_lowrank_job *jobs = (moei2_lowrank_job *)arg;
+    /* A failed job must not stop the others: each reports its own status. */
+    for (int64_t i = begin; i < end; i++) jobs[i].status = decompose(&jobs[i], 1);
+    return 0;
 }
 
 moei2_status moei2_lowrank_decompose_many(moei2_lowrank_job *jobs, int64_t count, int num_threads) {
     if (count < 0 || (count > 0 && !jobs) || num_threads < 1) return MOEI2_ERR_ARG;
     if (count == 0) return MOEI2_OK;
-    if ((int64_t)num_threads > count) num_threads = (int)count;
-
-    job_queue queue = {.jobs = jobs, .count = count};
-    atomic_init(&queue.next, 0);
-    pthread_t *threads = NULL;
-    int started = 0;
-    int saved_blas_threads = moei2_blas_get_num_threads();
-    moei2_blas_set_num_threads(1);
-    if (num_threads > 1) {
-        threads = (pthread_t *)malloc((size_t)(num_threads - 1) * sizeof(pthread_t));
-        /* A thread that cannot start only costs parallelism: the caller's thread takes its share. */
-        for (int t = 0; threads && t < num_threads - 1; t++) {
-            if (pthread_create(&threads[t], NULL, worker, &queue) != 0) break;
-            started++;
-        }
-    }
-    worker(&queue);
-    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
-    free(threads);
-    moei2_blas_set_num_threads(saved_blas_threads);
-
+    moei2_blas_pin_single();
+    moei2_par_for(num_threads, count, 1, decompose_block, jobs);
+    moei2_blas_unpin();
     for (int64_t i = 0; i < count; i++)
         if (jobs[i].status != MOEI2_OK) return jobs[i].status;
     return MOEI2_OK;
@@ -761,6 +686,10 @@ moei2_status moei2_allocate_ranks(const double *importance, const int64_t *rows,
         goto done;
     }
     int64_t budget = (int64_t)floor(target + 0.5);
+    /* keep_ratio 1 asks for every dense parameter, which the caps (floors of m n / (m + n)) fall
+     * short of: it means every parameter a factorisation can hold. A smaller ratio the caps
+     * cannot meet is refused, so that no budget is silently lowered. */
+    if (keep_ratio >= 1.0 && budget > cap_sum) budget = cap_sum;
     *budget_out = budget;
     if (budget < count || budget > cap_sum) {
         status = MOEI2_ERR_ARG;

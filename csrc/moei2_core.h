@@ -143,7 +143,8 @@ int moei2_lowrank_check_gram(const double *gram, int64_t n, int64_t *row, int64_
  * pow() away from overflow.)
  * The budget: R_avg = avg_rank, or with keep_ratio >= 0 instead (avg_rank < 0),
  * R_avg = keep_ratio * sum(m_j n_j) / sum(m_j + n_j), the average rank that keeps that fraction
- * of the dense parameters. *budget_out and *cap_sum_out are always set when the inputs are
+ * of the dense parameters; keep_ratio = 1 gives min(that, sum(cap_j)), every parameter a
+ * factorisation can hold. *budget_out and *cap_sum_out are always set when the inputs are
  * valid; MOEI2_ERR_ARG when the budget is below M (every expert needs rank 1) or above
  * sum(cap_j), or when importance, alpha, eps are negative or not finite. */
 moei2_status moei2_allocate_ranks(const double *importance, const int64_t *rows, const int64_t *cols,
@@ -205,12 +206,36 @@ moei2_status moei2_search_prepare(int64_t num_tokens, int64_t num_experts, int64
 /* Factors the candidate outputs of a run of tokens: outputs [n, C, dim] (float32 or float64:
  * exactly one of outputs_f32 / outputs_f64 is non-NULL, row q = output of the token's q-th
  * candidate). Writes factor [n, C(C+1)/2] and output_norm2 [n] (the squared norm of the
- * token's original routed output, from candidate_probs [n, C]). Non-finite outputs give
- * MOEI2_ERR_NONFINITE. */
+ * token's original routed output, from candidate_probs [n, C]). Blocks of tokens run on
+ * num_threads threads with single-threaded BLAS; each token by a Cholesky of its float64 Gram
+ * when that is well conditioned, else by Householder QR (see factor.c). *qr_tokens (if not
+ * NULL) receives how many took the QR route. The result does not depend on num_threads.
+ * Non-finite outputs give MOEI2_ERR_NONFINITE; C * dim must stay below 2^31. */
 moei2_status moei2_search_factor(int64_t num_tokens, int64_t num_candidates, int64_t dim,
                                  const float *outputs_f32, const double *outputs_f64, int64_t top_k,
                                  int renormalize, double scaling, const double *candidate_probs,
-                                 double *factor, double *output_norm2);
+                                 double *factor, double *output_norm2, int num_threads,
+                                 int64_t *qr_tokens);
+
+/* The candidate outputs of a run of tokens through SiLU-gated experts, in float32:
+ * outputs[t, q] = down_e (silu(gate_e x_t) * up_e x_t), e = candidates[t, q], with
+ * gate_up [E, 2I, H] (gate rows first), down [E, H, I] row-major, x [n, H]. */
+typedef struct {
+    int64_t num_tokens;        /* n */
+    int64_t num_candidates;    /* C */
+    int64_t num_experts;       /* E */
+    int64_t hidden;            /* H */
+    int64_t inter;             /* I */
+    const float *x;            /* [n, H] */
+    const int32_t *candidates; /* [n, C] expert ids in [0, E) */
+    const float *gate_up;      /* [E, 2I, H] */
+    const float *down;         /* [E, H, I] */
+    float *outputs;            /* out: [n, C, H] */
+} moei2_expert_outputs_job;
+
+/* Experts run as independent blocks on num_threads threads (single-threaded BLAS), each in
+ * fixed row panels: the result does not depend on num_threads. */
+moei2_status moei2_candidate_outputs(const moei2_expert_outputs_job *job, int num_threads);
 
 /* L(S) for a batch of masks [num_masks, W]. Every mask must drop at most C - k experts (and so
  * at most E - k); masks may differ in size. Threads split the masks, so each mask's sum runs in

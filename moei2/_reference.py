@@ -62,6 +62,8 @@ def allocate_ranks_reference(importance, shapes, avg_rank=None, keep_ratio=None,
         avg_rank = keep_ratio * float(sum(int(m) * int(n) for m, n in shapes)) / float(sum(int(m) + int(n) for m, n in shapes))
     target = float(avg_rank) * count
     budget = int(np.floor(target + 0.5))
+    if keep_ratio is not None and keep_ratio >= 1.0:
+        budget = min(budget, sum(caps))
     if budget < count or budget > sum(caps):
         raise ValueError(f"budget {budget} outside [{count}, {sum(caps)}]")
     # Relative to the largest weight: the shares are unchanged, and this is how the C kernel

@@ -14,7 +14,6 @@ Functions:
 * :func:`allocate_ranks`: MoE-I2's per-expert ranks from expert importance.
 """
 import numbers
-import os
 
 import numpy as np
 
@@ -155,10 +154,9 @@ def _item_fields(item, index):
 
 
 def _default_threads():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from ._threads import num_threads
+
+    return num_threads()
 
 
 def decompose_many(items, *, return_info=False, num_threads=None, _skip_solvers=0):
@@ -239,7 +237,8 @@ def allocate_ranks(importance, shapes, avg_rank=None, keep_ratio=None, alpha=0.1
         shapes: M pairs (m_j, n_j), or one pair for every expert.
         avg_rank: R_avg, the average rank. Exactly one of ``avg_rank`` and ``keep_ratio``.
         keep_ratio: fraction in (0, 1] of the dense parameters sum(m_j n_j) to keep, i.e.
-            ``R_avg = keep_ratio * sum(m_j n_j) / sum(m_j + n_j)``.
+            ``R_avg = keep_ratio * sum(m_j n_j) / sum(m_j + n_j)``; 1 keeps every parameter the
+            caps allow (the budget is then at most the sum of the caps).
         alpha: exponent (0 gives uniform ranks), eps: added to every importance.
 
     Returns:

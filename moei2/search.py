@@ -18,7 +18,6 @@ C (csrc/fitness.c, importance.c, genetic.c); moei2._reference holds the float64 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -96,7 +95,9 @@ class SearchResult:
 # ---- the per-layer cache -----------------------------------------------------------------------
 
 def _num_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, 16))
+    from ._threads import num_threads
+
+    return num_threads()
 
 
 def _batch_ends(batch_sizes, num_tokens: int) -> np.ndarray:
@@ -131,30 +132,36 @@ def _float_array(value, name: str, ndim: int) -> np.ndarray:
     return a
 
 
-# Candidate outputs are factored in chunks of at most this many bytes of float64 scratch.
+# Candidate outputs are factored in chunks of at most this many bytes.
 _CHUNK_BYTES = 128 << 20
+
+# Bounds of the genetic search's sizes, checked before any work: far beyond a useful search
+# (the paper uses 100 x 50), small enough that nothing computed from them overflows.
+_MAX_POPULATION = 1 << 24
+_MAX_GENERATIONS = 1 << 24
+_MAX_K_BEST = 1 << 20
 
 
 class Layer:
     """One MoE layer's search cache and the searches over its expert masks.
 
-    Build it with :meth:`from_dense` (every expert's output on every token is given) or
+    Build it with :meth:`from_dense` (every expert's output on every token is given),
     :meth:`from_moe` (expert weights and the layer's input; only the outputs the search can
-    reach are computed). Masks are bool arrays, True = dropped.
+    reach are computed, in C) or :meth:`from_candidate_outputs` (outputs computed by the caller).
+    Masks are bool arrays, True = dropped. The cache lives in C memory (``_core.SearchCache``).
     """
 
-    def __init__(self, *, num_experts, top_k, r_max, renormalize, scaling_factor, batch_ends, candidates,
-                 candidate_probs, probs, topk_bits, factor, output_norm2):
-        self.num_experts = int(num_experts)
-        self.top_k = int(top_k)
-        self.r_max = int(r_max)
-        self.renormalize = bool(renormalize)
-        self.scaling_factor = float(scaling_factor)
-        self.batch_ends = batch_ends
+    def __init__(self, cache):
+        if not isinstance(cache, _core.SearchCache):
+            raise TypeError(f"Layer wraps a moei2._core.SearchCache, got {type(cache).__name__}")
+        self._cache = cache
+        self.num_experts = cache.num_experts
+        self.top_k = cache.top_k
+        self.r_max = cache.r_max
+        self.renormalize = cache.renormalize
+        self.scaling_factor = cache.scaling_factor
+        self.batch_ends = cache.batch_ends
         self.num_threads = _num_threads()
-        self._arrays = (candidates, candidate_probs, probs, topk_bits, factor, output_norm2)
-        self._cache = (self.top_k, self.renormalize, self.scaling_factor, batch_ends, candidates, candidate_probs,
-                       probs, topk_bits, factor, output_norm2)
 
     # -- construction --
 
@@ -168,31 +175,33 @@ class Layer:
         r_max = E - top_k if r_max is None else _check_int(r_max, "r_max", 1, E - top_k)
         if not isinstance(renormalize, (bool, np.bool_)):
             raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
+        if isinstance(scaling_factor, (bool, np.bool_)) or not isinstance(scaling_factor, (int, float, np.number)):
+            raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor!r}")
         scaling_factor = float(scaling_factor)
         if not (math.isfinite(scaling_factor) and scaling_factor > 0):
             raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor}")
         return logits, N, E, top_k, r_max, bool(renormalize), scaling_factor
 
+    @staticmethod
+    def _new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes):
+        return _core.SearchCache(logits, top_k=top_k, r_max=r_max, renormalize=renormalize,
+                                 scaling_factor=scaling_factor, batch_ends=_batch_ends(batch_sizes, logits.shape[0]))
+
     @classmethod
     def _build(cls, logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, candidate_outputs):
         """candidate_outputs(candidates [n, C], first_token) -> [n, C, d] outputs of a chunk."""
-        batch_ends = _batch_ends(batch_sizes, N)
+        cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
+        threads = _num_threads()
         C = top_k + r_max
-        candidates, candidate_probs, probs, topk_bits = _core.search_prepare(logits, top_k, C, not renormalize)
-        factor = np.empty((N, C * (C + 1) // 2), dtype=np.float64)
-        norm2 = np.empty(N, dtype=np.float64)
         start, chunk = 0, 1
         while start < N:
-            out = candidate_outputs(candidates[start:start + chunk], start)
-            n = out.shape[0]
-            _core.search_factor(np.ascontiguousarray(out), top_k, renormalize, scaling_factor,
-                                candidate_probs[start:start + n], factor[start:start + n], norm2[start:start + n])
+            out = candidate_outputs(cache.candidates(start, min(chunk, N - start)), start)
+            out = _float_array(out, "candidate outputs", 3)
+            n = cache.factor_outputs(np.ascontiguousarray(out), start, threads)
             if start == 0:
-                chunk = max(1, _CHUNK_BYTES // max(1, 8 * C * out.shape[2]))
+                chunk = max(1, _CHUNK_BYTES // max(1, out.itemsize * C * out.shape[2]))
             start += n
-        return cls(num_experts=E, top_k=top_k, r_max=r_max, renormalize=renormalize, scaling_factor=scaling_factor,
-                   batch_ends=batch_ends, candidates=candidates, candidate_probs=candidate_probs, probs=probs,
-                   topk_bits=topk_bits, factor=factor, output_norm2=norm2)
+        return cls(cache)
 
     @classmethod
     def from_candidate_outputs(cls, router_logits, candidate_outputs, *, top_k: int, renormalize: bool,
@@ -242,9 +251,10 @@ class Layer:
         X: [N, H] the MoE block's input. router_weight: [E, H] (logits = X @ router_weight.T,
         computed in float64). gate_up_proj: [E, 2I, H] (gate rows first, then up, as in
         transformers' fused experts). down_proj: [E, H, I]. Each expert is evaluated only on the
-        tokens that hold it among their top-(top_k + r_max), in chunks of bounded memory, in
-        float32 when all weights are float32 (float64 otherwise). act: "silu" or a callable on
-        NumPy arrays. Shared experts take no part: the loss is on the routed output.
+        tokens that hold it among their top-(top_k + r_max), in chunks of bounded memory. With
+        act="silu" the outputs are computed by the C kernel in float32 (inputs are converted);
+        with a callable act on NumPy arrays, by NumPy in float32 when all weights are float32
+        (float64 otherwise). Shared experts take no part: the loss is on the routed output.
         """
         X = _float_array(X, "X", 2)
         router_weight = _float_array(router_weight, "router_weight", 2)
@@ -259,14 +269,23 @@ class Layer:
         inter = gate_up_proj.shape[1] // 2
         if down_proj.shape != (E, H, inter):
             raise ValueError(f"down_proj must have shape ({E}, {H}, {inter}), got {down_proj.shape}")
-        if act == "silu":
-            def act_fn(a):
-                return a / (1.0 + np.exp(-a))
-        elif callable(act):
-            act_fn = act
-        else:
+        if not (act == "silu" or callable(act)):
             raise ValueError(f"act must be 'silu' or a callable, got {act!r}")
         logits = X.astype(np.float64) @ router_weight.astype(np.float64).T
+        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
+            logits, top_k, r_max, renormalize, scaling_factor)
+        if isinstance(act, str):
+            # Everything below runs on moei2's pool with OpenBLAS pinned to one thread (see
+            # moei2._threads): no other BLAS pool is entered between the kernels.
+            cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
+            f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
+            chunk = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
+            threads = _num_threads()
+            start = 0
+            while start < N:
+                start += cache.factor_moe(*f32, start, min(chunk, N - start), threads)
+            return cls(cache)
+
         dtype = np.float32 if all(a.dtype == np.float32 for a in (X, gate_up_proj, down_proj)) else np.float64
         Xc = X.astype(dtype, copy=False)
         gu = gate_up_proj.astype(dtype, copy=False)
@@ -286,7 +305,7 @@ class Layer:
                 tok, slot = pos // C, pos % C
                 h = x[tok] @ gu[j].T
                 with np.errstate(over="ignore"):
-                    a = act_fn(h[:, :inter]) * h[:, inter:]
+                    a = act(h[:, :inter]) * h[:, inter:]
                 out[tok, slot] = a @ dn[j].T
             return out
 
@@ -306,7 +325,7 @@ class Layer:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the cache arrays."""
-        return int(sum(a.nbytes for a in self._arrays if a is not None) + self.batch_ends.nbytes)
+        return int(self._cache.memory_bytes)
 
     # -- masks --
 
@@ -337,30 +356,30 @@ class Layer:
 
     def loss(self, masks) -> np.ndarray:
         """L(S) for each mask: bool [M, E] -> float64 [M] (a 1-D mask [E] gives shape [1])."""
-        return _core.search_loss(self._cache, self.num_experts, self._pack(masks), self.num_threads)
+        return self._cache.loss(self._pack(masks), self.num_threads)
 
     def expert_importance(self) -> np.ndarray:
         """I[j] = L({j}), the loss of removing expert j alone, for every expert: float64 [E]."""
-        return _core.search_importance(self._cache, self.num_experts, self.num_threads)
+        return self._cache.importance(self.num_threads)
 
     def exhaustive(self, r: int, k_best: int = 1, max_masks: int = 50_000_000) -> SearchResult:
         """Scores every r-subset (NAEE-style enumeration) and returns the k_best. Refuses spaces
         larger than max_masks."""
         r = self._check_r(r)
-        k_best = _check_int(k_best, "k_best", 1)
+        k_best = _check_int(k_best, "k_best", 1, _MAX_K_BEST)
         total = math.comb(self.num_experts, r)
         if total > max_masks:
             raise ValueError(f"r={r} gives {total} masks of {self.num_experts} experts, more than max_masks={max_masks}")
-        bits, losses, _, _, evaluations = _core.search_exhaustive(self._cache, self.num_experts, r, k_best,
-                                                                  self.num_threads)
-        return SearchResult(self._unpack(bits), losses, {"best": [], "mean": []}, int(evaluations))
+        res = self._cache.exhaustive(r, k_best, self.num_threads)
+        return SearchResult(self._unpack(res["masks"]), res["losses"], {"best": [], "mean": []}, int(res["evaluations"]))
 
     def greedy(self, r: int) -> SearchResult:
         """Removes r experts one at a time, each time the one whose removal (added to those already
         removed) costs least. history holds each step's best and mean loss."""
         r = self._check_r(r)
-        bits, best, mean, evaluations = _core.search_greedy(self._cache, self.num_experts, r, self.num_threads)
-        masks = self._unpack(bits[None, :])
+        res = self._cache.greedy(r, self.num_threads)
+        best, mean, evaluations = res["history_best"], res["history_mean"], res["evaluations"]
+        masks = self._unpack(res["mask"][None, :])
         losses = best[-1:] if r > 0 else self.loss(masks)
         return SearchResult(masks, np.asarray(losses, dtype=np.float64),
                             {"best": best.tolist(), "mean": mean.tolist()}, int(evaluations))
@@ -377,10 +396,10 @@ class Layer:
         every mask has been scored. Same seed, same result, whatever the thread count.
         """
         r = self._check_r(r)
-        k_best = _check_int(k_best, "k_best", 1)
+        k_best = _check_int(k_best, "k_best", 1, _MAX_K_BEST)
         seed = _check_int(seed, "seed", 0, 2**64 - 1)
-        population = _check_int(population, "population", 2)
-        generations = _check_int(generations, "generations", 1)
+        population = _check_int(population, "population", 2, _MAX_POPULATION)
+        generations = _check_int(generations, "generations", 1, _MAX_GENERATIONS)
         elite_fraction = float(elite_fraction)
         if not 0.0 < elite_fraction <= 1.0:
             raise ValueError(f"elite_fraction must be in (0, 1], got {elite_fraction}")
@@ -388,11 +407,12 @@ class Layer:
         if not 0.0 <= mutation_rate <= 1.0:
             raise ValueError(f"mutation_rate must be in [0, 1], got {mutation_rate}")
         elite = min(population, max(1, int(math.floor(elite_fraction * population + 0.5))))
-        bits, losses, hbest, hmean, evaluations = _core.search_genetic(
-            self._cache, self.num_experts, r, k_best, population, generations, elite, mutation_rate, seed,
-            self.num_threads)
-        return SearchResult(self._unpack(bits), losses, {"best": hbest.tolist(), "mean": hmean.tolist()},
-                            int(evaluations))
+        res = self._cache.genetic(r=r, k_best=k_best, population=population, generations=generations,
+                                  elite_count=elite, mutation_rate=mutation_rate, seed=seed,
+                                  num_threads=self.num_threads)
+        return SearchResult(self._unpack(res["masks"]), res["losses"],
+                            {"best": res["history_best"].tolist(), "mean": res["history_mean"].tolist()},
+                            int(res["evaluations"]))
 
 
 def _pack_masks(masks: np.ndarray) -> np.ndarray:
@@ -447,7 +467,9 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
         raise ValueError(f"the pruning budget {budget} exceeds what the layers allow ({int(caps.sum())} = "
                          f"sum of num_experts - top_k)")
     if rule == "inverse":
-        weights = (imp == 0).astype(np.float64) if np.any(imp == 0) else 1.0 / imp
+        # min / I rather than 1 / I: a denormal importance would make 1 / I overflow to inf and
+        # the shares NaN; the ratio keeps every weight in (0, 1] with the same proportions.
+        weights = (imp == 0).astype(np.float64) if np.any(imp == 0) else imp.min() / imp
     elif rule == "uniform":
         weights = np.ones(L)
     else:
@@ -494,7 +516,9 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
             add = min(left, int(caps[l] - counts[l]))
             counts[l] += add
             left -= add
-    assert int(counts.sum()) == budget and np.all(counts <= caps)
+    if int(counts.sum()) != budget or np.any(counts > caps) or np.any(counts < 0):
+        raise RuntimeError(f"prune_counts could not meet the budget {budget} (got {counts.tolist()}); "
+                           "please report this with the layer importances")
     return counts
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the C unit tests of the kernels: every csrc/tests/test_*.c is linked with every
-# kernel source (all of csrc/*.c except the Python glue, module.c).
+# kernel source (csrc/*.c; the Python glue lives in csrc/glue/).
 #   csrc/tests/run.sh            optimised build
 #   csrc/tests/run.sh sanitize   AddressSanitizer + UndefinedBehaviorSanitizer
 # BLAS flags come from MOEI2_TEST_CFLAGS/MOEI2_TEST_LIBS, else from the scipy-openblas32 wheel of
@@ -35,7 +35,7 @@ esac
 
 kernels=()
 for f in "$csrc"/*.c; do
-    [[ "$(basename "$f")" == module.c ]] || kernels+=("$f")
+    kernels+=("$f")
 done
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}"

@@ -56,7 +56,7 @@ static int make_layer(test_layer *t, int64_t N, int64_t E, int64_t d, int64_t k,
         for (int64_t q = 0; q < C; q++)
             memcpy(gathered + (n * C + q) * d, t->outputs + ((int64_t)t->cand[n * C + q] * N + n) * d,
                    (size_t)d * sizeof(double));
-    ok = ok && moei2_search_factor(N, C, d, NULL, gathered, k, renorm, scaling, t->cprob, t->factor, t->norm2) ==
+    ok = ok && moei2_search_factor(N, C, d, NULL, gathered, k, renorm, scaling, t->cprob, t->factor, t->norm2, 2, NULL) ==
                    MOEI2_OK;
     free(gathered);
     t->cache = (moei2_search_cache){N, E, k, C, renorm, scaling, t->nb, t->batch_ends, t->cand, t->cprob,
