@@ -10,6 +10,11 @@ Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice ta
 parameters removed, compression time.
 
     python benchmarks/fidelity.py [--quick] [--out benchmarks/results]
+        [--search-hidden compressed|original] [--rows SUBSTRING,...] [--seed N]
+
+--search-hidden picks which hidden state the search and the KT step see (docs/method.md); the
+default is the method's. --rows keeps only the rows whose method name contains one of the
+substrings (the original model's row is always kept).
 """
 from __future__ import annotations
 
@@ -74,13 +79,20 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer calibration windows, shorter search and eval")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--search-hidden", choices=("compressed", "original"), default=None)
+    parser.add_argument("--rows", default=None, help="comma-separated substrings of the method names to run")
     args = parser.parse_args(argv)
 
     import torch
 
     import moei2
-    from moei2 import CompressionConfig, compress
+    from moei2 import CompressionConfig
     from moei2 import evaluate as ev
+    from moei2.pipeline import SEARCH_HIDDEN, compress_source
+    from moei2.source import InMemorySource
+
+    search_hidden = args.search_hidden or SEARCH_HIDDEN
+    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base_model, tokenizer = moei2.demo_model()
@@ -92,12 +104,15 @@ def main(argv=None):
                   population=40 if args.quick else 100, generations=20 if args.quick else 50)
     results = []
     for name, budget, overrides in rows(args.quick):
+        if wanted and overrides is not None and not any(w in name for w in wanted):
+            continue
         model = copy.deepcopy(base_model)
         started = time.perf_counter()
         removed = 0.0
         if overrides is not None:
-            model, report = compress(model, tokenizer, calibration, CompressionConfig(**{**common, **overrides}),
-                                     progress=False)
+            config = CompressionConfig(**{**common, **overrides})
+            report = compress_source(InMemorySource(model, device=config.device, dtype=config.dtype), tokenizer,
+                                     calibration, config, progress=False, search_hidden=search_hidden)
             removed = report["parameters"]["routed_expert_reduction"]
         elapsed = time.perf_counter() - started
         ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
@@ -112,6 +127,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
+               "search_hidden": search_hidden,
                "model": str(moei2.demo_model_path()), "rows": results}
     payload["tradeoff"] = tradeoff_points(results)
     (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
