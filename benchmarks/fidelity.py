@@ -14,7 +14,8 @@ parameters removed, compression time.
 
 --search-hidden picks which hidden state the search and the KT step see (docs/method.md); the
 default is the method's. --rows keeps only the rows whose method name contains one of the
-substrings (the original model's row is always kept).
+substrings (the original model's row is always kept). --perplexity-only skips the zero-shot tasks.
+--name NAME writes NAME.json / NAME.md instead of fidelity.json / fidelity.md.
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--search-hidden", choices=("compressed", "original"), default=None)
     parser.add_argument("--rows", default=None, help="comma-separated substrings of the method names to run")
+    parser.add_argument("--perplexity-only", action="store_true", help="skip the zero-shot tasks")
+    parser.add_argument("--name", default="fidelity", help="base name of the result files")
     args = parser.parse_args(argv)
 
     import torch
@@ -116,7 +119,8 @@ def main(argv=None):
             removed = report["parameters"]["routed_expert_reduction"]
         elapsed = time.perf_counter() - started
         ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
-        zs = ev.zero_shot(model, tokenizer, "local", limit=limit)
+        zs = ({"average": float("nan"), "tasks": {}} if args.perplexity_only
+              else ev.zero_shot(model, tokenizer, "local", limit=limit))
         row = {"method": name, "budget": budget or "-", "perplexity": ppl, "accuracy": zs["average"],
                "tasks": {k: v for k, v in zs["tasks"].items()}, "expert_params_removed": removed,
                "compress_seconds": elapsed if overrides is not None else 0.0}
@@ -130,20 +134,23 @@ def main(argv=None):
                "search_hidden": search_hidden,
                "model": str(moei2.demo_model_path()), "rows": results}
     payload["tradeoff"] = tradeoff_points(results)
-    (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
     try:
+        if wanted:
+            raise ImportError  # a partial run draws no trade-off figure
         from moei2.plot import tradeoff
 
         figure = tradeoff(payload["tradeoff"])
-        figure.savefig(out / "fidelity_tradeoff.png", dpi=110)
+        figure.savefig(out / f"{args.name}_tradeoff.png", dpi=110)
     except ImportError:
-        print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
+        if not wanted:
+            print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
     lines = ["| method | budget | held-out ppl | zero-shot acc | expert params removed | compress s |",
              "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} | "
                      f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
-    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
