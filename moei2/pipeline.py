@@ -358,13 +358,12 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
                     module = modules[li]
                     last = li == moe_layers[-1]
                     if li in counts:
-                        drop = []
+                        kept = None
                         if config.prunes:
-                            drop = [int(j) for j in np.flatnonzero(selections[li].masks[chosen[li]])]
-                            if drop:
-                                prune_experts(model, {li: drop})
-                        kept = [j for j in range(len(selections[li].masks[0]) if config.prunes else 0)
-                                if j not in drop]
+                            mask = selections[li].masks[chosen[li]]
+                            kept = [j for j, dropped in enumerate(mask) if not dropped]
+                            if len(kept) < len(mask):
+                                prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
                         if config.decomposes:
                             with ctx.timer("decomposition"):
                                 factors = _factors(ctx, li, module, hidden, importance.get(str(li)), kept,
