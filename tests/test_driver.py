@@ -301,3 +301,26 @@ def test_resume_keeps_finished_factors(tmp_path, monkeypatch):
         assert report["layers"][l]["lowrank"] == info["lowrank"]
     ids = torch.randint(3, 100, (2, 12))
     torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=0, atol=0)
+
+
+def test_progress_bar_per_pass(capsys):
+    moei2.compress(build_model("olmoe", layers=2), CharTokenizer(), calibration_texts(), small_config(),
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "pass 1: importance" in err and "pass 2: search, KT, low-rank" in err and "2/2" in err
+
+
+def test_driver_bad_arguments_fail_before_any_work():
+    model = build_model("mixtral", layers=2)
+    source = InMemorySource(model)
+    with pytest.raises(TypeError, match="sink"):
+        compress_source(source, CharTokenizer(), calibration_texts(), small_config(), sink={}, progress=False)
+    with pytest.raises(ValueError, match="search_hidden"):
+        compress_source(source, CharTokenizer(), calibration_texts(), small_config(), search_hidden="both",
+                        progress=False)
+    streamed = CopyingSource(build_model("mixtral", layers=2))
+    with pytest.raises(ValueError, match="LoRA"):
+        compress_source(streamed, CharTokenizer(), calibration_texts(),
+                        small_config(lora=moei2.LoRAConfig(steps=1)), progress=False)
+    with pytest.raises(ValueError, match="device"):
+        InMemorySource(model, device="nowhere")
