@@ -4,8 +4,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -118,7 +116,3 @@ def pack_factors(factors: dict) -> dict:
 def unpack_factors(arrays: dict, num_experts: int) -> dict:
     return {j: {name: (arrays[f"{j}.{name}.A"], arrays[f"{j}.{name}.B"]) for name in ("gate", "up", "down")}
             for j in range(num_experts)}
-
-
-def optional_float(value) -> Optional[float]:
-    return None if value is None else float(value)
