@@ -10,6 +10,12 @@ Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice ta
 parameters removed, compression time.
 
     python benchmarks/fidelity.py [--quick] [--out benchmarks/results]
+        [--search-hidden compressed|original] [--rows SUBSTRING,...] [--seed N]
+
+--search-hidden picks which hidden state the search and the KT step see (docs/method.md); the
+default is the method's. --rows keeps only the rows whose method name contains one of the
+substrings (the original model's row is always kept). --perplexity-only skips the zero-shot tasks.
+--name NAME writes NAME.json / NAME.md instead of fidelity.json / fidelity.md.
 """
 from __future__ import annotations
 
@@ -74,13 +80,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer calibration windows, shorter search and eval")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--search-hidden", choices=("compressed", "original"), default=None)
+    parser.add_argument("--rows", default=None, help="comma-separated substrings of the method names to run")
+    parser.add_argument("--perplexity-only", action="store_true", help="skip the zero-shot tasks")
+    parser.add_argument("--name", default="fidelity", help="base name of the result files")
     args = parser.parse_args(argv)
 
     import torch
 
     import moei2
-    from moei2 import CompressionConfig, compress
+    from moei2 import CompressionConfig
     from moei2 import evaluate as ev
+    from moei2.pipeline import SEARCH_HIDDEN, compress_source
+    from moei2.source import InMemorySource
+
+    search_hidden = args.search_hidden or SEARCH_HIDDEN
+    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base_model, tokenizer = moei2.demo_model()
@@ -92,16 +107,20 @@ def main(argv=None):
                   population=40 if args.quick else 100, generations=20 if args.quick else 50)
     results = []
     for name, budget, overrides in rows(args.quick):
+        if wanted and overrides is not None and not any(w in name for w in wanted):
+            continue
         model = copy.deepcopy(base_model)
         started = time.perf_counter()
         removed = 0.0
         if overrides is not None:
-            model, report = compress(model, tokenizer, calibration, CompressionConfig(**{**common, **overrides}),
-                                     progress=False)
+            config = CompressionConfig(**{**common, **overrides})
+            report = compress_source(InMemorySource(model, device=config.device, dtype=config.dtype), tokenizer,
+                                     calibration, config, progress=False, search_hidden=search_hidden)
             removed = report["parameters"]["routed_expert_reduction"]
         elapsed = time.perf_counter() - started
         ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
-        zs = ev.zero_shot(model, tokenizer, "local", limit=limit)
+        zs = ({"average": float("nan"), "tasks": {}} if args.perplexity_only
+              else ev.zero_shot(model, tokenizer, "local", limit=limit))
         row = {"method": name, "budget": budget or "-", "perplexity": ppl, "accuracy": zs["average"],
                "tasks": {k: v for k, v in zs["tasks"].items()}, "expert_params_removed": removed,
                "compress_seconds": elapsed if overrides is not None else 0.0}
@@ -112,22 +131,26 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
+               "search_hidden": search_hidden,
                "model": str(moei2.demo_model_path()), "rows": results}
     payload["tradeoff"] = tradeoff_points(results)
-    (out / "fidelity.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
     try:
+        if wanted:
+            raise ImportError  # a partial run draws no trade-off figure
         from moei2.plot import tradeoff
 
         figure = tradeoff(payload["tradeoff"])
-        figure.savefig(out / "fidelity_tradeoff.png", dpi=110)
+        figure.savefig(out / f"{args.name}_tradeoff.png", dpi=110)
     except ImportError:
-        print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
+        if not wanted:
+            print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
     lines = ["| method | budget | held-out ppl | zero-shot acc | expert params removed | compress s |",
              "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} | "
                      f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
-    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,10 +1,12 @@
 """Block-wise KT-reception field: choose per-layer candidates jointly over T consecutive layers.
 
 For a block of T MoE layers with K candidate masks each, every one of the K^T combinations is
-scored by running the real decoder layers (attention, norms, residuals) from the original hidden
-state at the block's start, and comparing the hidden state after the block's last layer with the
-original one. Combinations share prefixes, so the evaluation walks the prefix tree depth first:
-layer t is run once per prefix of length t, K + K^2 + ... + K^T layer passes instead of T * K^T.
+scored by running the real decoder layers (attention, norms, residuals) from the hidden state at
+the block's start, and comparing the hidden state after the block's last layer with what the
+unmodified block outputs from that state (which hidden state: docs/method.md, "Two passes").
+Combinations share prefixes, so the evaluation walks the prefix tree depth first: layer t is run
+once per prefix of length t, K + K^2 + ... + K^T layer passes instead of T * K^T. The pipeline
+applies a candidate through the routing (:func:`moei2.stages.kt.masked_routing`).
 """
 from __future__ import annotations
 

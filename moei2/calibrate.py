@@ -72,15 +72,17 @@ class _RecordingLayer(nn.Module):
         return hidden_states
 
 
-def _to_device(value, device):
+def _to_device(value, device, dtype=None):
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
+        return tuple(_to_device(v, device, dtype) for v in value)
     if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
+        return [_to_device(v, device, dtype) for v in value]
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
     return value
 
 
@@ -102,13 +104,16 @@ class LayerRunner:
     its call and back afterwards if it lives elsewhere).
     """
 
-    def __init__(self, model, decoder_layers=None, device=None):
+    def __init__(self, model, decoder_layers=None, device=None, *, adapter=None, dtype=None):
         from .models import get_adapter
 
         self.model = model
-        self.adapter = get_adapter(model)
+        self.adapter = adapter if adapter is not None else get_adapter(model)
         self._fixed_layers = list(decoder_layers) if decoder_layers is not None else None
         self.device = torch.device(device) if device is not None else None
+        # Layers may compute in another dtype than the model stores (float32 on the CPU): the
+        # captured masks and rotary tables then follow the hidden state's dtype.
+        self.dtype = dtype
         self._kwargs: dict[tuple, list] = {}
 
     @property
@@ -140,7 +145,7 @@ class LayerRunner:
             if input_ids is None:
                 input_ids = torch.zeros((batch, seq_len), dtype=torch.long)
             record = self._capture(input_ids)
-            self._kwargs[key] = [_to_device(record[i], device) for i in range(len(self.adapter.layers_module))]
+            self._kwargs[key] = [_to_device(record[i], device, self.dtype) for i in range(len(self.adapter.layers_module))]
         return self._kwargs[key]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -149,8 +154,8 @@ class LayerRunner:
         device = self.device or record["embeddings"].device
         key = (input_ids.shape[0], input_ids.shape[1], str(device))
         if key not in self._kwargs:
-            self._kwargs[key] = [_to_device(record[i], device) for i in range(len(self.adapter.layers_module))]
-        return record["embeddings"].to(device)
+            self._kwargs[key] = [_to_device(record[i], device, self.dtype) for i in range(len(self.adapter.layers_module))]
+        return record["embeddings"].to(device=device, dtype=self.dtype)
 
     @contextlib.contextmanager
     def placed(self, index: int, device=None):
@@ -307,14 +312,18 @@ def _run_all(runner: LayerRunner, index: int, hidden: torch.Tensor, batches) -> 
     return out
 
 
-def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs):
-    view = adapter.view(index)
+def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs, *, module=None, keep_y=True,
+                   x_device="cpu"):
+    """One MoE layer's statistics over ``hidden``; with ``module`` (the resident decoder layer), the
+    layer is run as it is, without moving it. ``x_device``: where X is kept (the pipeline keeps it
+    on the compute device, so that candidate outputs are computed there)."""
+    view = adapter.view(index, module)
     block, router = view.moe_module, view.router
     num_sequences, seq_len, hidden_size = hidden.shape
     num_tokens = num_sequences * seq_len
     num_experts, top_k = view.num_experts, view.top_k
-    X = torch.empty((num_tokens, hidden_size), dtype=torch.float32)
-    Y = torch.empty((num_tokens, hidden_size), dtype=torch.float32)
+    X = torch.empty((num_tokens, hidden_size), dtype=torch.float32, device=x_device)
+    Y = torch.empty((num_tokens, hidden_size), dtype=torch.float32) if keep_y else None
     logits = torch.empty((num_tokens, num_experts), dtype=torch.float32)
     chosen = torch.empty((num_tokens, top_k), dtype=torch.long)
     gram_in = gram_down = counts = None
@@ -342,17 +351,19 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs)
 
     handles = [block.register_forward_pre_hook(block_hook, with_kwargs=True), router.register_forward_hook(router_hook),
                view.experts_module.register_forward_hook(experts_hook)]
+    placement = runner.placed(index, hidden.device) if module is None else contextlib.nullcontext()
     try:
-        with runner.placed(index, hidden.device):
+        with placement:
             for b in batches:
                 seen.clear()
-                out = runner.run(index, hidden[b])
+                out = runner.run(index, hidden[b], layer=module)
                 if "x" not in seen or "logits" not in seen or "y" not in seen:
                     raise RuntimeError(f"layer {index}: the MoE block, its router or its experts were not called "
                                        "by the decoder layer")
                 rows = slice(b.start * seq_len, b.stop * seq_len)
-                X[rows] = seen["x"].float().cpu()
-                Y[rows] = seen["y"].float().cpu()
+                X[rows] = seen["x"].float().to(X.device)
+                if Y is not None:
+                    Y[rows] = seen["y"].float().cpu()
                 logits[rows] = seen["logits"].float().cpu()
                 chosen[rows] = seen["index"].cpu()
                 if keep_outputs:

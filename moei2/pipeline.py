@@ -1,55 +1,39 @@
-"""moei2.compress: the whole MoE-I2 method on a Hugging Face model.
+"""moei2.compress: the whole MoE-I2 method on a Hugging Face model, as a driver over the stages.
 
-Stages (docs/method.md):
-  1a  expert importance (loss of dropping each expert alone) and per-layer prune counts;
-  1b  layer-wise genetic search, K best masks per layer;
-  1c  block-wise KT-reception field over T consecutive layers, with the real decoder layers;
-  2   importance of the survivors, rank allocation, truncation-aware low-rank experts;
-  3   optional LoRA recovery.
-Each stage streams the calibration data layer by layer. With ``work_dir`` every finished layer is
-recorded, and a rerun with the same settings, model and data resumes from there.
+Pass 1 (one decoder layer resident at a time): the importance of every expert, then the
+per-layer prune counts, which need every layer's importance.
+Pass 2 (one KT block of layers resident at a time): for each layer of the block the search cache
+and K candidate masks; the KT choice over the block; then for each layer: prune, survivor
+statistics (Grams), ranks, factors, propagate the hidden state, write the layer to the sink.
+Optional LoRA recovery last. The stages live in :mod:`moei2.stages`; the model is reached only
+through a model source (:mod:`moei2.source`), so a checkpoint streamed from disk goes through the
+same code as a model in memory. With ``work_dir`` every finished layer is recorded, and a rerun
+with the same settings, model and data resumes from there.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import json
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
+import torch
 
 from .config import CompressionConfig
 from .data import calibration_windows
 from .state import RunState
+from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
+                     score_layer, search_layer, select)
+from .stages.common import batch_token_counts, pack_factors, progress_bar, unpack_factors
 
+__all__ = ["compress", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
 
-# ---- helpers ------------------------------------------------------------------------------
-
-def _to_numpy(t, dtype=np.float32):
-    import torch
-
-    if isinstance(t, torch.Tensor):
-        t = t.detach().to("cpu")
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.float()
-        t = t.numpy()
-    return np.ascontiguousarray(t, dtype=dtype)
-
-
-def _batch_token_counts(num_sequences: int, batch_size: int, seq_len: int) -> list[int]:
-    full, rest = divmod(num_sequences, batch_size)
-    return [batch_size * seq_len] * full + ([rest * seq_len] if rest else [])
-
-
-def _model_fingerprint(model, adapter) -> str:
-    """Config plus the router weights: two checkpoints of one architecture must not share a
-    work_dir, and the routers are small yet differ between any two trained or seeded models."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for view in adapter.moe_layers():
-        digest.update(_to_numpy(view.router_weight).tobytes())
-    return digest.hexdigest()[:16]
+# Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
+# state each stage sees"): "compressed", the hidden state propagated through the layers already
+# compressed; "original", the unmodified model's for the search and the KT step (the Grams always
+# see the compressed model's).
+SEARCH_HIDDEN = "compressed"
 
 
 def routed_expert_parameters(adapter) -> int:
@@ -63,227 +47,137 @@ def _model_size(model) -> tuple[int, int]:
     return params, nbytes
 
 
-class _Timer:
-    """Accumulated wall time per stage name; a stage may be timed in several pieces."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - started
-
-
-# ---- the pipeline -------------------------------------------------------------------------
-
 def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None, *, work_dir=None,
              progress: bool = True):
     """Compresses ``model`` in place with MoE-I2 and returns ``(model, report)``.
 
     model: a supported Hugging Face MoE causal LM (see :func:`moei2.models.get_adapter`).
     tokenizer: its tokenizer. texts: calibration text (a string or a list of strings).
-    config: :class:`CompressionConfig` (defaults from docs/method.md).
+    config: :class:`CompressionConfig` (defaults from docs/method.md); ``config.device`` and
+    ``config.dtype`` say where and in which dtype layers compute.
     work_dir: optional directory recording finished layers so an interrupted run resumes.
     The report (a JSON-serialisable dict) holds experts kept per layer, ranks, parameter and
     size reductions, each stage's loss and time, and the seed.
     """
-    from . import search as search_mod
-    from .calibrate import iter_layer_stats
-    from .models import get_adapter
+    from .source import InMemorySource
 
-    if config is None:
-        config = CompressionConfig()
-    if not isinstance(config, CompressionConfig):
-        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
-    timer = _Timer()
+    config = _check_config(config)
+    source = InMemorySource(model, device=config.device, dtype=config.dtype)
+    report = compress_source(source, tokenizer, texts, config, work_dir=work_dir, progress=progress)
+    return model, report
+
+
+def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
+                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None,
+                    torch_candidates: Optional[bool] = None) -> dict:
+    """Compresses the model of ``source`` (a :class:`moei2.source.ModelSource`) and returns the report.
+
+    sink: optional object with ``add(tensors)``, given every finished decoder layer's tensors
+    (full state-dict keys, in the source's storage dtype, on the CPU) once, inside the layer's
+    scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
+    :data:`SEARCH_HIDDEN`) or ``"original"``. torch_candidates: compute the search caches'
+    candidate outputs in torch on the device (default: when the device is not the CPU).
+    """
+    config = _check_config(config)
+    search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
+    if search_hidden not in ("compressed", "original"):
+        raise ValueError(f"search_hidden must be 'compressed' or 'original', got {search_hidden!r}")
+    if sink is not None and not callable(getattr(sink, "add", None)):
+        raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
+    model, adapter = source.model, source.adapter
+    _check_compressible(adapter, model)
+    if config.lora is not None and source.streamed:
+        raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
+                         "model: compress without lora, load the result and run moei2.lora_finetune on it")
+    from .calibrate import LayerRunner
+
     started = time.perf_counter()
-    adapter = get_adapter(model)
     model.eval()
-
-    with timer("calibration_data"):
+    ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
+                  state=None, progress=progress,
+                  torch_candidates=(source.device.type != "cpu") if torch_candidates is None else bool(torch_candidates))
+    with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
-    state = RunState(work_dir, f"{config.fingerprint()}-{_model_fingerprint(model, adapter)}-{data_hash}")
+    tag = "" if search_hidden == "compressed" else f"-{search_hidden}"
+    ctx.state = state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
+    ctx.input_ids = input_ids
+    num_sequences = int(input_ids.shape[0])
+    ctx.batches = [slice(s, min(s + config.calib_batch_size, num_sequences))
+                   for s in range(0, num_sequences, config.calib_batch_size)]
+    ctx.batch_sizes = batch_token_counts(num_sequences, config.calib_batch_size, config.seq_len)
+    ctx.runner = LayerRunner(model, adapter=adapter, device=source.device, dtype=source.dtype)
 
     views = adapter.moe_layers()
     moe_layers = [v.layer_index for v in views]
-    view_of = {v.layer_index: v for v in views}
     num_experts = {v.layer_index: int(v.num_experts) for v in views}
     top_k = {v.layer_index: int(v.top_k) for v in views}
-    batch_sizes = _batch_token_counts(input_ids.shape[0], config.calib_batch_size, config.seq_len)
     params_before, bytes_before = _model_size(model)
     routed_before = routed_expert_parameters(adapter)
-
     report: dict = {
         "seed": config.seed,
         "config": config.to_dict(),
         "model": {"architecture": type(model).__name__, "family": adapter.family,
                   "num_hidden_layers": adapter.num_hidden_layers, "moe_layers": moe_layers,
                   "num_experts": num_experts, "top_k": top_k},
-        "calibration": {"sequences": int(input_ids.shape[0]), "seq_len": int(config.seq_len),
+        "calibration": {"sequences": num_sequences, "seq_len": int(config.seq_len),
                         "tokens": int(input_ids.numel()), "requested_sequences": config.num_sequences},
         "resumed": state.resumed,
+        "search_hidden": search_hidden,
         "layers": {str(l): {} for l in moe_layers},
     }
 
-    def stats_stream(grams, desc, propagate):
-        return iter_layer_stats(model, input_ids, grams=grams, batch_size=config.calib_batch_size,
-                                device=config.device, progress=progress, desc=desc, propagate=propagate)
-
-    def layer_for(stats, view, r_max):
-        return search_mod.Layer.from_moe(
-            _to_numpy(stats.X), _to_numpy(view.router_weight), _to_numpy(view.gate_up_proj),
-            _to_numpy(view.down_proj), top_k=int(view.top_k), renormalize=bool(view.renormalize),
-            scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=batch_sizes, act=view.act)
-
-    # ---- stage 1a: importance and prune counts ----
-    dropped: dict[int, list[int]] = {}
+    with source.outer(), torch.no_grad():
+        hidden = ctx.embed()
+    # ---- pass 1: importance and prune counts ----
+    counts = {l: 0 for l in moe_layers}
+    importance: dict = {}
     if config.prunes:
-        importance = state.get("expert_importance", {})
-        with timer("importance"):
-            if len(importance) < len(moe_layers):
-                for stats in stats_stream(None, "importance", propagate=False):
-                    key = str(stats.layer_index)
-                    if key in importance:
-                        continue
-                    layer = layer_for(stats, view_of[stats.layer_index], 1)
-                    importance[key] = layer.expert_importance().tolist()
-                    state.put("expert_importance", importance)
-        layer_importance = np.array([sum(importance[str(l)]) for l in moe_layers])
-        counts = search_mod.prune_counts(
-            layer_importance, num_experts=[num_experts[l] for l in moe_layers],
-            top_k=[top_k[l] for l in moe_layers], ratio=config.prune_ratio,
-            total=config.prune_total, rule=config.prune_rule)
-        counts = {l: int(c) for l, c in zip(moe_layers, counts)}
+        with ctx.timer("importance"):
+            importance = _importance_pass(ctx, hidden, moe_layers)
+        counts = prune_counts(config, {l: importance[str(l)] for l in moe_layers}, num_experts, top_k)
         for l in moe_layers:
             report["layers"][str(l)].update(importance=importance[str(l)],
-                                            layer_importance=float(sum(importance[str(l)])),
-                                            prune_count=counts[l])
+                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
 
-        # ---- stage 1b + 1c: genetic search per layer, KT step per block ----
-        from .blockwise import make_blocks
-        from .calibrate import LayerRunner
-
-        candidates = {int(k): v for k, v in state.get("candidates", {}).items()}
-        chosen = {int(k): v for k, v in state.get("chosen", {}).items()}
-        blocks = make_blocks(moe_layers, config.kt_block)
-        block_of = {l: bi for bi, b in enumerate(blocks) for l in b}
-        runner = LayerRunner(model, adapter.decoder_layers, device=config.device)
-        block_start_hidden: dict[int, object] = {}
-        kt_reports = state.get("blocks", {})
-        with timer("search"):
-            for stats in stats_stream(None, "genetic search", propagate=False):
-                l = stats.layer_index
-                block = blocks[block_of[l]]
-                if l == block[0] and str(block_of[l]) not in kt_reports:
-                    block_start_hidden[block_of[l]] = stats.hidden_in
-                if l not in candidates:
-                    r = counts[l]
-                    if r == 0:
-                        candidates[l] = {"masks": [[False] * num_experts[l]], "losses": [0.0],
-                                         "history": {"best": [], "mean": []}, "evaluations": 0}
-                    else:
-                        candidates[l] = _select(config, layer_for(stats, view_of[l], r), stats, r, l)
-                    state.put("candidates", {str(k): v for k, v in candidates.items()})
-                if l == block[-1] and str(block_of[l]) not in kt_reports:
-                    with timer("kt_block"):
-                        kt_reports[str(block_of[l])] = _kt_block(
-                            runner, adapter, block, candidates, block_start_hidden.pop(block_of[l]), config)
-                    for l2, c in zip(block, kt_reports[str(block_of[l])]["choice"]):
-                        chosen[l2] = c
-                    state.put("blocks", kt_reports)
-                    state.put("chosen", {str(k): v for k, v in chosen.items()})
-        for l in moe_layers:
-            mask = np.asarray(candidates[l]["masks"][chosen[l]], dtype=bool)
-            dropped[l] = [int(j) for j in np.flatnonzero(mask)]
-            report["layers"][str(l)].update(
-                search={"candidates": candidates[l]["masks"], "candidate_losses": candidates[l]["losses"],
-                        "history": candidates[l]["history"], "evaluations": candidates[l]["evaluations"],
-                        "chosen_candidate": chosen[l]},
-                dropped=dropped[l], kept=[j for j in range(num_experts[l]) if j not in dropped[l]])
-        report["blocks"] = [kt_reports[str(i)] for i in range(len(blocks))]
-        from . import prune_experts
-
-        prune_experts(model, {l: d for l, d in dropped.items() if d})
-    else:
-        for l in moe_layers:
-            report["layers"][str(l)].update(dropped=[], kept=list(range(num_experts[l])))
-
-    # ---- stage 2: low-rank experts ----
+    # ---- pass 2: search, KT choice, prune, low-rank, propagate, write ----
+    writer = _Writer(source, sink if config.lora is None else None)
+    results = _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer)
+    del hidden
+    selections, chosen, blocks, ranks, spectra = results
+    for l in moe_layers:
+        info = report["layers"][str(l)]
+        if config.prunes:
+            sel = selections[l]
+            dropped = [int(j) for j in np.flatnonzero(sel.masks[chosen[l]])]
+            info.update(search={"candidates": sel.masks, "candidate_losses": sel.losses, "history": sel.history,
+                                "evaluations": sel.evaluations, "chosen_candidate": chosen[l]},
+                        dropped=dropped, kept=[j for j in range(num_experts[l]) if j not in dropped])
+        else:
+            info.update(dropped=[], kept=list(range(num_experts[l])))
+        if str(l) in ranks:
+            info["lowrank"] = ranks[str(l)]
+    if config.prunes:
+        report["blocks"] = [b.to_dict() for b in blocks]
     if config.decomposes:
-        from . import lowrank_experts
-        from .lowrank import allocate_ranks, decompose_many
-
-        adapter = get_adapter(model)
-        views = {v.layer_index: v for v in adapter.moe_layers()}
-        done_ranks = state.get("ranks", {})
-        spectra = state.get("spectra", [])
-        with timer("decomposition"):
-            for stats in stats_stream("all" if config.whiten else None, "low-rank", propagate=True):
-                l = stats.layer_index
-                view = views[l]
-                M = int(view.num_experts)
-                saved = state.load_arrays(f"factors_layer{l}")
-                if str(l) in done_ranks and saved is not None:
-                    ranks = np.asarray(done_ranks[str(l)]["ranks"])
-                    factors = _unpack_factors(saved, M)
-                else:
-                    if config.rank_rule == "uniform" or M <= view.top_k:
-                        imp = np.ones(M)  # ranks do not depend on it: skip the removal losses
-                    elif config.importance_on_pruned:
-                        imp = layer_for(stats, view, 1).expert_importance()
-                    else:
-                        full = report["layers"][str(l)].get("importance")
-                        kept = report["layers"][str(l)]["kept"]
-                        imp = np.asarray(full)[kept] if full is not None else np.ones(M)
-                    inter, hidden = int(view.down_proj.shape[2]), int(view.down_proj.shape[1])
-                    # alpha = 0 makes every (I + eps)^alpha equal: the uniform-rank baseline.
-                    alpha = config.alpha if config.rank_rule == "importance" else 0.0
-                    ranks = allocate_ranks(np.asarray(imp, dtype=np.float64), [(inter, hidden)] * M,
-                                           avg_rank=config.avg_rank, keep_ratio=config.rank_keep_ratio,
-                                           alpha=alpha, eps=config.eps)
-                    items = []
-                    for j in range(M):
-                        gate, up, down = (_to_numpy(w, np.float32) for w in view.expert(j))
-                        if config.whiten:
-                            gram_in = np.ascontiguousarray(_to_numpy(stats.gram_in[j], np.float64))
-                            gram_down = np.ascontiguousarray(_to_numpy(stats.gram_down[j], np.float64))
-                        else:
-                            gram_in = gram_down = None
-                        r = int(ranks[j])
-                        items += [(gate, gram_in, r), (up, gram_in, r), (down, gram_down, r)]
-                    if config.whiten and l in (moe_layers[0], moe_layers[-1]):
-                        spectra.extend(_spectra(l, items[0][0], items[0][1], "gate", 0))
-                    results = decompose_many(items, return_info=True)
-                    factors = {j: {name: results[3 * j + i][:2] for i, name in enumerate(("gate", "up", "down"))}
-                               for j in range(M)}
-                    losses = [[float(results[3 * j + i][2]["loss"]) for i in range(3)] for j in range(M)]
-                    fallbacks = [results[i][2].get("fallback") for i in range(len(results))
-                                 if results[i][2].get("fallback")]
-                    state.save_arrays(f"factors_layer{l}", _pack_factors(factors))
-                    done_ranks[str(l)] = {"ranks": [int(r) for r in ranks], "importance": np.asarray(imp).tolist(),
-                                          "losses": losses, "fallbacks": [str(f) for f in fallbacks]}
-                    state.put("spectra", spectra)
-                    state.put("ranks", done_ranks)
-                lowrank_experts(model, {l: factors})
         report["spectra"] = spectra
-        for l in moe_layers:
-            if str(l) in done_ranks:
-                report["layers"][str(l)]["lowrank"] = done_ranks[str(l)]
 
-    # ---- stage 3: LoRA recovery ----
+    # ---- LoRA recovery ----
     if config.lora is not None:
-        from .recovery import lora_finetune
+        with ctx.timer("lora"):
+            report["lora"] = recover(model, tokenizer, texts, config).report
+        if sink is not None:
+            _Writer(source, sink).write_all()
+    if sink is not None:
+        sink.add(source.outer_tensors())
 
-        with timer("lora"):
-            report["lora"] = lora_finetune(model, tokenizer, texts, config.lora, seed=config.seed)
-
-    params_after, bytes_after = _model_size(model)
-    routed_after = routed_expert_parameters(get_adapter(model))
+    if source.streamed:
+        params_after = writer.params + _outer_size(model)[0]
+        bytes_after = writer.bytes + _outer_size(model)[1]
+        routed_after = writer.routed
+    else:
+        params_after, bytes_after = _model_size(model)
+        routed_after = routed_expert_parameters(adapter)
     report["parameters"] = {
         "routed_expert_before": routed_before, "routed_expert_after": routed_after,
         "routed_expert_reduction": 1.0 - routed_after / routed_before if routed_before else 0.0,
@@ -292,113 +186,230 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
         "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
         "model_gib_before": bytes_before / 2**30, "model_gib_after": bytes_after / 2**30,
     }
-    report["times"] = dict(timer.times, total=time.perf_counter() - started)
-    return model, report
+    report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
+    return report
 
 
-def _select(config, layer, stats, r: int, layer_index: int) -> dict:
-    """Stage 1b for one layer: candidate masks by the configured selection rule."""
-    E = layer.num_experts
-    if config.selection == "genetic":
-        result = layer.genetic(r, k_best=config.kt_candidates, seed=config.seed + layer_index,
-                               population=config.population, generations=config.generations,
-                               elite_fraction=config.elite_fraction, mutation_rate=config.mutation_rate)
-        return {"masks": np.asarray(result.masks).tolist(), "losses": np.asarray(result.losses).tolist(),
-                "history": _history_dict(result), "evaluations": int(getattr(result, "evaluations", 0))}
-    if config.selection == "greedy":
-        result = layer.greedy(r)
-        mask = np.asarray(result.masks)[0]
+# ---- checks -----------------------------------------------------------------------------------
+
+def _check_config(config) -> CompressionConfig:
+    if config is None:
+        return CompressionConfig()
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_compressible(adapter, model) -> None:
+    """Refuses, before any work, what the pipeline cannot do: experts already low-rank."""
+    record = getattr(model.config, "moei2", None)
+    lowrank = {v.layer_index for v in adapter.moe_layers() if v.is_lowrank}
+    if isinstance(record, Mapping):
+        lowrank |= {int(l) for l, e in (record.get("layers") or {}).items()
+                    if isinstance(e, Mapping) and e.get("ranks") is not None}
+    if lowrank:
+        raise ValueError(
+            f"model: the routed experts of layer(s) {sorted(lowrank)} are already low-rank (a model compressed "
+            "by moei2); compressing low-rank experts again is not supported: start from the original model")
+
+
+# ---- pass 1 -----------------------------------------------------------------------------------
+
+def _importance_pass(ctx, hidden, moe_layers) -> dict:
+    """Every MoE layer's expert importance on the original model, one layer resident at a time."""
+    state, source = ctx.state, ctx.source
+    importance = dict(state.get("expert_importance", {}))
+    todo = [l for l in moe_layers if str(l) not in importance]
+    if not todo:
+        return importance
+    bar = progress_bar(ctx, todo[-1] + 1, "pass 1: importance")
+    try:
+        for i in range(todo[-1] + 1):
+            with source.layer(i) as module:
+                if i in todo:
+                    stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)
+                    importance[str(i)] = score_layer(ctx, stats, ctx.view(i, module))
+                    del stats
+                    state.put("expert_importance", importance)
+                elif i < todo[-1]:
+                    out = ctx.run(i, module, hidden)
+                else:
+                    out = hidden
+            hidden = out
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return importance
+
+
+# ---- pass 2 -----------------------------------------------------------------------------------
+
+class _Writer:
+    """Hands finished layers to the sink and counts what the compressed layers hold."""
+
+    def __init__(self, source, sink):
+        self.source, self.sink = source, sink
+        self.dtype = getattr(source, "storage_dtype", None)
+        self.params = self.bytes = self.routed = 0
+
+    def layer(self, index: int, module) -> None:
+        params = list(module.parameters())
+        self.params += sum(p.numel() for p in params)
+        self.bytes += sum(p.numel() * (self.dtype.itemsize if self.dtype is not None else p.element_size())
+                          for p in params)
+        block = self.source.adapter.moe_block(module)
+        if block is not None:
+            self.routed += self.source.adapter.view(index, module).routed_parameters()
+        if self.sink is not None:
+            self.sink.add({f"model.layers.{index}.{k}": self._out(v) for k, v in module.state_dict().items()})
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        return t.to("cpu")
+
+    def write_all(self) -> None:
+        for i in range(self.source.adapter.num_hidden_layers):
+            with self.source.layer(i) as module:
+                self.layer(i, module)
+
+
+def _outer_size(model) -> tuple[int, int]:
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.layers.")]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer):
+    from . import lowrank_experts, prune_experts
+    from .blockwise import make_blocks
+
+    config, state, source, adapter = ctx.config, ctx.state, ctx.source, ctx.adapter
+    model = source.model
+    selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
+    chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
+    kt_done = {int(k): KTBlock.from_dict(v) for k, v in state.get("blocks", {}).items()}
+    ranks = dict(state.get("ranks", {}))
+    spectra = list(state.get("spectra", []))
+    blocks = make_blocks(moe_layers, config.kt_block if config.prunes else 1)
+    num_layers = adapter.num_hidden_layers
+    # In "original" mode the search walks the unmodified model's hidden state next to the
+    # compressed one; in "compressed" mode both are the same tensor.
+    original = hidden if (search_hidden == "original" and config.prunes) else None
+    spectra_layers = {moe_layers[0], moe_layers[-1]}
+
+    bar = progress_bar(ctx, num_layers, "pass 2: search, KT, low-rank")
+    position = 0  # the next decoder layer to handle
+
+    def advance_dense(until: int, hidden, original):
+        """Dense layers before ``until``: run on both hidden states and written as they are."""
+        nonlocal position
+        while position < until:
+            with source.layer(position) as module:
+                if position < moe_layers[-1]:
+                    hidden = ctx.run(position, module, hidden)
+                    if original is not None:
+                        original = ctx.run(position, module, original)
+                writer.layer(position, module)
+            position += 1
+            if bar is not None:
+                bar.update(1)
+        return hidden, original
+
+    try:
+        for bi, block in enumerate(blocks):
+            hidden, original = advance_dense(block[0], hidden, original)
+            span = list(range(block[0], block[-1] + 1))
+            with contextlib.ExitStack() as block_scope:
+                scopes, modules = {}, {}
+                for li in span:
+                    scopes[li] = block_scope.enter_context(contextlib.ExitStack())
+                    modules[li] = scopes[li].enter_context(source.layer(li))
+
+                # -- search and KT choice (on the hidden state the method choice names) --
+                if config.prunes:
+                    start = original if original is not None else hidden
+                    need_search = bi not in kt_done
+                    if need_search or original is not None:
+                        current = start
+                        for li in span:
+                            module = modules[li]
+                            if li in counts and li not in selections and need_search:
+                                with ctx.timer("search"):
+                                    selections[li], current = _select_layer(ctx, li, module, current, counts[li])
+                                state.put("candidates", {str(k): v.to_dict() for k, v in selections.items()})
+                            else:
+                                with ctx.timer("search"):
+                                    current = ctx.run(li, module, current)
+                        if need_search:
+                            with ctx.timer("kt_block"):
+                                kt_done[bi] = choose_block(ctx, block, modules, selections, start, current)
+                            chosen.update(zip(block, kt_done[bi].choice))
+                            state.put("blocks", {str(k): v.to_dict() for k, v in kt_done.items()})
+                            state.put("chosen", {str(k): v for k, v in chosen.items()})
+                        if original is not None:
+                            original = current
+                        del current
+
+                # -- per layer: prune, Grams, ranks, factors, propagate, write, free --
+                for li in span:
+                    module = modules[li]
+                    last = li == moe_layers[-1]
+                    if li in counts:
+                        kept = None
+                        if config.prunes:
+                            mask = selections[li].masks[chosen[li]]
+                            kept = [j for j, dropped in enumerate(mask) if not dropped]
+                            if len(kept) < len(mask):
+                                prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
+                        if config.decomposes:
+                            with ctx.timer("decomposition"):
+                                factors = _factors(ctx, li, module, hidden, importance.get(str(li)), kept,
+                                                   ranks, spectra, li in spectra_layers)
+                                lowrank_experts(model, {li: factors})
+                    if not last:
+                        with ctx.timer("propagation"):
+                            hidden = ctx.run(li, module, hidden)
+                    writer.layer(li, module)
+                    scopes.pop(li).close()
+                    position = li + 1
+                    if bar is not None:
+                        bar.update(1)
+        hidden, original = advance_dense(num_layers, hidden, original)
+    finally:
+        if bar is not None:
+            bar.close()
+    return selections, chosen, [kt_done[i] for i in range(len(blocks))] if config.prunes else [], ranks, spectra
+
+
+def _select_layer(ctx, index, module, hidden, r):
+    """Candidates of one MoE layer on ``hidden``, and the layer's unmodified outputs (the next
+    layer of the block is searched on them)."""
+    view = ctx.view(index, module)
+    stats, outputs = ctx.capture(index, module, hidden, grams=False, keep_outputs=True)
+    if r == 0:
+        selection = Selection.keep_all(view.num_experts)
     else:
-        mask = np.zeros(E, dtype=bool)
-        if config.selection == "frequency":
-            logits = _to_numpy(stats.router_logits)
-            top = np.argsort(-logits, axis=1, kind="stable")[:, : layer.top_k]
-            frequency = np.bincount(top.ravel(), minlength=E)
-            mask[np.argsort(frequency, kind="stable")[:r]] = True
-        else:  # random
-            rng = np.random.default_rng(config.seed + layer_index)
-            mask[rng.choice(E, size=r, replace=False)] = True
-    loss = float(np.asarray(layer.loss(mask[None, :])).ravel()[0])
-    return {"masks": [mask.tolist()], "losses": [loss], "history": {"best": [], "mean": []}, "evaluations": 1}
+        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index)
+    return selection, outputs
 
 
-def _spectra(layer: int, weight: np.ndarray, gram: np.ndarray, matrix: str, expert: int) -> list:
-    """Singular values of one weight, plain and whitened by its input Gram (for the report)."""
-    w = weight.astype(np.float64)
-    plain = np.linalg.svd(w, compute_uv=False)
-    whitened = np.sqrt(np.clip(np.linalg.eigvalsh(w @ gram @ w.T)[::-1], 0.0, None))
-    return [{"layer": layer, "expert": expert, "matrix": matrix, "plain": plain.tolist(),
-             "whitened": whitened[: len(plain)].tolist()}]
-
-
-def _history_dict(result) -> dict:
-    history = getattr(result, "history", None)
-    if history is None:
-        return {"best": [], "mean": []}
-    if isinstance(history, dict):
-        return {k: np.asarray(v).tolist() for k, v in history.items()}
-    return {"best": np.asarray(history.best).tolist(), "mean": np.asarray(history.mean).tolist()}
-
-
-def _kt_block(runner, adapter, block, candidates, hidden_start, config) -> dict:
-    """Stage 1c for one block: every combination of per-layer candidates through the real layers."""
-    import torch
-
-    from . import prune_experts
-    from .blockwise import search_block
-
-    first, last = block[0], block[-1]
-    # Each position runs its MoE layer plus any dense layers up to the next MoE layer of the block.
-    spans = [list(range(l, (block[i + 1] if i + 1 < len(block) else last + 1))) for i, l in enumerate(block)]
-    num_cands = [len(candidates[l]["masks"]) for l in block]
-    per_layer_best = [int(np.argmin(candidates[l]["losses"])) for l in block]
-    if np.prod(num_cands) == 1:
-        return {"layers": block, "choice": per_layer_best, "loss": None, "per_layer_best_loss": None,
-                "combinations": [per_layer_best], "losses": [None]}
-
-    pruned_layers: dict[tuple[int, int], object] = {}
-    for pos, l in enumerate(block):
-        for c, mask in enumerate(candidates[l]["masks"]):
-            drop = [int(j) for j in np.flatnonzero(mask)]
-            layer_copy = copy.deepcopy(adapter.decoder_layers[l])
-            if drop:
-                prune_experts(layer_copy, {l: drop}, layer_module=True)
-            pruned_layers[(pos, c)] = layer_copy
-
-    def forward(pos, cand, hidden):
-        for li in spans[pos]:
-            layer = pruned_layers[(pos, cand)] if li == block[pos] else None
-            hidden = runner.run(li, hidden, layer=layer)
-        return hidden
-
-    def distance(a, b):
-        return torch.linalg.vector_norm((a - b).double()).item()
-
-    batch = config.calib_batch_size
-    batches = []
-    for s in range(0, hidden_start.shape[0], batch):
-        h = hidden_start[s:s + batch]
-        target = h
-        for li in range(first, last + 1):
-            target = runner.run(li, target)
-        batches.append((h, target))
-    combos, losses = search_block(num_cands, forward, batches, distance)
-    best = int(np.argmin(losses))
-    baseline_index = int(np.flatnonzero((combos == np.array(per_layer_best)).all(axis=1))[0])
-    return {"layers": block, "choice": combos[best].tolist(), "loss": float(losses[best]),
-            "per_layer_best": per_layer_best, "per_layer_best_loss": float(losses[baseline_index]),
-            "combinations": combos.tolist(), "losses": losses.tolist()}
-
-
-def _pack_factors(factors: dict) -> dict:
-    out = {}
-    for j, mats in factors.items():
-        for name, (A, B) in mats.items():
-            out[f"{j}.{name}.A"] = np.asarray(A)
-            out[f"{j}.{name}.B"] = np.asarray(B)
-    return out
-
-
-def _unpack_factors(arrays: dict, num_experts: int) -> dict:
-    return {j: {name: (arrays[f"{j}.{name}.A"], arrays[f"{j}.{name}.B"]) for name in ("gate", "up", "down")}
-            for j in range(num_experts)}
+def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, with_spectra) -> dict:
+    """Low-rank factors of one pruned layer: from the work_dir if finished, else computed on the
+    Grams of ``hidden`` (the compressed model's hidden state) and recorded."""
+    config, state = ctx.config, ctx.state
+    view = ctx.view(index, module)
+    saved = state.load_arrays(f"factors_layer{index}")
+    if str(index) in ranks and saved is not None:
+        return unpack_factors(saved, int(view.num_experts))
+    stats, _ = ctx.capture(index, module, hidden, grams=config.whiten, keep_outputs=False)
+    decomposition = decompose_layer(ctx, stats, view, full_importance=full_importance, kept=kept,
+                                    spectra=spectra if with_spectra else None)
+    del stats
+    state.save_arrays(f"factors_layer{index}", pack_factors(decomposition.factors))
+    ranks[str(index)] = decomposition.record()
+    state.put("spectra", spectra)
+    state.put("ranks", ranks)
+    return decomposition.factors

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import moei2  # noqa: E402
+import moei2.pipeline  # noqa: E402
 from moei2 import search  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
 
@@ -155,17 +156,26 @@ def test_kt_block_losses_are_real_decoder_layers():
         assert loss == pytest.approx(direct, rel=1e-4)
 
 
-def test_genetic_candidates_match_exhaustive_on_tiny_layers():
-    model = build_model("mixtral", layers=2)
-    config = small_config(kt_block=1, kt_candidates=3, population=40, generations=20, rank_keep_ratio=None)
-    _, report = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
+@pytest.mark.parametrize("search_hidden", ["original", "compressed"])
+def test_genetic_candidates_match_exhaustive_on_tiny_layers(search_hidden):
+    """The search of each layer sees the hidden state the method choice names: the unmodified
+    model's ("original"), or the one propagated through the layers already compressed."""
     from moei2.calibrate import iter_layer_stats
     from moei2.data import calibration_windows
+    from moei2.source import InMemorySource
 
+    model = build_model("mixtral", layers=2)
+    config = small_config(kt_block=1, kt_candidates=3, population=40, generations=20, rank_keep_ratio=None)
+    report = moei2.pipeline.compress_source(InMemorySource(model), CharTokenizer(), calibration_texts(), config,
+                                            progress=False, search_hidden=search_hidden)
+    assert report["search_hidden"] == search_hidden
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
     original = build_model("mixtral", layers=2)
     adapter = get_adapter(original)
-    for stats in iter_layer_stats(original, ids, batch_size=config.calib_batch_size, progress=False):
+    # A layer's MoE input does not depend on its own experts: the fully pruned model gives every
+    # layer's input after the compressed layers before it.
+    inputs_from = original if search_hidden == "original" else model
+    for stats in iter_layer_stats(inputs_from, ids, batch_size=config.calib_batch_size, progress=False):
         info = report["layers"][str(stats.layer_index)]
         view = adapter.view(stats.layer_index)
         layer = search.Layer.from_moe(

@@ -1,0 +1,172 @@
+"""Where the pipeline gets a model's layers from: the model-source protocol.
+
+The compression driver (:func:`moei2.pipeline.compress_source`) touches a model's weights only
+through a source, so that a model held in memory and a checkpoint streamed from disk one layer
+at a time (``moei2.streaming.StreamedSource``) go through the same code.
+
+Protocol (attributes and methods every source has; see :class:`ModelSource`):
+
+``model``
+    the transformers causal LM. For a streamed source a skeleton on the meta device whose layers
+    are materialised on demand.
+``adapter``
+    the :class:`moei2.models.MoEAdapter` of ``model``, built once.
+``streamed``
+    True when layers live on disk and changes made to a layer are lost once its scope ends.
+``device``, ``dtype``
+    where layers compute and in which dtype (float32 on the CPU unless asked otherwise, the
+    model's dtype on a GPU).
+``fingerprint() -> str``
+    configuration plus router weights hash, so that a resumable work_dir is never shared by two
+    different models.
+``outer()``
+    context manager: embeddings, rotary embedding, final norm and head resident on ``device`` for
+    the scope.
+``layer(i)``
+    context manager yielding decoder layer ``i`` (the module at ``model.model.layers[i]``) resident
+    on ``device`` in ``dtype``. Several layers may be resident at once. Whatever must survive
+    (pruning, low-rank experts, writing the layer out, the hidden state it produces) happens inside
+    the scope.
+``outer_tensors() -> dict``
+    the non-layer tensors (embeddings, final norm, head) under their state-dict keys.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSource", "InMemorySource", "resolve_dtype", "compute_dtype"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """A torch dtype from a name (as in :class:`moei2.CompressionConfig`), a torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"dtype must be None or one of {', '.join(_DTYPES)}, got {dtype!r}")
+
+
+def compute_dtype(device: torch.device, requested, stored: torch.dtype) -> torch.dtype:
+    """The dtype layers compute in: as requested; else float32 on the CPU (where half-precision
+    matmuls are slow and the C core works in float32 anyway) and the stored dtype elsewhere."""
+    requested = resolve_dtype(requested)
+    if requested is not None:
+        return requested
+    return torch.float32 if device.type == "cpu" else stored
+
+
+class ModelSource:
+    """Base of the model sources; documents the protocol (see the module docstring)."""
+
+    model: nn.Module
+    adapter: object
+    streamed: bool = False
+    device: torch.device
+    dtype: torch.dtype
+
+    def fingerprint(self) -> str:
+        """Config plus the router weights: two checkpoints of one architecture must not share a
+        work_dir, and the routers are small yet differ between any two trained or seeded models."""
+        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for view in self.adapter.moe_layers():
+            digest.update(_router_bytes(view.router_weight))
+        return digest.hexdigest()[:16]
+
+    def outer(self):
+        raise NotImplementedError
+
+    def layer(self, index: int):
+        raise NotImplementedError
+
+    def outer_tensors(self) -> dict:
+        raise NotImplementedError
+
+
+def _router_bytes(weight: torch.Tensor) -> bytes:
+    t = weight.detach().to("cpu")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.contiguous().numpy().astype("float32", copy=False).tobytes()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _home(module: nn.Module):
+    for p in module.parameters():
+        return p.device, p.dtype
+    return None, None
+
+
+class InMemorySource(ModelSource):
+    """A model already in memory. Layers are moved to ``device`` and cast to ``dtype`` for their
+    scope and put back (device and dtype) when it ends, with any change made inside kept."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module, *, device: Union[str, torch.device] = "cpu", dtype=None, adapter=None):
+        from .models import get_adapter
+
+        self.model = model
+        self.adapter = adapter if adapter is not None else get_adapter(model)
+        try:
+            self.device = torch.device(device)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+        self.storage_dtype = _model_dtype(model)
+        self.dtype = compute_dtype(self.device, dtype, self.storage_dtype)
+
+    def _outer_modules(self) -> list[nn.Module]:
+        layers = self.adapter.layers_module
+        inside = {id(m) for m in layers.modules()}
+        return [m for m in self.model.children() if id(m) not in inside and m is not self.model.model] + [
+            m for m in self.model.model.children() if m is not layers]
+
+    @contextlib.contextmanager
+    def outer(self) -> Iterator[None]:
+        # The outer modules keep their dtype: the embedding output is cast to the compute dtype
+        # by the runner, so the stored model is never changed by the scope.
+        moved = []
+        try:
+            for m in self._outer_modules():
+                device, _ = _home(m)
+                if device is not None and device != self.device:
+                    m.to(self.device)
+                    moved.append((m, device))
+            yield
+        finally:
+            for m, device in moved:
+                m.to(device)
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        module = self.adapter.layers_module[index]
+        device, dtype = _home(module)
+        changed = device is not None and (device != self.device or dtype != self.dtype)
+        if changed:
+            module.to(device=self.device, dtype=self.dtype)
+        try:
+            yield module
+        finally:
+            if changed:
+                # Read the live module: pruning and low-rank experts replace parameters in place.
+                self.adapter.layers_module[index].to(device=device, dtype=dtype)
+
+    def outer_tensors(self) -> dict:
+        prefix = "model.layers."
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}

@@ -1,0 +1,118 @@
+"""What every stage shares: the run's context, layer forwards over all calibration batches."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+import numpy as np
+import torch
+
+
+def to_numpy(t, dtype=np.float32) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().to("cpu")
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        t = t.numpy()
+    return np.ascontiguousarray(t, dtype=dtype)
+
+
+def batch_token_counts(num_sequences: int, batch_size: int, seq_len: int) -> list[int]:
+    full, rest = divmod(num_sequences, batch_size)
+    return [batch_size * seq_len] * full + ([rest * seq_len] if rest else [])
+
+
+class Timer:
+    """Accumulated wall time per stage name; a stage may be timed in several pieces."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class Context:
+    """One compression run: the source, its adapter (built once), the settings and the runner.
+
+    ``torch_candidates``: build search caches from candidate outputs computed in torch on the
+    source's device (the GPU path); otherwise the C core computes them from the weights.
+    """
+
+    source: object
+    config: object
+    runner: object
+    input_ids: torch.Tensor
+    batches: list
+    batch_sizes: list
+    state: object
+    timer: Timer = field(default_factory=Timer)
+    torch_candidates: bool = False
+    progress: bool = True
+
+    @property
+    def adapter(self):
+        return self.source.adapter
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
+
+    def view(self, index: int, module):
+        return self.adapter.view(index, module)
+
+    def embed(self) -> torch.Tensor:
+        """The hidden state entering the first decoder layer, all sequences; also records the
+        arguments the model passes its layers for every batch shape (needs ``source.outer()``)."""
+        ids = self.input_ids
+        first = self.runner.embed(ids[self.batches[0]])
+        hidden = torch.empty((ids.shape[0], ids.shape[1], first.shape[-1]), dtype=first.dtype, device=first.device)
+        hidden[self.batches[0]] = first
+        for b in self.batches[1:]:
+            hidden[b] = self.runner.embed(ids[b])
+        return hidden
+
+    def run(self, index: int, module, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index`` (the resident ``module``) on every calibration batch."""
+        out = torch.empty_like(hidden)
+        with torch.no_grad():
+            for b in self.batches:
+                out[b] = self.runner.run(index, hidden[b], layer=module)
+        return out
+
+    def capture(self, index: int, module, hidden: torch.Tensor, *, grams: bool, keep_outputs: bool):
+        """Statistics of MoE layer ``index`` on ``hidden`` (and its outputs when ``keep_outputs``)."""
+        from ..calibrate import _capture_layer
+
+        with torch.no_grad():
+            return _capture_layer(self.runner, self.adapter, index, hidden, self.batches, grams, keep_outputs,
+                                  module=module, keep_y=False,
+                                  x_device=self.device if self.torch_candidates else "cpu")
+
+
+def progress_bar(ctx: Context, total: int, desc: str):
+    if not ctx.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
+def pack_factors(factors: dict) -> dict:
+    out = {}
+    for j, mats in factors.items():
+        for name, (A, B) in mats.items():
+            out[f"{j}.{name}.A"] = np.asarray(A)
+            out[f"{j}.{name}.B"] = np.asarray(B)
+    return out
+
+
+def unpack_factors(arrays: dict, num_experts: int) -> dict:
+    return {j: {name: (arrays[f"{j}.{name}.A"], arrays[f"{j}.{name}.B"]) for name in ("gate", "up", "down")}
+            for j in range(num_experts)}

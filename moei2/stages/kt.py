@@ -1,0 +1,112 @@
+"""Block-wise KT-reception field: every combination of the block's candidates through the real layers.
+
+A candidate mask is applied through the routing: a forward hook on the router sets the logits of
+the dropped experts to -inf and recomputes the top-k weights with the family's own rule (softmax,
+top-k, renormalise or not, scaling factor; as :func:`moei2.search.route` does). The decoder
+layer routes exactly as the pruned layer would, so no layer is copied and the K^T walk holds no
+extra weights; it still costs K + K^2 + ... + K^T layer passes (:func:`moei2.blockwise.search_block`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class KTBlock:
+    """The KT choice of one block: the candidate chosen at each of its MoE layers."""
+
+    layers: list
+    choice: list
+    loss: Optional[float]
+    per_layer_best: list
+    per_layer_best_loss: Optional[float]
+    combinations: list
+    losses: list
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "choice": self.choice, "loss": self.loss,
+                "per_layer_best": self.per_layer_best, "per_layer_best_loss": self.per_layer_best_loss,
+                "combinations": self.combinations, "losses": self.losses}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KTBlock":
+        return cls(layers=d["layers"], choice=d["choice"], loss=d["loss"],
+                   per_layer_best=d.get("per_layer_best", d["choice"]),
+                   per_layer_best_loss=d["per_layer_best_loss"], combinations=d["combinations"], losses=d["losses"])
+
+
+@contextlib.contextmanager
+def masked_routing(view, mask):
+    """Within the scope, MoE layer ``view`` routes as if the experts in ``mask`` (True = dropped)
+    were pruned. The router's output ``(logits, top-k weights, top-k indices)`` is rewritten."""
+    drop = torch.as_tensor(np.asarray(mask, dtype=bool))
+    if drop.shape != (view.num_experts,):
+        raise ValueError(f"layer {view.layer_index}: mask of {drop.numel()} experts for a layer of {view.num_experts}")
+    if not bool(drop.any()):
+        yield
+        return
+    top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
+
+    def hook(module, args, output):
+        logits, weights = output[0], output[1]
+        z = logits.masked_fill(drop.to(logits.device), float("-inf"))
+        w, index = torch.topk(torch.softmax(z, dim=-1, dtype=torch.float32), top_k, dim=-1)
+        if renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if scaling != 1.0:
+            w = w * scaling
+        return (z, w.to(weights.dtype), index) + tuple(output[3:])
+
+    handle = view.router.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def choose_block(ctx, block: list, modules: dict, selections: dict, hidden_start: torch.Tensor,
+                 target: torch.Tensor) -> KTBlock:
+    """The KT choice for ``block`` (its MoE layer indices).
+
+    modules: every resident decoder layer from the block's first to its last layer (dense ones
+    included). hidden_start: the hidden state entering the block; target: what the unmodified
+    block outputs from it. The loss of a combination is the sum over calibration batches of the
+    Frobenius norm of the block output's error.
+    """
+    from ..blockwise import search_block
+
+    last = block[-1]
+    spans = [list(range(l, (block[i + 1] if i + 1 < len(block) else last + 1))) for i, l in enumerate(block)]
+    num_cands = [len(selections[l].masks) for l in block]
+    per_layer_best = [selections[l].best for l in block]
+    if int(np.prod(num_cands)) == 1:
+        return KTBlock(layers=list(block), choice=per_layer_best, loss=None, per_layer_best=per_layer_best,
+                       per_layer_best_loss=None, combinations=[per_layer_best], losses=[None])
+    views = {l: ctx.view(l, modules[l]) for l in block}
+    runner = ctx.runner
+
+    def forward(pos, cand, hidden):
+        for li in spans[pos]:
+            if li == block[pos]:
+                with masked_routing(views[li], selections[li].masks[cand]):
+                    hidden = runner.run(li, hidden, layer=modules[li])
+            else:
+                hidden = runner.run(li, hidden, layer=modules[li])
+        return hidden
+
+    def distance(a, b):
+        return torch.linalg.vector_norm((a - b).double()).item()
+
+    batches = [(hidden_start[b], target[b]) for b in ctx.batches]
+    with torch.no_grad():
+        combos, losses = search_block(num_cands, forward, batches, distance)
+    best = int(np.argmin(losses))
+    baseline = int(np.flatnonzero((combos == np.array(per_layer_best)).all(axis=1))[0])
+    return KTBlock(layers=list(block), choice=combos[best].tolist(), loss=float(losses[best]),
+                   per_layer_best=per_layer_best, per_layer_best_loss=float(losses[baseline]),
+                   combinations=combos.tolist(), losses=losses.tolist())
