@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .io import SafetensorsFile
+from .source import ModelSource, compute_dtype
 
 __all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
 
@@ -104,19 +105,6 @@ def _candidates(key: str) -> list[str]:
     return out
 
 
-def _resolve_dtype(dtype, device: torch.device, stored: torch.dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else stored
-    if isinstance(dtype, str):
-        value = getattr(torch, dtype.replace("torch.", ""), None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"dtype: {dtype!r} is not a torch dtype")
-        dtype = value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch dtype (or its name), got {dtype!r}")
-    return dtype
-
-
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, *, parameter: bool) -> None:
     module_name, _, attr = name.rpartition(".")
     module = root.get_submodule(module_name) if module_name else root
@@ -138,11 +126,11 @@ def _to_meta(module: nn.Module) -> None:
                 sub._buffers[attr] = torch.empty_like(b, device="meta")
 
 
-class StreamedSource:
+class StreamedSource(ModelSource):
     """A causal LM whose weights stay on disk until a layer is asked for; see the module docstring.
 
     Attributes: ``model`` (the skeleton on the meta device), ``adapter`` (its :class:`moei2.models.MoEAdapter`),
-    ``streamed`` (True), ``device``, ``dtype`` (the compute dtype), ``directory``, ``checkpoint_dtype``
+    ``streamed`` (True), ``device``, ``dtype`` (the compute dtype), ``directory``, ``storage_dtype``
     (the dtype most tensors are stored in), ``checkpoint_bytes`` (the size of the weight files).
     """
 
@@ -202,7 +190,10 @@ class StreamedSource:
                                   f"{', '.join(sorted(ADAPTERS))}")
 
         files, weight_map = cls._weight_files(root)
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
 
         model_class = ADAPTERS[architecture].model_class()
         try:
@@ -212,8 +203,8 @@ class StreamedSource:
                                   f"({exc})") from None
         stored_dtype = Counter(h.dtype for f in files.values() for h in f.tensors.values()
                                if h.dtype.is_floating_point).most_common(1)
-        checkpoint_dtype = stored_dtype[0][0] if stored_dtype else torch.float32
-        dtype = _resolve_dtype(dtype, device, checkpoint_dtype)
+        storage_dtype = stored_dtype[0][0] if stored_dtype else torch.float32
+        dtype = compute_dtype(device, dtype, storage_dtype)
 
         # As from_pretrained records it: the in-memory fingerprint hashes the whole config dict.
         config._name_or_path = str(directory)
@@ -232,7 +223,7 @@ class StreamedSource:
         self.adapter = adapter
         self.device = device
         self.dtype = dtype
-        self.checkpoint_dtype = checkpoint_dtype
+        self.storage_dtype = storage_dtype
         self._files = files
         self._weight_map = weight_map
         self.checkpoint_bytes = sum(os.path.getsize(f.path) for f in files.values())

@@ -96,9 +96,9 @@ def test_streamed_layers_equal_in_memory(family, checkpoints):
     stored = src.outer_tensors()
     assert set(stored) == {"model.embed_tokens.weight", "model.norm.weight"} | (
         set() if family == "olmoe" else {"lm_head.weight"})
-    from moei2.pipeline import _model_fingerprint
+    from moei2.source import InMemorySource
 
-    assert src.fingerprint() == _model_fingerprint(ref, moei2.get_adapter(ref))
+    assert src.fingerprint() == InMemorySource(ref).fingerprint()
 
 
 def test_changes_inside_the_scope_are_dropped(checkpoints):
@@ -124,7 +124,7 @@ def test_dtype_and_single_file(tmp_path):
     model = build_model("mixtral", dtype=torch.bfloat16)
     model.save_pretrained(str(tmp_path / "m"))  # one model.safetensors
     src = StreamedSource.open(tmp_path / "m")
-    assert src.checkpoint_dtype == torch.bfloat16 and src.dtype == torch.float32
+    assert src.storage_dtype == torch.bfloat16 and src.dtype == torch.float32
     with src.layer(1) as layer:
         assert torch.equal(layer.mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj.float())
     src = StreamedSource.open(tmp_path / "m", dtype="bfloat16")
@@ -249,7 +249,7 @@ def test_scale_benchmark_checkpoints_stream(family, tmp_path, monkeypatch):
     expert = "block_sparse_moe.experts.3.w2" if family == "mixtral" else "mlp.experts.3.down_proj"
     assert f"model.layers.1.{expert}.weight" in keys
     src = StreamedSource.open(tmp_path / "m")
-    assert src.checkpoint_dtype == torch.bfloat16 and src.checkpoint_bytes == out["bytes"]
+    assert src.storage_dtype == torch.bfloat16 and src.checkpoint_bytes == out["bytes"]
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
     with src.layer(1) as layer:
         for name, value in layer.state_dict().items():
