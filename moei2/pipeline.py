@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
+from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
@@ -27,7 +29,7 @@ from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer,
                      score_layer, search_layer, select)
 from .stages.common import batch_token_counts, pack_factors, progress_bar, unpack_factors
 
-__all__ = ["compress", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
+__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
 
 # Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
 # state each stage sees"): "compressed", the hidden state propagated through the layers already
@@ -41,30 +43,130 @@ def routed_expert_parameters(adapter) -> int:
     return sum(view.routed_parameters() for view in adapter.moe_layers())
 
 
-def _model_size(model) -> tuple[int, int]:
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return params, nbytes
+def _model_size(model, stored_dtype: Optional[torch.dtype] = None, outer_only: bool = False) -> tuple[int, int]:
+    """Parameters and bytes of ``model`` (or of its non-layer part), in ``stored_dtype`` when given:
+    a streamed model's skeleton is built in the compute dtype, not the dtype it is stored in."""
+    params = [p for n, p in model.named_parameters() if not (outer_only and n.startswith("model.layers."))]
+    size = (lambda p: stored_dtype.itemsize) if stored_dtype is not None else (lambda p: p.element_size())
+    return sum(p.numel() for p in params), sum(p.numel() * size(p) for p in params)
 
 
-def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None, *, work_dir=None,
-             progress: bool = True):
-    """Compresses ``model`` in place with MoE-I2 and returns ``(model, report)``.
+def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None, *, output=None,
+             overwrite: bool = False, work_dir=None, progress: bool = True):
+    """Compresses a model with MoE-I2 and returns ``(model, report)``.
 
-    model: a supported Hugging Face MoE causal LM (see :func:`moei2.models.get_adapter`).
-    tokenizer: its tokenizer. texts: calibration text (a string or a list of strings).
-    config: :class:`CompressionConfig` (defaults from docs/method.md); ``config.device`` and
-    ``config.dtype`` say where and in which dtype layers compute.
-    work_dir: optional directory recording finished layers so an interrupted run resumes.
-    The report (a JSON-serialisable dict) holds experts kept per layer, ranks, parameter and
-    size reductions, each stage's loss and time, and the seed.
+    model: a supported Hugging Face MoE causal LM in memory (see :func:`moei2.models.get_adapter`),
+    changed in place; or the path of a Hugging Face checkpoint directory, which is streamed from
+    disk one layer (one KT block) at a time and written to ``output`` as layers finish (see
+    :func:`compress_checkpoint`; the first value returned is then the output path).
+    tokenizer: its tokenizer (for a directory, None reads the directory's). texts: calibration
+    text (a string or a list of strings). config: :class:`CompressionConfig` (defaults from
+    docs/method.md); ``config.device`` and ``config.dtype`` say where and in which dtype layers
+    compute. output, overwrite: where a streamed result is written (for a directory only).
+    work_dir: optional directory recording finished layers so
+    an interrupted run resumes. The report (a JSON-serialisable dict) holds experts kept per
+    layer, ranks, parameter and size reductions, each stage's loss and time, and the seed; for a
+    directory also the written checkpoint's sizes under ``checkpoint``.
     """
     from .source import InMemorySource
 
     config = _check_config(config)
+    if isinstance(model, (str, os.PathLike)):
+        return compress_checkpoint(model, output, tokenizer, texts, config, overwrite=overwrite,
+                                   work_dir=work_dir, progress=progress)
+    if output is not None:
+        raise ValueError("output: only a checkpoint directory is written by compress; save a model in memory "
+                         "with moei2.save(model, path)")
     source = InMemorySource(model, device=config.device, dtype=config.dtype)
     report = compress_source(source, tokenizer, texts, config, work_dir=work_dir, progress=progress)
     return model, report
+
+
+def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: Optional[CompressionConfig] = None,
+                        *, overwrite: bool = False, work_dir=None, progress: bool = True):
+    """Compresses the checkpoint in ``directory`` streamed from disk and writes it to ``output``.
+
+    Only one KT block of decoder layers is resident at a time (:class:`moei2.streaming.StreamedSource`);
+    each layer is written to ``output``'s shards as soon as it is compressed
+    (:class:`moei2.io.CheckpointWriter`), and ``output`` appears, atomically, only when all are.
+    The input and the output location are checked before any long work. With ``config.lora``
+    the compressed checkpoint (far smaller than the original) is then loaded, recovered and
+    saved again. Returns ``(output path, report)``; ``moei2.load(output)`` gives the model.
+    """
+    import dataclasses
+
+    from .io import load, save
+    from .streaming import StreamedSource
+
+    config = _check_config(config)
+    if output is None:
+        raise ValueError("output: compressing a checkpoint directory writes the result to a directory; "
+                         "give output=")
+    source = StreamedSource.open(directory, device=config.device, dtype=config.dtype)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"tokenizer: none given and {str(directory)!r} has no usable tokenizer ({exc})") from None
+    streamed_config = dataclasses.replace(config, lora=None) if config.lora is not None else config
+    model = source.model
+    with _checkpoint_writer(output, overwrite) as writer:
+        report = compress_source(source, tokenizer, texts, streamed_config, sink=writer, work_dir=work_dir,
+                                 progress=progress)
+        from .models import structure_of
+
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and head.weight is embed.weight
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
+        report["checkpoint"] = writer.finish(
+            model.config, structure_of(model, source.adapter), architecture=type(model).__name__,
+            family=source.adapter.family, dtype=str(source.storage_dtype).removeprefix("torch."), aliases=aliases,
+            sizes=_checkpoint_sizes(report["parameters"]), tokenizer=_saveable(tokenizer),
+            report=report if config.lora is None else None)
+    if config.lora is not None:
+        compressed = load(output, dtype=source.dtype, device=source.device)
+        with _timed(report, "lora"):
+            report["lora"] = recover(compressed, tokenizer, texts, config).report
+        report["config"] = config.to_dict()
+        report["checkpoint"] = save(compressed.to(source.storage_dtype), output, tokenizer=_saveable(tokenizer),
+                                    report=report, overwrite=True)
+    return Path(output), report
+
+
+def _saveable(tokenizer):
+    """The tokenizer, if it can be written next to the weights (any object with the methods
+    compression needs is accepted as a tokenizer)."""
+    return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
+
+
+def _checkpoint_writer(output, overwrite: bool):
+    """A writer for ``output``, created first: it checks the location before any long work."""
+    from .io import CheckpointWriter
+
+    if not isinstance(output, (str, os.PathLike)):
+        raise TypeError(f"output must be a str or os.PathLike, got {type(output).__name__}")
+    return CheckpointWriter(output, overwrite=overwrite)
+
+
+def _checkpoint_sizes(parameters: dict) -> dict:
+    """The sizes a checkpoint records, from the report's parameter counts."""
+    return {"parameters_before": parameters["model_before"], "parameters_after": parameters["model_after"],
+            "bytes_before": parameters["model_bytes_before"], "bytes_after": parameters["model_bytes_after"],
+            "routed_expert_parameters_before": parameters["routed_expert_before"],
+            "routed_expert_parameters_after": parameters["routed_expert_after"]}
+
+
+@contextlib.contextmanager
+def _timed(report: dict, name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        report["times"][name] = report["times"].get(name, 0.0) + elapsed
+        report["times"]["total"] = report["times"].get("total", 0.0) + elapsed
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
@@ -112,7 +214,8 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     moe_layers = [v.layer_index for v in views]
     num_experts = {v.layer_index: int(v.num_experts) for v in views}
     top_k = {v.layer_index: int(v.top_k) for v in views}
-    params_before, bytes_before = _model_size(model)
+    stored_dtype = source.storage_dtype if source.streamed else None
+    params_before, bytes_before = _model_size(model, stored_dtype)
     routed_before = routed_expert_parameters(adapter)
     report: dict = {
         "seed": config.seed,
@@ -172,8 +275,8 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
         sink.add(source.outer_tensors())
 
     if source.streamed:
-        params_after = writer.params + _outer_size(model)[0]
-        bytes_after = writer.bytes + _outer_size(model)[1]
+        outer_params, outer_bytes = _model_size(model, stored_dtype, outer_only=True)
+        params_after, bytes_after = writer.params + outer_params, writer.bytes + outer_bytes
         routed_after = writer.routed
     else:
         params_after, bytes_after = _model_size(model)
@@ -275,11 +378,6 @@ class _Writer:
         for i in range(self.source.adapter.num_hidden_layers):
             with self.source.layer(i) as module:
                 self.layer(i, module)
-
-
-def _outer_size(model) -> tuple[int, int]:
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.layers.")]
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
 def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer):
