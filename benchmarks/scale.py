@@ -24,8 +24,11 @@ Steps (each a function taking and returning the run's result dict, so later step
                   then each layer in turn, recording peak RSS (``resource.getrusage``), the RSS
                   left after the scope, and the time, against the checkpoint's size; plus one
                   process walking all layers one after the other;
-``compress``      (to come with the streamed pipeline) compresses the directory and records each
-                  stage's time per layer and the peak RSS.
+``compress``      ``--compress``: in a fresh process, ``moei2.compress(directory, ..., output=...)``
+                  streamed (one KT block resident), calibrated on the bundled text with the bundled
+                  tokenizer (``--sequences`` x ``--seq-len`` tokens), recording each stage's time per
+                  layer and the peak RSS against the checkpoint's size; with ``--table`` also a
+                  markdown row.
 
 Example (2 layers of Qwen widths, about 3.5 GB on disk)::
 
@@ -275,7 +278,61 @@ def step_measure_load(args, result: dict) -> dict:
     return result
 
 
-STEPS = {"write": step_write, "measure_load": step_measure_load}
+_COMPRESS = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+import moei2
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(str(moei2.demo_model_path()))
+config = moei2.CompressionConfig(num_sequences=args["sequences"], seq_len=args["seq_len"],
+                                 calib_batch_size=args["batch"], device=args["device"], dtype=args["dtype"])
+started = time.perf_counter()
+_, report = moei2.compress(args["dir"], tokenizer, moei2.demo_texts("calibration"), config, output=args["out"],
+                           overwrite=True, progress=False)
+out = {"seconds": round(time.perf_counter() - started, 2), "times": report["times"],
+       "parameters": report["parameters"], "calibration_tokens": report["calibration"]["tokens"],
+       "experts_kept": {l: len(v["kept"]) for l, v in report["layers"].items()},
+       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+print(json.dumps(out))
+"""
+
+
+def step_compress(args, result: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out_dir = args.output or args.dir.with_name(args.dir.name + "-compressed")
+    spec = {"dir": str(args.dir), "out": str(out_dir), "sequences": args.sequences, "seq_len": args.seq_len,
+            "batch": args.batch, "device": args.device, "dtype": args.dtype}
+    proc = subprocess.run([sys.executable, "-c", _COMPRESS, json.dumps(spec)], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"compress failed:\n{proc.stderr[-4000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    files = list(out_dir.glob("*.safetensors"))
+    row["output_bytes"] = sum(f.stat().st_size for f in files)
+    row["peak_rss_over_checkpoint"] = round(row["peak_rss"] / result["checkpoint_bytes"], 4)
+    row["per_layer_seconds"] = {k: round(v / args.layers, 2) for k, v in row["times"].items()}
+    result["compress"] = row
+    if args.delete:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print(f"  compress: {row['seconds']:.0f} s, peak RSS {row['peak_rss'] / 2**30:.2f} GiB "
+          f"({row['peak_rss_over_checkpoint']:.3f} x checkpoint of {result['checkpoint_bytes'] / 1e9:.1f} GB)",
+          flush=True)
+    return result
+
+
+def markdown_row(result: dict) -> str:
+    """One row of benchmarks/results/scale.md: family, layers, sizes, peak RSS, per-layer stage times."""
+    c = result["compress"]
+    per = c["per_layer_seconds"]
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in per.items() if k not in ("total", "calibration_data"))
+    return (f"| {result['family']} | {result['layers']} | {result['checkpoint_bytes'] / 1e9:.2f} | "
+            f"{c['output_bytes'] / 1e9:.2f} | {c['peak_rss'] / 2**30:.2f} | {c['peak_rss_over_checkpoint']:.2f} | "
+            f"{c['calibration_tokens']} | {per['total']:.0f} | {stages} | {c['seconds'] / 60:.1f} |")
+
+
+STEPS = {"write": step_write, "measure_load": step_measure_load, "compress": step_compress}
 
 
 def main(argv=None) -> dict:
@@ -286,11 +343,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-bytes", type=int, default=SHARD_BYTES)
     ap.add_argument("--measure-load", action="store_true", help="measure streamed loading per layer")
+    ap.add_argument("--compress", action="store_true", help="compress the checkpoint streamed, in a fresh process")
+    ap.add_argument("--output", type=Path, help="where --compress writes (default: DIR-compressed)")
+    ap.add_argument("--sequences", type=int, default=8, help="calibration sequences for --compress")
+    ap.add_argument("--seq-len", type=int, default=512, help="calibration sequence length for --compress")
+    ap.add_argument("--batch", type=int, default=4, help="calibration sequences per forward for --compress")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--table", type=Path, help="append a markdown row of the compress step to this file")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--delete", action="store_true", help="remove the checkpoint directory at the end")
     args = ap.parse_args(argv)
     config_for(args.family, args.layers)
-    steps = ["write"] + (["measure_load"] if args.measure_load else [])
+    steps = ["write"] + (["measure_load"] if args.measure_load else []) + (["compress"] if args.compress else [])
     result = {"family": args.family, "layers": args.layers, "machine": {"cpus": os.cpu_count()}}
     try:
         for name in steps:
@@ -304,6 +369,14 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.table and "compress" in result:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        if not args.table.exists():
+            args.table.write_text("| model widths | layers | checkpoint GB | output GB | peak RSS GiB | peak / checkpoint "
+                                  "| calibration tokens | s per layer | stage s per layer | total min |\n"
+                                  "|---|---|---|---|---|---|---|---|---|---|\n")
+        with args.table.open("a") as fh:
+            fh.write(markdown_row(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "measure_load"}, indent=2))
     return result
 

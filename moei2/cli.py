@@ -79,10 +79,20 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     return facts
 
 
+def _load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path = _model_dir(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"--model: {spec!r} has no usable tokenizer ({_first_line(exc)})") from exc
+
+
 def _load_model(spec: str, dtype: str | None = None):
     """'demo' for the bundled model, a moei2 checkpoint, or a Hugging Face model directory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     if spec == "demo":
@@ -91,10 +101,7 @@ def _load_model(spec: str, dtype: str | None = None):
         return demo_model(dtype=torch_dtype or torch.float32)
     path = _model_dir(spec)
     model_facts(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"--model: {spec!r} has no usable tokenizer ({_first_line(exc)})") from exc
+    tokenizer = _load_tokenizer(spec)
     from .io import is_moei2_checkpoint, load
 
     if is_moei2_checkpoint(path):
@@ -326,12 +333,15 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
 
 # ---- commands ----------------------------------------------------------------------------------
 
-def run_compression(model, tokenizer, texts, config, *, work_dir=None, progress=True):
-    """The one call into the pipeline (kept as a single seam so that it can later take a
-    checkpoint directory for streamed compression)."""
+def run_compression(model, tokenizer, texts, config, *, output=None, overwrite=False, work_dir=None, progress=True):
+    """The one call into the pipeline: ``model`` is a model in memory, or a checkpoint directory
+    that is streamed from disk and written to ``output`` as its layers finish."""
     from .pipeline import compress
 
-    return compress(model, tokenizer, texts, config, work_dir=work_dir, progress=progress)
+    if output is None:
+        return compress(model, tokenizer, texts, config, work_dir=work_dir, progress=progress)
+    return compress(model, tokenizer, texts, config, output=output, overwrite=overwrite, work_dir=work_dir,
+                    progress=progress)
 
 
 def cmd_compress(args) -> int:
@@ -365,20 +375,25 @@ def cmd_compress(args) -> int:
     if args.work_dir:
         check_writable(args.work_dir, "--work-dir")
 
-    from .io import save
-
-    model, tokenizer = _load_model(args.model, config.dtype)
     import zipfile
 
+    from .io import save
+
     try:
-        model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
-                                        progress=not args.quiet)
+        if args.model == "demo":
+            model, tokenizer = _load_model(args.model, config.dtype)
+            model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
+                                            progress=not args.quiet)
+            report["checkpoint"] = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+        else:
+            # A model directory is streamed: one KT block of layers in memory, the output written as
+            # layers finish.
+            _, report = run_compression(args.model, _load_tokenizer(args.model), texts, config, output=out,
+                                        overwrite=args.overwrite, work_dir=args.work_dir, progress=not args.quiet)
     except (EOFError, zipfile.BadZipFile) as exc:
         # np.load of a truncated .npz side file of the run state
         raise CLIError(f"--work-dir: {args.work_dir!r} holds a damaged or truncated file ({_first_line(exc)}); "
                        "delete the directory or use another one") from exc
-    save_report = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
-    report["checkpoint"] = save_report
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(summary(report))

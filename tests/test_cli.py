@@ -99,6 +99,8 @@ def never_load(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(cli, "_load_model", load)
+    monkeypatch.setattr(cli, "_load_tokenizer", load)
+    monkeypatch.setattr(cli, "run_compression", load)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -125,3 +125,27 @@ def test_lora_after_a_streamed_run_recovers_the_written_checkpoint(tmp_path):
     loaded = moei2.load(out)
     assert json.loads((out / "report.json").read_text())["lora"]["steps"] == 2
     assert torch.isfinite(_logits(loaded, torch.randint(3, 100, (1, 8)))).all()
+
+
+def test_cli_streams_a_model_directory(tmp_path, capsys):
+    import shutil
+
+    from moei2 import cli
+
+    source_dir = tmp_path / "hf"
+    build_model("qwen2_moe", layers=2, vocab_size=4096).save_pretrained(str(source_dir), max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moei2.demo_model_path() / name, source_dir / name)
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(source_dir), "-o", str(out), "--num-sequences", "4", "--seq-len", "32",
+            "--population", "8", "--generations", "3", "--quiet", "--report", str(tmp_path / "report.json")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "routed expert parameters" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checkpoint"]["path"] == str(out.absolute())
+    loaded = moei2.load(out)
+    assert loaded.config.moei2["layers"]["0"]["kept"] == report["layers"]["0"]["kept"]
+    assert (out / "tokenizer.json").is_file()
+    # a second run refuses to overwrite without --overwrite, before any work
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
