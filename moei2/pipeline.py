@@ -197,7 +197,8 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     model.eval()
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
-                  torch_candidates=(source.device.type != "cpu") if torch_candidates is None else bool(torch_candidates))
+                  torch_candidates=(source.device.type != "cpu") if torch_candidates is None else bool(torch_candidates),
+                  park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
@@ -301,6 +302,15 @@ def _check_config(config) -> CompressionConfig:
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     return config
+
+
+def _park_dtype(source) -> Optional[torch.dtype]:
+    """The dtype resident layers wait in: the one they are stored in, when narrower than the
+    compute dtype (it holds their values exactly); None when nothing would be saved."""
+    stored = getattr(source, "storage_dtype", None)
+    if stored is None or not stored.is_floating_point or stored.itemsize >= source.dtype.itemsize:
+        return None
+    return stored
 
 
 def _check_compressible(adapter, model) -> None:
@@ -420,41 +430,38 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
         for bi, block in enumerate(blocks):
             hidden, original = advance_dense(block[0], hidden, original)
             span = list(range(block[0], block[-1] + 1))
-            with contextlib.ExitStack() as block_scope:
-                scopes, modules = {}, {}
-                for li in span:
-                    scopes[li] = block_scope.enter_context(contextlib.ExitStack())
-                    modules[li] = scopes[li].enter_context(source.layer(li))
-
-                # -- search and KT choice (on the hidden state the method choice names) --
-                if config.prunes:
+            # -- search and KT choice, on the hidden state the method choice names: the block's
+            # layers are resident together, unmodified, all but the computing one parked --
+            if config.prunes and (bi not in kt_done or original is not None):
+                with contextlib.ExitStack() as block_scope:
+                    modules = {li: block_scope.enter_context(source.layer(li)) for li in span}
+                    for module in modules.values():
+                        ctx.park(module)
                     start = original if original is not None else hidden
-                    need_search = bi not in kt_done
-                    if need_search or original is not None:
-                        current = start
-                        for li in span:
-                            module = modules[li]
-                            if li in counts and li not in selections and need_search:
+                    current = start
+                    for li in span:
+                        with ctx.computing(modules[li]) as module:
+                            if li in counts and li not in selections and bi not in kt_done:
                                 with ctx.timer("search"):
                                     selections[li], current = _select_layer(ctx, li, module, current, counts[li])
                                 state.put("candidates", {str(k): v.to_dict() for k, v in selections.items()})
                             else:
                                 with ctx.timer("search"):
                                     current = ctx.run(li, module, current)
-                        if need_search:
-                            with ctx.timer("kt_block"):
-                                kt_done[bi] = choose_block(ctx, block, modules, selections, start, current)
-                            chosen.update(zip(block, kt_done[bi].choice))
-                            state.put("blocks", {str(k): v.to_dict() for k, v in kt_done.items()})
-                            state.put("chosen", {str(k): v for k, v in chosen.items()})
-                        if original is not None:
-                            original = current
-                        del current
+                    if bi not in kt_done:
+                        with ctx.timer("kt_block"):
+                            kt_done[bi] = choose_block(ctx, block, modules, selections, start, current)
+                        chosen.update(zip(block, kt_done[bi].choice))
+                        state.put("blocks", {str(k): v.to_dict() for k, v in kt_done.items()})
+                        state.put("chosen", {str(k): v for k, v in chosen.items()})
+                    if original is not None:
+                        original = current
+                    del current
 
-                # -- per layer: prune, Grams, ranks, factors, propagate, write, free --
-                for li in span:
-                    module = modules[li]
-                    last = li == moe_layers[-1]
+            # -- per layer, one resident at a time: prune, Grams, ranks, factors, propagate, write --
+            for li in span:
+                last = li == moe_layers[-1]
+                with source.layer(li) as module:
                     if li in counts:
                         kept = None
                         if config.prunes:
@@ -471,10 +478,9 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
                         with ctx.timer("propagation"):
                             hidden = ctx.run(li, module, hidden)
                     writer.layer(li, module)
-                    scopes.pop(li).close()
-                    position = li + 1
-                    if bar is not None:
-                        bar.update(1)
+                position = li + 1
+                if bar is not None:
+                    bar.update(1)
         hidden, original = advance_dense(num_layers, hidden, original)
     finally:
         if bar is not None:

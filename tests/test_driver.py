@@ -324,3 +324,32 @@ def test_driver_bad_arguments_fail_before_any_work():
                         small_config(lora=moei2.LoRAConfig(steps=1)), progress=False)
     with pytest.raises(ValueError, match="device"):
         InMemorySource(model, device="nowhere")
+
+
+def test_waiting_layers_are_parked_in_their_storage_dtype_without_changing_the_result(monkeypatch):
+    """A bfloat16 model computes in float32; while a KT block is resident only the computing layer
+    is in float32, and parking (exact for stored values) changes no choice and no weight."""
+    import moei2.pipeline as pipeline
+    from moei2.stages.common import Context
+
+    config = small_config(kt_block=2)
+    widest = {"float32 layers": 0}
+    real_run = Context.run
+
+    def run(self, index, module, hidden):
+        wide = sum(any(p.dtype == torch.float32 for p in layer.parameters()) for layer in self.adapter.layers_module)
+        widest["float32 layers"] = max(widest["float32 layers"], wide)
+        return real_run(self, index, module, hidden)
+
+    monkeypatch.setattr(Context, "run", run)
+    parked_sink, plain_sink = DictSink(), DictSink()
+    parked = compress_source(InMemorySource(build_model("qwen2_moe", layers=4, dtype=torch.bfloat16)), CharTokenizer(),
+                             calibration_texts(), config, sink=parked_sink, progress=False)
+    assert widest["float32 layers"] == 1
+    monkeypatch.setattr(pipeline, "_park_dtype", lambda source: None)
+    plain = compress_source(InMemorySource(build_model("qwen2_moe", layers=4, dtype=torch.bfloat16)), CharTokenizer(),
+                            calibration_texts(), config, sink=plain_sink, progress=False)
+    assert widest["float32 layers"] == 2
+    assert parked["layers"] == plain["layers"]
+    for key, value in plain_sink.tensors.items():
+        assert torch.equal(parked_sink.tensors[key], value), key

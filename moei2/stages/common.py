@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -55,6 +57,29 @@ class Context:
     timer: Timer = field(default_factory=Timer)
     torch_candidates: bool = False
     progress: bool = True
+    park_dtype: Optional[torch.dtype] = None
+
+    def park(self, module) -> None:
+        """Puts a resident, unmodified layer in ``park_dtype`` until it computes."""
+        if self.park_dtype is not None:
+            module.to(self.park_dtype)
+
+    @contextlib.contextmanager
+    def computing(self, module):
+        """``module`` in the compute dtype for the scope, and parked in ``park_dtype`` after it.
+
+        The layers of a KT block stay resident through the search and the KT walk, but only one
+        computes at a time: the others wait in the dtype the checkpoint stores them in, which
+        holds their (unmodified) values exactly, so a block costs one layer in float32 plus the
+        rest at half that size. Only unmodified layers are parked."""
+        if self.park_dtype is None:
+            yield module
+            return
+        module.to(self.source.dtype)
+        try:
+            yield module
+        finally:
+            module.to(self.park_dtype)
 
     @property
     def adapter(self):

@@ -88,23 +88,26 @@ def choose_block(ctx, block: list, modules: dict, selections: dict, hidden_start
         return KTBlock(layers=list(block), choice=per_layer_best, loss=None, per_layer_best=per_layer_best,
                        per_layer_best_loss=None, combinations=[per_layer_best], losses=[None])
     views = {l: ctx.view(l, modules[l]) for l in block}
-    runner = ctx.runner
 
+    # Each node of the prefix tree runs its layer over every calibration batch at once, so a
+    # layer computes (and is unparked) once per node, not once per node and batch.
     def forward(pos, cand, hidden):
         for li in spans[pos]:
-            if li == block[pos]:
-                with masked_routing(views[li], selections[li].masks[cand]):
-                    hidden = runner.run(li, hidden, layer=modules[li])
-            else:
-                hidden = runner.run(li, hidden, layer=modules[li])
+            routing = masked_routing(views[li], selections[li].masks[cand]) if li == block[pos] \
+                else contextlib.nullcontext()
+            with routing, ctx.computing(modules[li]) as module:
+                hidden = ctx.run(li, module, hidden)
         return hidden
 
-    def distance(a, b):
-        return torch.linalg.vector_norm((a - b).double()).item()
+    def distance(out, target):
+        # Summed over the calibration batches in order: the loss convention of moei2.
+        total = 0.0
+        for b in ctx.batches:
+            total += torch.linalg.vector_norm((out[b] - target[b]).double()).item()
+        return total
 
-    batches = [(hidden_start[b], target[b]) for b in ctx.batches]
     with torch.no_grad():
-        combos, losses = search_block(num_cands, forward, batches, distance)
+        combos, losses = search_block(num_cands, forward, [(hidden_start, target)], distance)
     best = int(np.argmin(losses))
     baseline = int(np.flatnonzero((combos == np.array(per_layer_best)).all(axis=1))[0])
     return KTBlock(layers=list(block), choice=combos[best].tolist(), loss=float(losses[best]),
