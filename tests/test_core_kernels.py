@@ -4,6 +4,7 @@ two routes, candidate outputs in C, thread-count independence, and the reliabili
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 
@@ -14,6 +15,10 @@ import moei2
 from moei2 import _core
 from moei2 import _reference as ref
 from moei2 import lowrank, search
+
+# Child processes run outside the checkout, so that they import the installed moei2, not the
+# source tree (which has no compiled extension in a fresh clone).
+OUTSIDE = tempfile.gettempdir()
 
 
 def random_layer(seed, N=40, E=8, d=6, scale=1.5):
@@ -204,7 +209,7 @@ def test_huge_population_in_c_is_a_memory_error_not_a_crash():
         except ValueError as exc:
             print("ValueError", exc)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=OUTSIDE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("MemoryError") == 2 and "population must be in" in proc.stdout
 
@@ -252,7 +257,7 @@ def test_prune_counts_with_a_denormal_importance_meets_the_budget_even_under_das
     assert counts.sum() == 8 and np.all(counts <= 6)
     code = ("from moei2 import search; c = search.prune_counts([5e-324, 1.0, 2.0, 1e-310], 8, 2, ratio=0.25); "
             "print(int(c.sum()), int(c.max()))")
-    proc = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60, cwd=OUTSIDE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["8", str(int(counts.max()))]
 
@@ -285,5 +290,5 @@ def test_concurrent_decompose_many_restores_the_blas_thread_count():
 def test_search_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import moei2.search, moei2.lowrank, moei2._threads; "
             "print(moei2._threads.num_threads() >= 1)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=OUTSIDE)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
