@@ -279,9 +279,43 @@ def step_measure_load(args, result: dict) -> dict:
 
 
 _COMPRESS = r"""
-import json, resource, sys, time
+import json, resource, sys, threading, time
 args = json.loads(sys.argv[1])
 import moei2
+from moei2.stages import common
+
+# Peak RSS per stage: a sampler thread reads the resident set every 50 ms and charges it to the
+# stage the pipeline's timer is in (the innermost one); "other" is time outside every stage.
+stages, by_stage = [], {}
+timed = common.Timer.__call__
+
+
+def traced(self, name):
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        stages.append(name)
+        try:
+            with timed(self, name):
+                yield
+        finally:
+            stages.pop()
+    return scope()
+
+
+def sample():
+    page = resource.getpagesize()
+    while True:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * page
+        key = stages[-1] if stages else "other"
+        by_stage[key] = max(by_stage.get(key, 0), now)
+        time.sleep(0.05)
+
+
+common.Timer.__call__ = traced
+threading.Thread(target=sample, daemon=True).start()
 from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(str(moei2.demo_model_path()))
 config = moei2.CompressionConfig(num_sequences=args["sequences"], seq_len=args["seq_len"],
@@ -292,7 +326,8 @@ _, report = moei2.compress(args["dir"], tokenizer, moei2.demo_texts("calibration
 out = {"seconds": round(time.perf_counter() - started, 2), "times": report["times"],
        "parameters": report["parameters"], "calibration_tokens": report["calibration"]["tokens"],
        "experts_kept": {l: len(v["kept"]) for l, v in report["layers"].items()},
-       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+       "peak_rss_by_stage": dict(sorted(by_stage.items()))}
 print(json.dumps(out))
 """
 
@@ -318,6 +353,8 @@ def step_compress(args, result: dict) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(f"  compress: {row['seconds']:.0f} s, peak RSS {row['peak_rss'] / 2**30:.2f} GiB "
           f"({row['peak_rss_over_checkpoint']:.3f} x checkpoint of {result['checkpoint_bytes'] / 1e9:.1f} GB)",
+          flush=True)
+    print("  peak RSS by stage (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in row["peak_rss_by_stage"].items()),
           flush=True)
     return result
 

@@ -20,14 +20,14 @@ from torch import nn
 
 from .models.base import as_index
 
-__all__ = ["LayerStats", "LayerRunner", "iter_layer_stats"]
+__all__ = ["ExpertGrams", "LayerStats", "LayerRunner", "iter_layer_stats"]
 
 
 @dataclass
 class LayerStats:
     """Statistics of one MoE layer over all calibration tokens.
 
-    ``X`` [N, H] float32: the MoE block's input (after attention and post_attention_layernorm),
+    ``X`` [N, H] float32 (float64 for a float64 layer): the MoE block's input (after attention and post_attention_layernorm),
     rows in sequence-major order (N = num_sequences * seq_len). ``router_logits`` [N, E] float32:
     raw router logits, before the softmax. ``Y`` [N, H] float32: the output of the ROUTED experts
     (the experts module's output, without shared experts), i.e. what pruning changes.
@@ -322,7 +322,10 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs,
     num_sequences, seq_len, hidden_size = hidden.shape
     num_tokens = num_sequences * seq_len
     num_experts, top_k = view.num_experts, view.top_k
-    X = torch.empty((num_tokens, hidden_size), dtype=torch.float32, device=x_device)
+    # float32 holds the inputs of float32, bfloat16 and float16 layers exactly (their Grams are
+    # computed from X again by ExpertGrams); a float64 layer's need float64.
+    x_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    X = torch.empty((num_tokens, hidden_size), dtype=x_dtype, device=x_device)
     Y = torch.empty((num_tokens, hidden_size), dtype=torch.float32) if keep_y else None
     logits = torch.empty((num_tokens, num_experts), dtype=torch.float32)
     chosen = torch.empty((num_tokens, top_k), dtype=torch.long)
@@ -361,7 +364,7 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs,
                     raise RuntimeError(f"layer {index}: the MoE block, its router or its experts were not called "
                                        "by the decoder layer")
                 rows = slice(b.start * seq_len, b.stop * seq_len)
-                X[rows] = seen["x"].float().to(X.device)
+                X[rows] = seen["x"].to(device=X.device, dtype=X.dtype)
                 if Y is not None:
                     Y[rows] = seen["y"].float().cpu()
                 logits[rows] = seen["logits"].float().cpu()
@@ -381,22 +384,70 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs,
 
 def _accumulate_grams(view, x, index, gram_in, gram_down, counts):
     """Adds one batch to the per-expert Grams, over the tokens the model routed to each expert."""
-    flat = index.reshape(-1)
-    top_k = index.shape[-1]
-    order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat, minlength=gram_in.shape[0]).tolist()
-    tokens = order // top_k
-    experts = view.experts_module
-    weight_dtype = next(experts.parameters()).dtype
-    start = 0
-    for j, n in enumerate(per_expert):
+    tokens, bounds = _tokens_by_expert(index, gram_in.shape[0])
+    weight_dtype = next(view.experts_module.parameters()).dtype
+    for j in range(gram_in.shape[0]):
+        n = bounds[j + 1] - bounds[j]
         if n == 0:
             continue
-        rows = x[tokens[start:start + n]]
-        start += n
         counts[j] += n
-        x64 = rows.to(torch.float64)
-        gram_in[j].addmm_(x64.T, x64)
-        # The down projection's input as the model computes it, in the experts' own dtype.
-        h = view.intermediate(j, rows.to(weight_dtype)).to(torch.float64)
-        gram_down[j].addmm_(h.T, h)
+        _add_expert_grams(view, j, x[tokens[bounds[j]:bounds[j + 1]]], gram_in[j], gram_down[j], weight_dtype)
+
+
+def _tokens_by_expert(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list]:
+    """The batch's tokens grouped by the expert they are routed to, ascending within each group:
+    expert j's tokens are ``tokens[bounds[j]:bounds[j + 1]]``."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    bounds = [0]
+    for n in counts:
+        bounds.append(bounds[-1] + n)
+    return order // index.shape[-1], bounds
+
+
+def _add_expert_grams(view, j, rows, gram_in_j, gram_down_j, weight_dtype) -> None:
+    """gram_in_j += x^T x and gram_down_j += h^T h over ``rows`` (the inputs routed to expert j)."""
+    x64 = rows.to(torch.float64)
+    gram_in_j.addmm_(x64.T, x64)
+    # The down projection's input as the model computes it, in the experts' own dtype.
+    h = view.intermediate(j, rows.to(weight_dtype)).to(torch.float64)
+    gram_down_j.addmm_(h.T, h)
+
+
+class ExpertGrams:
+    """The Grams of one MoE layer's experts, one expert at a time, from its captured inputs.
+
+    A layer's Grams at once take E (H^2 + I^2) float64 values: 3 GB for a Qwen1.5-MoE-A2.7B layer,
+    13 GB for a Mixtral-8x7B layer's down projections alone. Computed per expert when needed, they
+    take one expert's. The additions are those of ``iter_layer_stats(grams=...)`` in the same order
+    (per calibration batch, tokens ascending), so the values are the same.
+
+    ``view``: the layer as it is now (pruned or not; the routing in ``top_k_index`` must use its
+    expert numbering). ``X`` [N, H] and ``top_k_index`` [N, top_k]: the captured inputs and the
+    model's choices. ``row_slices``: the rows of each calibration batch, in order.
+    """
+
+    def __init__(self, view, X: torch.Tensor, top_k_index: torch.Tensor, row_slices):
+        self.view = view
+        self.X = X
+        self.num_experts = int(view.num_experts)
+        self._weight = next(view.experts_module.parameters())
+        self._batches = []
+        for rows in row_slices:
+            tokens, bounds = _tokens_by_expert(top_k_index[rows], self.num_experts)
+            self._batches.append((rows.start, tokens, bounds))
+
+    def __call__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gram_in [H, H], gram_down [I, I]) of expert ``j``, float64 on the experts' device."""
+        if not 0 <= j < self.num_experts:
+            raise IndexError(f"expert {j} out of range: the layer has {self.num_experts} experts")
+        H, inter = int(self.view.hidden_size), int(self.view.intermediate_size)
+        device, dtype = self._weight.device, self._weight.dtype
+        gram_in = torch.zeros((H, H), dtype=torch.float64, device=device)
+        gram_down = torch.zeros((inter, inter), dtype=torch.float64, device=device)
+        for start, tokens, bounds in self._batches:
+            if bounds[j + 1] > bounds[j]:
+                rows = self.X[start + tokens[bounds[j]:bounds[j + 1]]].to(device)
+                _add_expert_grams(self.view, j, rows, gram_in, gram_down, dtype)
+        return gram_in, gram_down

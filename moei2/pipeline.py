@@ -434,9 +434,10 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
             # layers are resident together, unmodified, all but the computing one parked --
             if config.prunes and (bi not in kt_done or original is not None):
                 with contextlib.ExitStack() as block_scope:
-                    modules = {li: block_scope.enter_context(source.layer(li)) for li in span}
-                    for module in modules.values():
-                        ctx.park(module)
+                    modules = {}
+                    for li in span:  # each parked as it arrives: never two layers in float32 at once
+                        modules[li] = block_scope.enter_context(source.layer(li))
+                        ctx.park(modules[li])
                     start = original if original is not None else hidden
                     current = start
                     for li in span:
@@ -474,6 +475,7 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
                                 factors = _factors(ctx, li, module, hidden, importance.get(str(li)), kept,
                                                    ranks, spectra, li in spectra_layers)
                                 lowrank_experts(model, {li: factors})
+                                del factors  # the module holds copies: free these before the next layer loads
                     if not last:
                         with ctx.timer("propagation"):
                             hidden = ctx.run(li, module, hidden)
@@ -508,7 +510,8 @@ def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, 
     saved = state.load_arrays(f"factors_layer{index}")
     if str(index) in ranks and saved is not None:
         return unpack_factors(saved, int(view.num_experts))
-    stats, _ = ctx.capture(index, module, hidden, grams=config.whiten, keep_outputs=False)
+    # Grams are computed by the decomposition a group of experts at a time (from the captured X).
+    stats, _ = ctx.capture(index, module, hidden, grams=False, keep_outputs=False)
     decomposition = decompose_layer(ctx, stats, view, full_importance=full_importance, kept=kept,
                                     spectra=spectra if with_spectra else None)
     del stats

@@ -66,6 +66,26 @@ def test_stats_match_direct_computation(family):
     assert seen == sorted(views)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_grams_one_expert_at_a_time_equal_the_layer_grams(family):
+    """The decomposition's per-expert Grams (computed again from X when needed) are the very values
+    the capture accumulates for the whole layer: same additions, same order."""
+    from moei2.calibrate import ExpertGrams
+
+    model = build_model(family)
+    ids = input_ids(5, 9)
+    views = {v.layer_index: v for v in get_adapter(model).moe_layers()}
+    batch_size, seq_len = 2, ids.shape[1]
+    rows = [slice(s * seq_len, min(s + batch_size, ids.shape[0]) * seq_len) for s in range(0, ids.shape[0], batch_size)]
+    for stats in iter_layer_stats(model, ids, grams="all", batch_size=batch_size, progress=False):
+        grams = ExpertGrams(views[stats.layer_index], stats.X, stats.top_k_index, rows)
+        for j in range(EXPERTS):
+            gram_in, gram_down = grams(j)
+            assert torch.equal(gram_in, stats.gram_in[j]) and torch.equal(gram_down, stats.gram_down[j])
+        with pytest.raises(IndexError, match=f"expert {EXPERTS} out of range"):
+            grams(EXPERTS)
+
+
 def test_grams_only_for_requested_layers_and_no_propagation_mode():
     model = build_model("qwen2_moe")
     ids = input_ids(3, 7)

@@ -89,6 +89,12 @@ class Context:
     def device(self) -> torch.device:
         return self.source.device
 
+    @property
+    def row_slices(self) -> list:
+        """The rows of each calibration batch in a layer's flattened [tokens, H] statistics."""
+        seq_len = int(self.input_ids.shape[1])
+        return [slice(b.start * seq_len, b.stop * seq_len) for b in self.batches]
+
     def view(self, index: int, module):
         return self.adapter.view(index, module)
 

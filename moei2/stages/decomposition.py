@@ -25,11 +25,22 @@ class Decomposition:
                 "losses": self.losses, "fallbacks": self.fallbacks}
 
 
+# Grams held at once while a layer is decomposed: experts are factored in groups whose Grams fit
+# (at least one expert; a Mixtral-8x7B expert's alone are 1.7 GB).
+GROUP_GRAM_BYTES = 512 << 20
+
+
 def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectra=None) -> Decomposition:
-    """Factors of MoE layer ``view`` (already pruned) from its statistics ``stats`` (with Grams when
-    whitening). full_importance / kept: the layer's pass-1 importance and surviving experts, used
-    when the importance is not recomputed on the pruned layer. spectra: a list that receives the
-    plain and whitened singular values of expert 0's gate (report figure)."""
+    """Factors of MoE layer ``view`` (already pruned) from its statistics ``stats``.
+
+    full_importance / kept: the layer's pass-1 importance and surviving experts, used when the
+    importance is not recomputed on the pruned layer. spectra: a list that receives the plain and
+    whitened singular values of expert 0's gate (report figure). When whitening, the Grams are
+    ``stats.gram_in``/``stats.gram_down`` if the capture collected them, else computed a group of
+    experts at a time from ``stats.X`` (:class:`moei2.calibrate.ExpertGrams`), so that one layer's
+    Grams are never all in memory.
+    """
+    from ..calibrate import ExpertGrams
     from ..lowrank import allocate_ranks, decompose_many
     from .selection import search_layer
 
@@ -46,22 +57,36 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
     alpha = config.alpha if config.rank_rule == "importance" else 0.0
     ranks = allocate_ranks(np.asarray(imp, dtype=np.float64), [(inter, hidden)] * M, avg_rank=config.avg_rank,
                            keep_ratio=config.rank_keep_ratio, alpha=alpha, eps=config.eps)
-    items = []
-    for j in range(M):
-        gate, up, down = (to_numpy(w, np.float32) for w in view.expert(j))
-        if config.whiten:
-            gram_in = np.ascontiguousarray(to_numpy(stats.gram_in[j], np.float64))
-            gram_down = np.ascontiguousarray(to_numpy(stats.gram_down[j], np.float64))
-        else:
+    if not config.whiten:
+        grams = None
+    elif stats.gram_in is not None:
+        grams = lambda j: (stats.gram_in[j], stats.gram_down[j])  # noqa: E731
+    else:
+        grams = ExpertGrams(view, stats.X, stats.top_k_index, ctx.row_slices)
+    group = max(1, GROUP_GRAM_BYTES // (8 * (hidden * hidden + inter * inter)))
+    factors, losses, fallbacks = {}, [], []
+    for first in range(0, M, group):
+        items = []
+        for j in range(first, min(M, first + group)):
+            gate, up, down = (to_numpy(w, np.float32) for w in view.expert(j))
             gram_in = gram_down = None
-        r = int(ranks[j])
-        items += [(gate, gram_in, r), (up, gram_in, r), (down, gram_down, r)]
-    if spectra is not None and config.whiten:
-        spectra.extend(_spectra(view.layer_index, items[0][0], items[0][1], "gate", 0))
-    results = decompose_many(items, return_info=True)
-    factors = {j: {name: results[3 * j + i][:2] for i, name in enumerate(("gate", "up", "down"))} for j in range(M)}
-    losses = [[float(results[3 * j + i][2]["loss"]) for i in range(3)] for j in range(M)]
-    fallbacks = [str(r[2]["fallback"]) for r in results if r[2].get("fallback")]
+            if grams is not None:
+                gram_in, gram_down = (np.ascontiguousarray(to_numpy(g, np.float64)) for g in grams(j))
+            r = int(ranks[j])
+            items += [(gate, gram_in, r), (up, gram_in, r), (down, gram_down, r)]
+        if first == 0 and spectra is not None and config.whiten:
+            spectra.extend(_spectra(view.layer_index, items[0][0], items[0][1], "gate", 0))
+        results = decompose_many(items, return_info=True)
+        del items
+        for i, (A, B, info) in enumerate(results):
+            j, name = first + i // 3, ("gate", "up", "down")[i % 3]
+            factors.setdefault(j, {})[name] = (A, B)
+            if i % 3 == 0:
+                losses.append([])
+            losses[-1].append(float(info["loss"]))
+            if info.get("fallback"):
+                fallbacks.append(str(info["fallback"]))
+        del results
     return Decomposition(ranks=[int(r) for r in ranks], importance=np.asarray(imp).tolist(), losses=losses,
                          fallbacks=fallbacks, factors=factors)
 
