@@ -391,103 +391,120 @@ class _Writer:
 
 
 def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer):
-    from . import lowrank_experts, prune_experts
+    """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
     from .blockwise import make_blocks
 
-    config, state, source, adapter = ctx.config, ctx.state, ctx.source, ctx.adapter
-    model = source.model
-    selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
-    chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
-    kt_done = {int(k): KTBlock.from_dict(v) for k, v in state.get("blocks", {}).items()}
-    ranks = dict(state.get("ranks", {}))
-    spectra = list(state.get("spectra", []))
-    blocks = make_blocks(moe_layers, config.kt_block if config.prunes else 1)
-    num_layers = adapter.num_hidden_layers
-    # In "original" mode the search walks the unmodified model's hidden state next to the
-    # compressed one; in "compressed" mode both are the same tensor.
-    original = hidden if (search_hidden == "original" and config.prunes) else None
-    spectra_layers = {moe_layers[0], moe_layers[-1]}
-
-    bar = progress_bar(ctx, num_layers, "pass 2: search, KT, low-rank")
-    position = 0  # the next decoder layer to handle
-
-    def advance_dense(until: int, hidden, original):
-        """Dense layers before ``until``: run on both hidden states and written as they are."""
-        nonlocal position
-        while position < until:
-            with source.layer(position) as module:
-                if position < moe_layers[-1]:
-                    hidden = ctx.run(position, module, hidden)
-                    if original is not None:
-                        original = ctx.run(position, module, original)
-                writer.layer(position, module)
-            position += 1
-            if bar is not None:
-                bar.update(1)
-        return hidden, original
-
+    walk = _Pass2(ctx, writer, hidden, moe_layers, counts, importance, search_hidden)
+    blocks = make_blocks(moe_layers, ctx.config.kt_block if ctx.config.prunes else 1)
+    walk.bar = progress_bar(ctx, ctx.adapter.num_hidden_layers, "pass 2: search, KT, low-rank")
     try:
         for bi, block in enumerate(blocks):
-            hidden, original = advance_dense(block[0], hidden, original)
+            walk.advance_dense(block[0])
             span = list(range(block[0], block[-1] + 1))
-            # -- search and KT choice, on the hidden state the method choice names: the block's
-            # layers are resident together, unmodified, all but the computing one parked --
-            if config.prunes and (bi not in kt_done or original is not None):
-                with contextlib.ExitStack() as block_scope:
-                    modules = {}
-                    for li in span:  # each parked as it arrives: never two layers in float32 at once
-                        modules[li] = block_scope.enter_context(source.layer(li))
-                        ctx.park(modules[li])
-                    start = original if original is not None else hidden
-                    current = start
-                    for li in span:
-                        with ctx.computing(modules[li]) as module:
-                            if li in counts and li not in selections and bi not in kt_done:
-                                with ctx.timer("search"):
-                                    selections[li], current = _select_layer(ctx, li, module, current, counts[li])
-                                state.put("candidates", {str(k): v.to_dict() for k, v in selections.items()})
-                            else:
-                                with ctx.timer("search"):
-                                    current = ctx.run(li, module, current)
-                    if bi not in kt_done:
-                        with ctx.timer("kt_block"):
-                            kt_done[bi] = choose_block(ctx, block, modules, selections, start, current)
-                        chosen.update(zip(block, kt_done[bi].choice))
-                        state.put("blocks", {str(k): v.to_dict() for k, v in kt_done.items()})
-                        state.put("chosen", {str(k): v for k, v in chosen.items()})
-                    if original is not None:
-                        original = current
-                    del current
-
-            # -- per layer, one resident at a time: prune, Grams, ranks, factors, propagate, write --
+            if ctx.config.prunes and (bi not in walk.kt_done or walk.original is not None):
+                walk.choose(bi, block, span)
             for li in span:
-                last = li == moe_layers[-1]
-                with source.layer(li) as module:
-                    if li in counts:
-                        kept = None
-                        if config.prunes:
-                            mask = selections[li].masks[chosen[li]]
-                            kept = [j for j, dropped in enumerate(mask) if not dropped]
-                            if len(kept) < len(mask):
-                                prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
-                        if config.decomposes:
-                            with ctx.timer("decomposition"):
-                                factors = _factors(ctx, li, module, hidden, importance.get(str(li)), kept,
-                                                   ranks, spectra, li in spectra_layers)
-                                lowrank_experts(model, {li: factors})
-                                del factors  # the module holds copies: free these before the next layer loads
-                    if not last:
-                        with ctx.timer("propagation"):
-                            hidden = ctx.run(li, module, hidden)
-                    writer.layer(li, module)
-                position = li + 1
-                if bar is not None:
-                    bar.update(1)
-        hidden, original = advance_dense(num_layers, hidden, original)
+                walk.compress_layer(li)
+        walk.advance_dense(ctx.adapter.num_hidden_layers)
     finally:
-        if bar is not None:
-            bar.close()
-    return selections, chosen, [kt_done[i] for i in range(len(blocks))] if config.prunes else [], ranks, spectra
+        if walk.bar is not None:
+            walk.bar.close()
+    kt = [walk.kt_done[i] for i in range(len(blocks))] if ctx.config.prunes else []
+    return walk.selections, walk.chosen, kt, walk.ranks, walk.spectra
+
+
+class _Pass2:
+    """Pass 2's walk over the decoder layers, in order: ``position`` is the next layer to handle,
+    ``hidden`` its input in the compressed model, ``original`` its input in the unmodified model
+    (only when the search sees the original hidden state). Resumed choices come from the work_dir."""
+
+    def __init__(self, ctx, writer, hidden, moe_layers, counts, importance, search_hidden):
+        state = ctx.state
+        self.ctx, self.writer, self.hidden = ctx, writer, hidden
+        self.moe_layers, self.counts, self.importance = moe_layers, counts, importance
+        self.selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
+        self.chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
+        self.kt_done = {int(k): KTBlock.from_dict(v) for k, v in state.get("blocks", {}).items()}
+        self.ranks = dict(state.get("ranks", {}))
+        self.spectra = list(state.get("spectra", []))
+        self.spectra_layers = {moe_layers[0], moe_layers[-1]}
+        # In "original" mode the search walks the unmodified model's hidden state next to the
+        # compressed one; in "compressed" mode both are the same tensor.
+        self.original = hidden if (search_hidden == "original" and ctx.config.prunes) else None
+        self.position = 0
+        self.bar = None
+
+    def _done(self, index: int) -> None:
+        self.position = index + 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def advance_dense(self, until: int) -> None:
+        """Dense layers before ``until``: run on both hidden states and written as they are."""
+        ctx = self.ctx
+        while self.position < until:
+            index = self.position
+            with ctx.source.layer(index) as module:
+                if index < self.moe_layers[-1]:
+                    self.hidden = ctx.run(index, module, self.hidden)
+                    if self.original is not None:
+                        self.original = ctx.run(index, module, self.original)
+                self.writer.layer(index, module)
+            self._done(index)
+
+    def choose(self, bi: int, block: list, span: list) -> None:
+        """The block's search and KT choice, on the hidden state the method choice names. The
+        block's layers are resident together, unmodified, all but the computing one parked."""
+        ctx, state = self.ctx, self.ctx.state
+        resumed = bi in self.kt_done
+        with contextlib.ExitStack() as block_scope:
+            modules = {}
+            for li in span:  # each parked as it arrives: never two layers in float32 at once
+                modules[li] = block_scope.enter_context(ctx.source.layer(li))
+                ctx.park(modules[li])
+            start = self.original if self.original is not None else self.hidden
+            current = start
+            for li in span:
+                with ctx.computing(modules[li]) as module, ctx.timer("search"):
+                    if li in self.counts and li not in self.selections and not resumed:
+                        self.selections[li], current = _select_layer(ctx, li, module, current, self.counts[li])
+                        state.put("candidates", {str(k): v.to_dict() for k, v in self.selections.items()})
+                    else:
+                        current = ctx.run(li, module, current)
+            if not resumed:
+                with ctx.timer("kt_block"):
+                    self.kt_done[bi] = choose_block(ctx, block, modules, self.selections, start, current)
+                self.chosen.update(zip(block, self.kt_done[bi].choice))
+                state.put("blocks", {str(k): v.to_dict() for k, v in self.kt_done.items()})
+                state.put("chosen", {str(k): v for k, v in self.chosen.items()})
+            if self.original is not None:
+                self.original = current
+
+    def compress_layer(self, li: int) -> None:
+        """Layer ``li`` alone: prune, Grams, ranks, factors, propagate, write."""
+        from . import lowrank_experts, prune_experts
+
+        ctx, config = self.ctx, self.ctx.config
+        model = ctx.source.model
+        with ctx.source.layer(li) as module:
+            if li in self.counts:
+                kept = None
+                if config.prunes:
+                    mask = self.selections[li].masks[self.chosen[li]]
+                    kept = [j for j, dropped in enumerate(mask) if not dropped]
+                    if len(kept) < len(mask):
+                        prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
+                if config.decomposes:
+                    with ctx.timer("decomposition"):
+                        factors = _factors(ctx, li, module, self.hidden, self.importance.get(str(li)), kept,
+                                           self.ranks, self.spectra, li in self.spectra_layers)
+                        lowrank_experts(model, {li: factors})
+                        del factors  # the module holds copies: free these before the next layer loads
+            if li != self.moe_layers[-1]:
+                with ctx.timer("propagation"):
+                    self.hidden = ctx.run(li, module, self.hidden)
+            self.writer.layer(li, module)
+        self._done(li)
 
 
 def _select_layer(ctx, index, module, hidden, r):
