@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .models.base import as_index
+from .source import as_device
 
 __all__ = ["ExpertGrams", "LayerStats", "LayerRunner", "iter_layer_stats"]
 
@@ -226,10 +227,7 @@ def iter_layer_stats(model, input_ids: torch.Tensor, *, grams=None, batch_size: 
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    try:
-        device = torch.device(device)
-    except (TypeError, RuntimeError) as exc:
-        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    device = as_device(device)
     adapter = get_adapter(model)
     grams = _gram_layers(grams, adapter.moe_layer_indices)
     input_ids = _check_input_ids(model, input_ids)

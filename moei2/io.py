@@ -920,6 +920,7 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     import torch
 
     from .models import ADAPTERS, apply_structure
+    from .source import as_device, read_config
 
     directory, meta, config_dict = _read_checkpoint(path)
     architecture = meta["architecture"]
@@ -927,20 +928,13 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
         raise ValueError(f"{directory / META_NAME}: architecture {architecture!r} is not supported; supported: "
                          f"{', '.join(sorted(ADAPTERS))}")
     dtype = _resolve_dtype(dtype, meta["dtype"])
-    try:
-        device = torch.device(device)
-    except (TypeError, RuntimeError) as exc:
-        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    device = as_device(device)
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
 
     header = _headers(directory, meta)
     model_class = ADAPTERS[architecture].model_class()
-    try:
-        config = model_class.config_class.from_pretrained(str(directory))
-    except Exception as exc:
-        raise ValueError(f"{directory / CONFIG_NAME}: cannot be read as a {model_class.config_class.__name__} "
-                         f"({exc})") from None
+    config = read_config(model_class, directory)
     _check_record_bounds(directory, config_dict["moei2"], config)
     from transformers.initialization import no_init_weights
 

@@ -40,10 +40,28 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "resolve_dtype", "compute_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
+
+
+def as_device(device) -> torch.device:
+    """``device`` as a torch device; a ValueError naming the argument otherwise."""
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+
+
+def read_config(model_class, directory, error=ValueError):
+    """The transformers config of ``model_class`` stored in ``directory``; ``error`` (naming the
+    file) when it cannot be read."""
+    try:
+        return model_class.config_class.from_pretrained(str(directory))
+    except Exception as exc:
+        raise error(f"{directory}/config.json: cannot be read as a {model_class.config_class.__name__} "
+                    f"({exc})") from None
 
 
 def resolve_dtype(dtype) -> Optional[torch.dtype]:
@@ -124,10 +142,7 @@ class InMemorySource(ModelSource):
 
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
-        try:
-            self.device = torch.device(device)
-        except (TypeError, RuntimeError) as exc:
-            raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+        self.device = as_device(device)
         self.storage_dtype = _model_dtype(model)
         self.dtype = compute_dtype(self.device, dtype, self.storage_dtype)
 

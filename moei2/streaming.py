@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .io import SafetensorsFile
-from .source import ModelSource, compute_dtype
+from .source import ModelSource, as_device, compute_dtype, read_config
 
 __all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
 
@@ -190,17 +190,9 @@ class StreamedSource(ModelSource):
                                   f"{', '.join(sorted(ADAPTERS))}")
 
         files, weight_map = cls._weight_files(root)
-        try:
-            device = torch.device(device)
-        except (TypeError, RuntimeError) as exc:
-            raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
-
+        device = as_device(device)
         model_class = ADAPTERS[architecture].model_class()
-        try:
-            config = model_class.config_class.from_pretrained(str(root))
-        except Exception as exc:
-            raise CheckpointError(f"{config_file}: cannot be read as a {model_class.config_class.__name__} "
-                                  f"({exc})") from None
+        config = read_config(model_class, root, CheckpointError)
         stored_dtype = Counter(h.dtype for f in files.values() for h in f.tensors.values()
                                if h.dtype.is_floating_point).most_common(1)
         storage_dtype = stored_dtype[0][0] if stored_dtype else torch.float32
