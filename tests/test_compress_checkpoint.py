@@ -10,7 +10,7 @@ import moei2  # noqa: E402
 from moei2 import lowrank  # noqa: E402
 from moei2.config import LoRAConfig  # noqa: E402
 
-from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
+from .test_pipeline import CharTokenizer, calibration_texts, count_calls, small_config  # noqa: E402
 from .tiny_models import build_model  # noqa: E402
 
 
@@ -67,16 +67,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_checkpoint(tmp_path, monke
     source_dir = _checkpoint(tmp_path, "qwen2_moe")
     moei2.compress(source_dir, CharTokenizer(), calibration_texts(), config, output=tmp_path / "whole",
                    progress=False)
-    real = lowrank.decompose_many
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lowrank, "decompose_many", failing)
+    calls = count_calls(monkeypatch, lowrank, "decompose_many", interrupt_at=3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         moei2.compress(source_dir, CharTokenizer(), calibration_texts(), config, output=out,

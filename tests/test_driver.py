@@ -14,7 +14,8 @@ from moei2.pipeline import compress_source  # noqa: E402
 from moei2.source import InMemorySource  # noqa: E402
 
 from . import legacy_pipeline  # noqa: E402
-from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
+from .test_pipeline import (CharTokenizer, calibration_texts, count_calls, last_hidden_states,  # noqa: E402
+                            small_config)
 from .tiny_models import EXPERTS, FAMILIES, build_model  # noqa: E402
 
 
@@ -133,14 +134,7 @@ def test_kt_losses_are_the_pruned_models_error(family):
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
 
     def last_hidden(m):
-        captured = []
-        handle = get_adapter(m).decoder_layers[-1].register_forward_hook(
-            lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], config.calib_batch_size):
-                m(input_ids=ids[s:s + config.calib_batch_size], use_cache=False)
-        handle.remove()
-        return captured
+        return last_hidden_states(m, ids, config.calib_batch_size)
 
     target = last_hidden(original)
     for combo, loss in zip(block["combinations"], block["losses"]):
@@ -270,28 +264,12 @@ def test_resume_keeps_finished_factors(tmp_path, monkeypatch):
     config = small_config()
     reference, ref_report = moei2.compress(build_model("qwen2_moe", layers=4), CharTokenizer(), calibration_texts(),
                                            config, progress=False)
-    real = lowrank.decompose_many
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lowrank, "decompose_many", failing)
+    calls = count_calls(monkeypatch, lowrank, "decompose_many", interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         moei2.compress(build_model("qwen2_moe", layers=4), CharTokenizer(), calibration_texts(), config,
                        work_dir=tmp_path, progress=False)
     calls["n"] = 0
-    genetic_calls = {"n": 0}
-    real_genetic = search.Layer.genetic
-
-    def counting_genetic(self, *args, **kwargs):
-        genetic_calls["n"] += 1
-        return real_genetic(self, *args, **kwargs)
-
-    monkeypatch.setattr(search.Layer, "genetic", counting_genetic)
+    genetic_calls = count_calls(monkeypatch, search.Layer, "genetic")
     model, report = moei2.compress(build_model("qwen2_moe", layers=4), CharTokenizer(), calibration_texts(), config,
                                    work_dir=tmp_path, progress=False)
     assert calls["n"] == 2  # layers 2 and 3 only

@@ -40,6 +40,34 @@ def small_config(**overrides):
     return moei2.CompressionConfig(**base)
 
 
+def last_hidden_states(model, ids, batch_size):
+    """The last decoder layer's output for each calibration batch of ``ids``."""
+    captured = []
+    handle = get_adapter(model).decoder_layers[-1].register_forward_hook(
+        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s:s + batch_size], use_cache=False)
+    handle.remove()
+    return captured
+
+
+def count_calls(monkeypatch, owner, name, *, interrupt_at=None):
+    """Replaces ``owner.name`` by a wrapper counting its calls in the returned dict's ``"n"``; call
+    number ``interrupt_at`` raises KeyboardInterrupt instead (a user stopping the run)."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 def moe_output(decoder_layer, adapter, x):
     """The MoE block's full output (routed + shared) for inputs x [N, H]."""
     block = adapter.moe_block(decoder_layer)
@@ -136,14 +164,7 @@ def test_kt_block_losses_are_real_decoder_layers():
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
 
     def last_hidden(m):
-        captured = []
-        handle = get_adapter(m).decoder_layers[-1].register_forward_hook(
-            lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], config.calib_batch_size):
-                m(input_ids=ids[s:s + config.calib_batch_size], use_cache=False)
-        handle.remove()
-        return captured
+        return last_hidden_states(m, ids, config.calib_batch_size)
 
     target = last_hidden(original)
     for combo, loss in list(zip(block["combinations"], block["losses"]))[::3]:
