@@ -6,8 +6,8 @@
  * factors it by Cholesky: C(C+1)d flops per token at level-3 rate, against dgeqrf's 2C^2 d at
  * level-2 rate. Forming G squares the conditioning: the error of ||R c|| grows like
  * eps * (|O| |c| / ||O c||)^2 instead of eps * |O| |c| / ||O c|| for a QR of O itself. So each
- * token's Cholesky is accepted only when its reciprocal condition estimate (dpocon) is at least
- * GRAM_MIN_RCOND; otherwise (and when the Cholesky fails: rank-deficient O, d < C) that token
+ * token's Cholesky is accepted only when a rigorous lower bound of its reciprocal condition
+ * number (from R^-1, see gram_cond_bound) is at least GRAM_MIN_RCOND; otherwise (and when the Cholesky fails: rank-deficient O, d < C) that token
  * is factored by Householder QR of O, as before. Tokens are processed in blocks of fixed size
  * on the thread pool with single-threaded BLAS; every token's result depends on its own data
  * only, so the factors are bitwise the same at any thread count.
@@ -25,13 +25,15 @@
 #include "moei2_core.h"
 #include "moei2_internal.h"
 
-/* cond(G) = cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative
+/* The Cholesky of G is kept when 1 / GRAM_MIN_RCOND bounds cond1(G) from above.
+ * cond(G) = cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative
  * for the worst coefficient vector, under the 1e-10 promised against the float64 oracle. */
 #define GRAM_MIN_RCOND 1e-5
-/* Columns of the outputs per pass: the C rows' slices of this length (C x 4 KiB) stay close to
- * the core while every tile that needs them reads them, and float32 rows are widened once per
- * pass rather than once per tile. */
-enum { GRAM_CHUNK = 512 };
+/* Columns of the outputs per pass: a token's C widened row slices of this length (C x 1 KiB)
+ * stay in L1 while the tiles of the pass read them, up to C / 4 + 1 times each. The tiles keep
+ * their lane sums across passes, so a short pass costs no extra reduction. */
+enum { GRAM_CHUNK = 128 };
+enum { GRAM_LANES = 8 };
 
 /* Tokens per pool block: enough work per block (~1 ms) to hide the hand-out. */
 #define FACTOR_BLOCK 16
@@ -51,31 +53,35 @@ typedef struct {
 typedef struct {
     double *a;     /* [d, C] column-major: a copy of the token's outputs for QR, on first use */
     int64_t dc;
-    double *buf;   /* [ceil(C/4)*4, GRAM_CHUNK] widened row slices; the padding rows stay 0 */
+    double *buf;   /* [ceil(C/4)*4, GRAM_CHUNK] a pass's widened or zero-padded row slices */
     const double **rows; /* [ceil(C/4)*4] */
+    const char **pf;     /* [C] the next token's row slices of a pass */
+    double *acc;   /* [tiles, 16, GRAM_LANES] the lane sums of the Gram tiles of one token */
     double *g;     /* [C, C] */
+    double *rinv;  /* [C, C] */
     double *tau, *work, *w;
     lapack_int lwork;
-    double *pwork; /* [3C] for dpocon */
-    lapack_int *iwork;
 } factor_scratch;
 
 static void factor_scratch_free(factor_scratch *s) {
-    free(s->a); free(s->buf); free(s->rows); free(s->g); free(s->tau); free(s->work); free(s->w); free(s->pwork); free(s->iwork);
+    free(s->a); free(s->buf); free(s->rows); free(s->pf); free(s->acc); free(s->g); free(s->rinv); free(s->tau); free(s->work);
+    free(s->w);
 }
 
 static moei2_status factor_scratch_alloc(factor_scratch *s, int64_t C, int64_t d, int64_t k) {
     memset(s, 0, sizeof *s);
     int64_t dc, cc;
     if (moei2_mul_ok(d, C, &dc) || moei2_mul_ok(C, C, &cc)) return MOEI2_ERR_NOMEM;
+    const int64_t nb = (C + 3) / 4;
+    s->buf = moei2_calloc(nb * 4 * GRAM_CHUNK, sizeof(double));
+    s->rows = moei2_alloc(nb * 4, sizeof(double *));
+    s->pf = moei2_alloc(C, sizeof(char *));
+    s->acc = moei2_alloc(nb * (nb + 1) / 2 * 16 * GRAM_LANES, sizeof(double));
     s->g = moei2_alloc(cc, sizeof(double));
-    s->buf = moei2_calloc((C + 3) / 4 * 4 * GRAM_CHUNK, sizeof(double));
-    s->rows = moei2_alloc((C + 3) / 4 * 4, sizeof(double *));
+    s->rinv = moei2_alloc(cc, sizeof(double));
     s->tau = moei2_alloc(C, sizeof(double));
     s->w = moei2_alloc(k, sizeof(double));
-    s->pwork = moei2_alloc(3 * C, sizeof(double));
-    s->iwork = moei2_alloc(C, sizeof(lapack_int));
-    if (!s->buf || !s->rows || !s->g || !s->tau || !s->w || !s->pwork || !s->iwork) goto fail;
+    if (!s->buf || !s->rows || !s->pf || !s->acc || !s->g || !s->rinv || !s->tau || !s->w) goto fail;
     s->dc = dc;
     return MOEI2_OK;
 fail:
@@ -83,104 +89,189 @@ fail:
     return MOEI2_ERR_NOMEM;
 }
 
-/* out[4 i + j] = <a_i, b_j> for four rows a and four rows b of length d. Eight independent
- * lanes per product, summed in a fixed order at the end: the compiler maps the lanes onto vector
- * registers, and the result does not depend on which code path the CPU selects beyond FMA
- * rounding. The products of float32 values are exact in float64. */
+/* The Gram tiles. A tile holds, for four rows a and four rows b, GRAM_LANES lanes per product
+ * <a_i, b_j>: lane l sums the columns t = l mod GRAM_LANES, and the lanes are added in a fixed
+ * order once per token, so the sums depend on the code path the CPU selects only through FMA
+ * rounding. The products of float32 values are exact in float64, and float32 rows are widened
+ * before the same tiles, so both inputs give bitwise the same sums for the same values. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
 #define GRAM_CLONES \
     __attribute__((target_clones("avx512f", "arch=haswell", "default"), optimize("fp-contract=fast")))
 #else
 #define GRAM_CLONES
 #endif
-enum { GRAM_LANES = 8 };
-/* Sixteen named vector accumulators (GCC vector extensions) stay in registers; an array of
- * accumulators indexed in a loop was kept in memory, a load and a store per FMA. */
+/* Named vector accumulators (GCC vector extensions) stay in registers; an array of accumulators
+ * indexed in a loop was kept in memory, a load and a store per FMA. */
 typedef double gram_vec __attribute__((vector_size(GRAM_LANES * sizeof(double))));
-#define GRAM_LOAD(v, p) memcpy(&(v), (p), sizeof(gram_vec))
+#define GRAM_LD(v, p) memcpy(&(v), (p), sizeof(gram_vec))
+#define GRAM_ST(p, v) memcpy((p), &(v), sizeof(gram_vec))
 
-GRAM_CLONES
-static void gram_4x4(const double *restrict const *a, const double *restrict const *b, int64_t d, double *out) {
-    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-    const double *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
-    gram_vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0}, c6 = {0}, c7 = {0};
-    gram_vec c8 = {0}, c9 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0}, c14 = {0}, c15 = {0};
-    int64_t t = 0;
-    for (; t + GRAM_LANES <= d; t += GRAM_LANES) {
+/* acc[16 x GRAM_LANES] += the lanes of the 4 x 4 products of rows a and b over len columns, a
+ * multiple of GRAM_LANES. */
+static inline __attribute__((always_inline)) void gram_tile(const double *const *a, const double *const *b,
+                                                             int64_t len, double *restrict acc) {
+    gram_vec c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15;
+    GRAM_LD(c0, acc + 0 * GRAM_LANES); GRAM_LD(c1, acc + 1 * GRAM_LANES); GRAM_LD(c2, acc + 2 * GRAM_LANES);
+    GRAM_LD(c3, acc + 3 * GRAM_LANES); GRAM_LD(c4, acc + 4 * GRAM_LANES); GRAM_LD(c5, acc + 5 * GRAM_LANES);
+    GRAM_LD(c6, acc + 6 * GRAM_LANES); GRAM_LD(c7, acc + 7 * GRAM_LANES); GRAM_LD(c8, acc + 8 * GRAM_LANES);
+    GRAM_LD(c9, acc + 9 * GRAM_LANES); GRAM_LD(c10, acc + 10 * GRAM_LANES); GRAM_LD(c11, acc + 11 * GRAM_LANES);
+    GRAM_LD(c12, acc + 12 * GRAM_LANES); GRAM_LD(c13, acc + 13 * GRAM_LANES); GRAM_LD(c14, acc + 14 * GRAM_LANES);
+    GRAM_LD(c15, acc + 15 * GRAM_LANES);
+    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    for (int64_t t = 0; t < len; t += GRAM_LANES) {
         gram_vec x0, x1, x2, x3, y0, y1, y2, y3;
-        GRAM_LOAD(x0, a0 + t); GRAM_LOAD(x1, a1 + t); GRAM_LOAD(x2, a2 + t); GRAM_LOAD(x3, a3 + t);
-        GRAM_LOAD(y0, b0 + t); GRAM_LOAD(y1, b1 + t); GRAM_LOAD(y2, b2 + t); GRAM_LOAD(y3, b3 + t);
+        GRAM_LD(x0, a0 + t); GRAM_LD(x1, a1 + t); GRAM_LD(x2, a2 + t); GRAM_LD(x3, a3 + t);
+        GRAM_LD(y0, b0 + t); GRAM_LD(y1, b1 + t); GRAM_LD(y2, b2 + t); GRAM_LD(y3, b3 + t);
         c0 += x0 * y0; c1 += x0 * y1; c2 += x0 * y2; c3 += x0 * y3;
         c4 += x1 * y0; c5 += x1 * y1; c6 += x1 * y2; c7 += x1 * y3;
         c8 += x2 * y0; c9 += x2 * y1; c10 += x2 * y2; c11 += x2 * y3;
         c12 += x3 * y0; c13 += x3 * y1; c14 += x3 * y2; c15 += x3 * y3;
     }
-    double acc[16][GRAM_LANES];
-    const gram_vec all[16] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15};
-    memcpy(acc, all, sizeof acc);
-    for (int l = 0; t < d; t++, l++) {
-        const double x[4] = {a0[t], a1[t], a2[t], a3[t]}, y[4] = {b0[t], b1[t], b2[t], b3[t]};
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) acc[4 * i + j][l] += x[i] * y[j];
+    GRAM_ST(acc + 0 * GRAM_LANES, c0); GRAM_ST(acc + 1 * GRAM_LANES, c1); GRAM_ST(acc + 2 * GRAM_LANES, c2);
+    GRAM_ST(acc + 3 * GRAM_LANES, c3); GRAM_ST(acc + 4 * GRAM_LANES, c4); GRAM_ST(acc + 5 * GRAM_LANES, c5);
+    GRAM_ST(acc + 6 * GRAM_LANES, c6); GRAM_ST(acc + 7 * GRAM_LANES, c7); GRAM_ST(acc + 8 * GRAM_LANES, c8);
+    GRAM_ST(acc + 9 * GRAM_LANES, c9); GRAM_ST(acc + 10 * GRAM_LANES, c10); GRAM_ST(acc + 11 * GRAM_LANES, c11);
+    GRAM_ST(acc + 12 * GRAM_LANES, c12); GRAM_ST(acc + 13 * GRAM_LANES, c13); GRAM_ST(acc + 14 * GRAM_LANES, c14);
+    GRAM_ST(acc + 15 * GRAM_LANES, c15);
+}
+
+/* A diagonal tile (b = a): the ten products of its upper triangle, in the slots 4 i + j (i <= j)
+ * of a 4 x 4 tile; the other six would only repeat them. */
+static inline __attribute__((always_inline)) void gram_diag(const double *const *a, int64_t len,
+                                                             double *restrict acc) {
+    gram_vec c0, c1, c2, c3, c5, c6, c7, c10, c11, c15;
+    GRAM_LD(c0, acc + 0 * GRAM_LANES); GRAM_LD(c1, acc + 1 * GRAM_LANES); GRAM_LD(c2, acc + 2 * GRAM_LANES);
+    GRAM_LD(c3, acc + 3 * GRAM_LANES); GRAM_LD(c5, acc + 5 * GRAM_LANES); GRAM_LD(c6, acc + 6 * GRAM_LANES);
+    GRAM_LD(c7, acc + 7 * GRAM_LANES); GRAM_LD(c10, acc + 10 * GRAM_LANES); GRAM_LD(c11, acc + 11 * GRAM_LANES);
+    GRAM_LD(c15, acc + 15 * GRAM_LANES);
+    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    for (int64_t t = 0; t < len; t += GRAM_LANES) {
+        gram_vec x0, x1, x2, x3;
+        GRAM_LD(x0, a0 + t); GRAM_LD(x1, a1 + t); GRAM_LD(x2, a2 + t); GRAM_LD(x3, a3 + t);
+        c0 += x0 * x0; c1 += x0 * x1; c2 += x0 * x2; c3 += x0 * x3;
+        c5 += x1 * x1; c6 += x1 * x2; c7 += x1 * x3;
+        c10 += x2 * x2; c11 += x2 * x3;
+        c15 += x3 * x3;
     }
-    for (int p = 0; p < 16; p++) {
-        double sum = 0.0;
-        for (int l = 0; l < GRAM_LANES; l++) sum += acc[p][l];
-        out[p] = sum;
-    }
+    GRAM_ST(acc + 0 * GRAM_LANES, c0); GRAM_ST(acc + 1 * GRAM_LANES, c1); GRAM_ST(acc + 2 * GRAM_LANES, c2);
+    GRAM_ST(acc + 3 * GRAM_LANES, c3); GRAM_ST(acc + 5 * GRAM_LANES, c5); GRAM_ST(acc + 6 * GRAM_LANES, c6);
+    GRAM_ST(acc + 7 * GRAM_LANES, c7); GRAM_ST(acc + 10 * GRAM_LANES, c10); GRAM_ST(acc + 11 * GRAM_LANES, c11);
+    GRAM_ST(acc + 15 * GRAM_LANES, c15);
+}
+
+/* One pass: every tile of the upper triangle over the rows' next len columns. Meanwhile the
+ * next token's matching row slices (pf[0..C-1], pf_bytes each, or pf NULL) are fetched into L2,
+ * spread over the tiles: all at once they filled the miss buffers and stalled the pass. */
+GRAM_CLONES
+static void gram_pass(const double *const *rows, int64_t nb, int64_t len, double *restrict acc,
+                      const char *const *pf, int64_t C, int64_t pf_bytes) {
+    const int64_t tiles = nb * (nb + 1) / 2;
+    int64_t tile = 0, q = 0;
+    for (int64_t ib = 0; ib < nb; ib++)
+        for (int64_t jb = ib; jb < nb; jb++, acc += 16 * GRAM_LANES) {
+            if (pf)
+                for (tile++; q * tiles < tile * C; q++)
+                    for (int64_t off = 0; off < pf_bytes; off += 64) __builtin_prefetch(pf[q] + off, 0, 2);
+            if (jb == ib) gram_diag(rows + 4 * ib, len, acc);
+            else gram_tile(rows + 4 * ib, rows + 4 * jb, len, acc);
+        }
 }
 
 /* Widens float32 to float64 with the same vector width as the tiles: the baseline x86-64 build
- * converts two values per instruction, which would cost as much as the tiles themselves. */
+ * converts two values per instruction. (Widening inside the tiles, from a vector of eight floats,
+ * is split by GCC 12 into two halves and a merge per load, more work than this pass.) */
 GRAM_CLONES
 static void widen(const float *restrict src, double *restrict dst, int64_t n) {
     for (int64_t t = 0; t < n; t++) dst[t] = (double)src[t];
 }
 
-/* The upper triangle of G = A A^T (A: the token's C rows of length d, float32 or float64) into g
- * (C x C column-major), in passes over GRAM_CHUNK columns and 4 x 4 tiles per pass. buf holds
- * [ceil(C/4)*4, GRAM_CHUNK] doubles whose rows past C are zero; rows has room for ceil(C/4)*4
- * pointers. */
-static void gram_upper(const float *a32, const double *a64, int64_t C, int64_t d, double *buf, const double **rows,
-                       double *g) {
-    double tile[16];
-    for (int64_t j = 0; j < C; j++)
-        for (int64_t i = 0; i <= j; i++) g[j * C + i] = 0.0;
-    const int64_t Cp = (C + 3) / 4 * 4;
+/* The upper triangle of G = A A^T (A: the token's C rows of length d, float32 when a32, else
+ * float64) into g (C x C column-major), in passes over GRAM_CHUNK columns. next: the next token's
+ * rows (or NULL), fetched towards the core during the passes: the outputs stream from DRAM, and
+ * the tiles of one token give the time to bring in the next, which the hardware prefetchers did
+ * not do for C row slices at a stride of d. */
+static void gram_upper(const float *a32, const double *a64, const void *next, int64_t C, int64_t d,
+                       factor_scratch *s, double *g) {
+    const int64_t nb = (C + 3) / 4, esize = a32 ? (int64_t)sizeof(float) : (int64_t)sizeof(double);
+    memset(s->acc, 0, (size_t)(nb * (nb + 1) / 2 * 16 * GRAM_LANES) * sizeof(double));
     for (int64_t t0 = 0; t0 < d; t0 += GRAM_CHUNK) {
         const int64_t len = d - t0 < GRAM_CHUNK ? d - t0 : GRAM_CHUNK;
-        for (int64_t q = 0; q < Cp; q++) {
-            double *slot = buf + q * GRAM_CHUNK;
-            if (q >= C) {
-                rows[q] = slot; /* zero row */
-            } else if (a32) {
+        const int64_t padded = (len + GRAM_LANES - 1) / GRAM_LANES * GRAM_LANES;
+        if (next)
+            for (int64_t q = 0; q < C; q++) s->pf[q] = (const char *)next + (q * d + t0) * esize;
+        /* Rows past C, and the columns past len up to a multiple of GRAM_LANES, are zeros in
+         * buf: a product with zero adds zero exactly. */
+        for (int64_t q = 0; q < nb * 4; q++) {
+            double *slot = s->buf + q * GRAM_CHUNK;
+            if (q < C && a32) {
                 widen(a32 + q * d + t0, slot, len);
-                rows[q] = slot;
-            } else {
-                rows[q] = a64 + q * d + t0;
+            } else if (q < C && padded != len) {
+                memcpy(slot, a64 + q * d + t0, (size_t)len * sizeof(double));
+            } else if (q < C) {
+                s->rows[q] = a64 + q * d + t0;
+                continue;
             }
+            for (int64_t t = q < C ? len : 0; t < padded; t++) slot[t] = 0.0;
+            s->rows[q] = slot;
         }
-        for (int64_t i0 = 0; i0 < C; i0 += 4)
-            for (int64_t j0 = i0; j0 < C; j0 += 4) {
-                gram_4x4(rows + i0, rows + j0, len, tile);
-                for (int p = 0; p < 4 && i0 + p < C; p++)
-                    for (int q = 0; q < 4 && j0 + q < C; q++)
-                        if (i0 + p <= j0 + q) g[(j0 + q) * C + i0 + p] += tile[4 * p + q];
-            }
+        gram_pass(s->rows, nb, padded, s->acc, next ? s->pf : NULL, C, len * esize);
     }
+    const double *acc = s->acc;
+    for (int64_t ib = 0; ib < nb; ib++)
+        for (int64_t jb = ib; jb < nb; jb++, acc += 16 * GRAM_LANES)
+            for (int64_t p = 0; p < 4 && 4 * ib + p < C; p++)
+                for (int64_t q = jb == ib ? p : 0; q < 4 && 4 * jb + q < C; q++) {
+                    const double *lanes = acc + (4 * p + q) * GRAM_LANES;
+                    double sum = 0.0;
+                    for (int l = 0; l < GRAM_LANES; l++) sum += lanes[l];
+                    g[(4 * jb + q) * C + 4 * ib + p] = sum;
+                }
+}
+
+/* An upper bound of cond1(G) = ||G||_1 ||G^-1||_1 from G = R^T R (R upper triangular in the
+ * upper triangle of r, C x C column-major; anorm = ||G||_1): G^-1 = R^-1 R^-T, so ||G^-1||_1 <=
+ * ||R^-1||_1 ||R^-T||_1 = ||R^-1||_1 ||R^-1||_inf. It exceeds cond1(G) by at most a factor C, and
+ * unlike dpocon's estimate (a lower bound of ||G^-1||_1, which took a dozen LAPACK calls for
+ * C ~ 20) it never understates the conditioning. R^-1 (into x) costs C^3 / 6 flops. Returns +Inf
+ * or NaN when R^-1 overflows. */
+static double gram_cond_bound(const double *r, int64_t C, double anorm, double *x) {
+    for (int64_t j = 0; j < C; j++) {
+        double *xj = x + j * C;
+        xj[j] = 1.0 / r[j * C + j];
+        for (int64_t i = j; i-- > 0;) {
+            double sum = 0.0;
+            for (int64_t q = i + 1; q <= j; q++) sum += r[q * C + i] * xj[q];
+            xj[i] = -sum / r[i * C + i];
+        }
+    }
+    double norm1 = 0.0, norminf = 0.0;
+    for (int64_t j = 0; j < C; j++) {
+        double col = 0.0;
+        for (int64_t i = 0; i <= j; i++) col += fabs(x[j * C + i]);
+        if (!(col <= norm1)) norm1 = col; /* a NaN sticks */
+    }
+    for (int64_t i = 0; i < C; i++) {
+        double row = 0.0;
+        for (int64_t j = i; j < C; j++) row += fabs(x[j * C + i]);
+        if (!(row <= norminf)) norminf = row;
+    }
+    return anorm * norm1 * norminf;
 }
 
 /* Factors token n; 1 when it took the QR route, 0 for Cholesky, < 0 a status. */
-static int factor_token(const factor_ctx *c, factor_scratch *s, int64_t n) {
+static int factor_token(const factor_ctx *c, factor_scratch *s, int64_t n, int64_t last) {
     const int64_t C = c->C, d = c->d, k = c->k, P = MOEI2_PACKED_SIZE(C);
     /* The token's [C, d] row-major block is the d x C column-major matrix whose columns are the
      * candidate outputs. */
     const float *src32 = c->f32 ? c->f32 + n * C * d : NULL;
     const double *src64 = c->f64 ? c->f64 + n * C * d : NULL;
     double *r = c->factor + n * P;
+    const void *next = NULL;
+    if (n + 1 < last)
+        next = c->f32 ? (const void *)(c->f32 + (n + 1) * C * d) : (const void *)(c->f64 + (n + 1) * C * d);
     int qr = 1;
     if (d >= C) {
-        gram_upper(src32, src64, C, d, s->buf, s->rows, s->g);
+        gram_upper(src32, src64, next, C, d, s, s->g);
         /* A NaN or Inf anywhere in row i makes G_ii = sum of its squares non-finite (so does
          * an overflow of the squares, which the QR route would meet too). */
         for (int64_t i = 0; i < C; i++)
@@ -194,15 +285,10 @@ static int factor_token(const factor_ctx *c, factor_scratch *s, int64_t n) {
         }
         if (isfinite(anorm) && anorm > 0.0) {
             lapack_int info = BLASFN(LAPACKE_dpotrf_work)(LAPACK_COL_MAJOR, 'U', (lapack_int)C, s->g, (lapack_int)C);
-            if (info == 0) {
-                double rcond = 0.0;
-                info = BLASFN(LAPACKE_dpocon_work)(LAPACK_COL_MAJOR, 'U', (lapack_int)C, s->g, (lapack_int)C, anorm,
-                                                   &rcond, s->pwork, s->iwork);
-                if (info == 0 && rcond >= GRAM_MIN_RCOND) {
-                    for (int64_t j = 0; j < C; j++)
-                        memcpy(r + MOEI2_PACKED_SIZE(j), s->g + j * C, (size_t)(j + 1) * sizeof(double));
-                    qr = 0;
-                }
+            if (info == 0 && gram_cond_bound(s->g, C, anorm, s->rinv) <= 1.0 / GRAM_MIN_RCOND) {
+                for (int64_t j = 0; j < C; j++)
+                    memcpy(r + MOEI2_PACKED_SIZE(j), s->g + j * C, (size_t)(j + 1) * sizeof(double));
+                qr = 0;
             }
         }
     }
@@ -264,7 +350,7 @@ static int factor_block(void *arg, int64_t first, int64_t last) {
     int64_t qr = 0;
     int err = 0;
     for (int64_t n = first; n < last && !err; n++) {
-        int got = factor_token(c, &s, n);
+        int got = factor_token(c, &s, n, last);
         if (got < 0) err = -got;
         else qr += got;
     }

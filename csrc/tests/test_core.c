@@ -140,6 +140,52 @@ static void test_factor_routes(void) {
     free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
 }
 
+/* The Gram kernel at the search's width (C = 19: a partial last row of tiles) over several
+ * column passes and a partial last vector: float32 and float64 input give bitwise the same
+ * factors at any thread count, and R^T R matches O O^T. */
+static void test_factor_gram_widths(void) {
+    const int64_t N = 37, C = 19, d = 301, k = 4, P = MOEI2_PACKED_SIZE(C);
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 11);
+    double *o = malloc((size_t)(N * C * d) * sizeof(double));
+    float *o32 = malloc((size_t)(N * C * d) * sizeof(float));
+    double *cp = malloc((size_t)(N * C) * sizeof(double));
+    double *f1 = malloc((size_t)(N * P) * sizeof(double)), *f2 = malloc((size_t)(N * P) * sizeof(double));
+    double *n1 = malloc((size_t)N * sizeof(double)), *n2 = malloc((size_t)N * sizeof(double));
+    for (int64_t i = 0; i < N * C * d; i++) o32[i] = (float)gaussian(&rng);
+    for (int64_t i = 0; i < N * C * d; i++) o[i] = o32[i];
+    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.05;
+    int64_t qr = -1;
+    CHECK(moei2_search_factor(N, C, d, NULL, o, k, 0, 1.0, cp, f1, n1, 1, &qr) == MOEI2_OK && qr == 0);
+    double worst = 0.0;
+    for (int64_t n = 0; n < N; n++) worst = fmax(worst, gram_error(o, f1, n, C, d));
+    CHECK(worst < 1e-13);
+    for (int threads = 1; threads <= 3; threads++) {
+        CHECK(moei2_search_factor(N, C, d, o32, NULL, k, 0, 1.0, cp, f2, n2, threads, &qr) == MOEI2_OK && qr == 0);
+        CHECK(memcmp(f1, f2, (size_t)(N * P) * sizeof(double)) == 0);
+        CHECK(memcmp(n1, n2, (size_t)N * sizeof(double)) == 0);
+    }
+    free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
+}
+
+/* The route threshold: candidate outputs along distinct axes with norms 1 and s give a diagonal
+ * Gram with cond1 = 1 / s^2 exactly, and the bound on it is exact too: s = 2^-8 (cond 65536) keeps
+ * the Cholesky, s = 2^-9 (cond 262144 > 1 / GRAM_MIN_RCOND = 1e5) takes QR. */
+static void test_factor_route_threshold(void) {
+    const int64_t N = 2, C = 6, d = 16, k = 2, P = MOEI2_PACKED_SIZE(C);
+    double *o = calloc((size_t)(N * C * d), sizeof(double));
+    double cp[12], f[2 * MOEI2_PACKED_SIZE(6)], n2[2];
+    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.1;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t q = 0; q < C; q++) o[(n * C + q) * d + q] = q == C - 1 ? ldexp(1.0, n == 0 ? -8 : -9) : 1.0;
+    int64_t qr = -1;
+    CHECK(moei2_search_factor(1, C, d, NULL, o, k, 0, 1.0, cp, f, n2, 1, &qr) == MOEI2_OK && qr == 0);
+    CHECK(moei2_search_factor(1, C, d, NULL, o + C * d, k, 0, 1.0, cp, f + P, n2 + 1, 1, &qr) == MOEI2_OK &&
+          qr == 1);
+    for (int64_t n = 0; n < N; n++) CHECK(gram_error(o, f, n, C, d) < 1e-15);
+    free(o);
+}
+
 /* ---- candidate outputs ------------------------------------------------------------------------ */
 
 static void test_candidate_outputs(void) {
@@ -218,6 +264,8 @@ int main(void) {
     test_par_for();
     test_blas_pin();
     test_factor_routes();
+    test_factor_gram_widths();
+    test_factor_route_threshold();
     test_candidate_outputs();
     test_genetic_huge_population();
     return check_report("test_core");
