@@ -387,9 +387,12 @@ moei2_status moei2_search_factor(int64_t num_tokens, int64_t num_candidates, int
 
 /* ---- candidate outputs of SiLU-gated experts ------------------------------------------------ */
 
-/* Rows of gathered tokens per pair of sgemm calls: bounds the scratch (panel x (2I + 2H) floats)
- * while keeping the products large enough for the BLAS kernels. */
-#define EXPERT_PANEL 256
+/* Rows of gathered tokens per pair of sgemm calls: bounds the scratch (panel x (3I + 2H) floats
+ * per thread: 17 MiB at Qwen1.5-MoE widths, H = 2048 and I = 1408) while keeping the products
+ * large. Each call packs the expert's weights (3 I H floats) again, which cost a fifth of the
+ * GEMM time at 256 rows split into panels of ~160; with 512, an expert's tokens of one chunk of
+ * moei2.search (~430 rows at 256 MiB) take one panel. */
+#define EXPERT_PANEL 512
 
 typedef struct {
     const moei2_expert_outputs_job *job;
