@@ -231,6 +231,39 @@ static void test_candidate_outputs(void) {
     free(x); free(gu); free(dn); free(out1); free(out2);
 }
 
+/* SiLU against double precision over its whole range: one token x = e_0, gate weights g_f and
+ * up weights 1 in column 0, down = identity, so the kernel's output f is silu(g_f) exactly as
+ * its SiLU computes it (the products are by 1 and 0). A NaN gate gives a NaN output. */
+static void test_candidate_outputs_silu(void) {
+    enum { F = 411 };
+    float *x = calloc(F, sizeof(float)), *gu = calloc(2 * F * F, sizeof(float)), *dn = calloc(F * F, sizeof(float));
+    float *out = malloc(F * sizeof(float));
+    double want[F];
+    x[0] = 1.0f;
+    for (int f = 0; f < F; f++) {
+        float g = f < 400 ? -100.0f + 0.5f * (float)f : (float[]){0.0f, -0.0f, 1e-30f, -1e-30f, 86.9f, 87.1f, 88.1f,
+                                                                 -87.1f, -88.1f, -150.0f, 1000.0f}[f - 400];
+        if (f % 7 == 3 && f < 400) g += 0.123456f;
+        gu[(int64_t)f * F] = g;
+        gu[(int64_t)(F + f) * F] = 1.0f;
+        dn[(int64_t)f * F + f] = 1.0f;
+        want[f] = (double)g / (1.0 + exp(-(double)g));
+    }
+    int32_t cand = 0;
+    moei2_expert_outputs_job job = {1, 1, 1, F, F, x, &cand, gu, dn, out};
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK);
+    double worst = 0.0, worst_tiny = 0.0;
+    for (int f = 0; f < F; f++) {
+        if (fabs(want[f]) > 1e-30) worst = fmax(worst, fabs(out[f] - want[f]) / fabs(want[f]));
+        else worst_tiny = fmax(worst_tiny, fabs(out[f] - want[f]));
+    }
+    CHECK(worst < 4e-7);      /* a few float ulps */
+    CHECK(worst_tiny < 1e-35);
+    gu[0] = NAN;
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK && isnan(out[0]));
+    free(x); free(gu); free(dn); free(out);
+}
+
 /* ---- huge search sizes fail cleanly ------------------------------------------------------------ */
 
 static void test_genetic_huge_population(void) {
@@ -267,6 +300,7 @@ int main(void) {
     test_factor_gram_widths();
     test_factor_route_threshold();
     test_candidate_outputs();
+    test_candidate_outputs_silu();
     test_genetic_huge_population();
     return check_report("test_core");
 }
