@@ -18,6 +18,7 @@
  * thread in row panels of fixed size, so the result does not depend on the thread count. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -428,29 +429,48 @@ static void silu_mul(const float *restrict gate, const float *restrict up, float
     }
 }
 
+/* One thread's panel scratch. */
+typedef struct {
+    float *xg, *h, *act, *out;
+} expert_scratch;
+
 typedef struct {
     const moei2_expert_outputs_job *job;
     const int64_t *bounds; /* [E + 1] start of each expert's positions in order */
     const int64_t *order;  /* positions n * C + q grouped by expert, ascending within each */
+    int64_t panel;         /* rows per panel at most: EXPERT_PANEL, or fewer when no expert has more */
+    /* One scratch per thread, taken by a block for its duration: at most num_threads blocks run
+     * at once, so one is always free. Allocated per block, the panels' ~17 MiB went back to the
+     * system and were faulted in and zeroed again for every expert, a tenth of the kernel's
+     * time. */
+    expert_scratch *slots;
+    atomic_int *busy;
+    int num_slots;
 } expert_ctx;
 
 static int expert_block(void *arg, int64_t e0, int64_t e1) {
     const expert_ctx *c = (const expert_ctx *)arg;
     const moei2_expert_outputs_job *job = c->job;
-    const int64_t H = job->hidden, F = job->inter, C = job->num_candidates;
-    float *xg = moei2_alloc((int64_t)EXPERT_PANEL * H, sizeof(float));
-    float *h = moei2_alloc((int64_t)EXPERT_PANEL * 2 * F, sizeof(float));
-    float *act = moei2_alloc((int64_t)EXPERT_PANEL * F, sizeof(float));
-    float *out = moei2_alloc((int64_t)EXPERT_PANEL * H, sizeof(float));
+    const int64_t H = job->hidden, F = job->inter, C = job->num_candidates, panel = c->panel;
+    int slot = 0;
+    while (atomic_exchange(&c->busy[slot], 1)) slot = (slot + 1) % c->num_slots;
+    expert_scratch *sc = &c->slots[slot];
     int err = 0;
+    if (!sc->xg) {
+        sc->xg = moei2_alloc(panel * H, sizeof(float));
+        sc->h = moei2_alloc(panel * 2 * F, sizeof(float));
+        sc->act = moei2_alloc(panel * F, sizeof(float));
+        sc->out = moei2_alloc(panel * H, sizeof(float));
+    }
+    float *xg = sc->xg, *h = sc->h, *act = sc->act, *out = sc->out;
     if (!xg || !h || !act || !out) { err = MOEI2_ERR_NOMEM; goto done; }
     for (int64_t e = e0; e < e1; e++) {
         const float *gu = job->gate_up + e * 2 * F * H;
         const float *dn = job->down + e * H * F;
-        /* Panels of equal size (at most EXPERT_PANEL rows): a short last panel would pay for
-         * packing the expert's weights for a handful of rows. */
+        /* Panels of equal size (at most panel rows): a short last panel would pay for packing
+         * the expert's weights for a handful of rows. */
         const int64_t total = c->bounds[e + 1] - c->bounds[e];
-        const int64_t panels = (total + EXPERT_PANEL - 1) / EXPERT_PANEL;
+        const int64_t panels = (total + panel - 1) / panel;
         const int64_t size = panels ? (total + panels - 1) / panels : 0;
         for (int64_t p0 = c->bounds[e]; p0 < c->bounds[e + 1]; p0 += size) {
             const int64_t rows = c->bounds[e + 1] - p0 < size ? c->bounds[e + 1] - p0 : size;
@@ -468,7 +488,7 @@ static int expert_block(void *arg, int64_t e0, int64_t e1) {
         }
     }
 done:
-    free(xg); free(h); free(act); free(out);
+    atomic_store(&c->busy[slot], 0);
     return err;
 }
 
@@ -494,11 +514,25 @@ moei2_status moei2_candidate_outputs(const moei2_expert_outputs_job *job, int nu
     memcpy(fill, bounds, (size_t)E * sizeof(int64_t));
     for (int64_t i = 0; i < nc; i++) order[fill[job->candidates[i]]++] = i;
     {
-        expert_ctx c = {job, bounds, order};
-        moei2_blas_pin_single();
-        int err = moei2_par_for(num_threads, E, 1, expert_block, &c);
-        moei2_blas_unpin();
-        status = (moei2_status)err;
+        int64_t most = 0;
+        for (int64_t e = 0; e < E; e++)
+            if (bounds[e + 1] - bounds[e] > most) most = bounds[e + 1] - bounds[e];
+        const int num_slots = num_threads < 1 ? 1 : num_threads;
+        expert_ctx c = {job, bounds, order, most < EXPERT_PANEL ? most : EXPERT_PANEL, NULL, NULL, num_slots};
+        c.slots = moei2_calloc(num_slots, sizeof(expert_scratch));
+        c.busy = moei2_alloc(num_slots, sizeof(atomic_int));
+        if (!c.slots || !c.busy) {
+            status = MOEI2_ERR_NOMEM;
+        } else {
+            for (int i = 0; i < num_slots; i++) atomic_init(&c.busy[i], 0);
+            moei2_blas_pin_single();
+            status = (moei2_status)moei2_par_for(num_threads, E, 1, expert_block, &c);
+            moei2_blas_unpin();
+            for (int i = 0; i < num_slots; i++) {
+                free(c.slots[i].xg); free(c.slots[i].h); free(c.slots[i].act); free(c.slots[i].out);
+            }
+        }
+        free(c.slots); free(c.busy);
     }
 done:
     free(bounds); free(order); free(fill);
