@@ -388,12 +388,13 @@ moei2_status moei2_search_factor(int64_t num_tokens, int64_t num_candidates, int
 
 /* ---- candidate outputs of SiLU-gated experts ------------------------------------------------ */
 
-/* Rows of gathered tokens per pair of sgemm calls: bounds the scratch (panel x (3I + 2H) floats
- * per thread: 17 MiB at Qwen1.5-MoE widths, H = 2048 and I = 1408) while keeping the products
- * large. Each call packs the expert's weights (3 I H floats) again, which cost a fifth of the
- * GEMM time at 256 rows split into panels of ~160; with 512, an expert's tokens of one chunk of
- * moei2.search (~430 rows at 256 MiB) take one panel. */
-#define EXPERT_PANEL 512
+/* Rows of gathered tokens per pair of sgemm calls at most: bounds the scratch (rows x (3I + 2H)
+ * floats per thread, sized to the largest expert of the call: at most 34 MiB at Qwen1.5-MoE
+ * widths, H = 2048 and I = 1408) while keeping the products large. Each call packs the expert's
+ * weights (3 I H floats) again, which cost a fifth of the GEMM time in panels of ~160 rows (at
+ * the former 256); an expert's tokens of one chunk of moei2.search (~430 rows at Qwen widths and
+ * 256 MiB, more for the busy experts of a trained router) take one panel. */
+#define EXPERT_PANEL 1024
 
 /* a = silu(gate) * up = gate / (1 + e^-gate) * up over n values. e^x is Cephes' expf (range
  * reduction by ln 2 in two parts, a degree-6 polynomial, 2^n from its exponent bits; about 1 ulp)
@@ -440,9 +441,9 @@ typedef struct {
     const int64_t *order;  /* positions n * C + q grouped by expert, ascending within each */
     int64_t panel;         /* rows per panel at most: EXPERT_PANEL, or fewer when no expert has more */
     /* One scratch per thread, taken by a block for its duration: at most num_threads blocks run
-     * at once, so one is always free. Allocated per block, the panels' ~17 MiB went back to the
-     * system and were faulted in and zeroed again for every expert, a tenth of the kernel's
-     * time. */
+     * at once, so one is always free. Allocated per block, the panels' tens of MiB went back to
+     * the system and were faulted in and zeroed again for every expert: a tenth of the kernel's
+     * time at Qwen widths. */
     expert_scratch *slots;
     atomic_int *busy;
     int num_slots;

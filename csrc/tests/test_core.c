@@ -231,6 +231,50 @@ static void test_candidate_outputs(void) {
     free(x); free(gu); free(dn); free(out1); free(out2);
 }
 
+/* An expert with more rows than a panel (1024) takes panels of equal size; the outputs match
+ * the direct formula and do not depend on the thread count. */
+static void test_candidate_outputs_panels(void) {
+    const int64_t n = 2500, C = 2, E = 3, H = 3, F = 2;
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 13);
+    float *x = malloc((size_t)(n * H) * sizeof(float)), gu[3 * 2 * 2 * 3], dn[3 * 3 * 2];
+    float *out1 = malloc((size_t)(n * C * H) * sizeof(float)), *out2 = malloc((size_t)(n * C * H) * sizeof(float));
+    int32_t *cand = malloc((size_t)(n * C) * sizeof(int32_t));
+    for (int64_t i = 0; i < n * H; i++) x[i] = (float)gaussian(&rng);
+    for (int64_t i = 0; i < E * 2 * F * H; i++) gu[i] = (float)(0.5 * gaussian(&rng));
+    for (int64_t i = 0; i < E * H * F; i++) dn[i] = (float)(0.5 * gaussian(&rng));
+    for (int64_t t = 0; t < n; t++) { /* expert 0 on every token: 2500 rows, three panels */
+        cand[t * C] = 0;
+        cand[t * C + 1] = (int32_t)(1 + t % 2);
+    }
+    moei2_expert_outputs_job job = {n, C, E, H, F, x, cand, gu, dn, out1};
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK);
+    job.outputs = out2;
+    CHECK(moei2_candidate_outputs(&job, 3) == MOEI2_OK);
+    CHECK(memcmp(out1, out2, (size_t)(n * C * H) * sizeof(float)) == 0);
+    double worst = 0.0;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t q = 0; q < C; q++) {
+            const int64_t e = cand[t * C + q];
+            double a[2];
+            for (int64_t f = 0; f < F; f++) {
+                double g = 0.0, u = 0.0;
+                for (int64_t h = 0; h < H; h++) {
+                    g += (double)gu[(e * 2 * F + f) * H + h] * x[t * H + h];
+                    u += (double)gu[(e * 2 * F + F + f) * H + h] * x[t * H + h];
+                }
+                a[f] = g / (1.0 + exp(-g)) * u;
+            }
+            for (int64_t h = 0; h < H; h++) {
+                double y = 0.0;
+                for (int64_t f = 0; f < F; f++) y += (double)dn[(e * H + h) * F + f] * a[f];
+                worst = fmax(worst, fabs(y - out1[(t * C + q) * H + h]) / (1.0 + fabs(y)));
+            }
+        }
+    CHECK(worst < 1e-5);
+    free(x); free(out1); free(out2); free(cand);
+}
+
 /* SiLU against double precision over its whole range: one token x = e_0, gate weights g_f and
  * up weights 1 in column 0, down = identity, so the kernel's output f is silu(g_f) exactly as
  * its SiLU computes it (the products are by 1 and 0). A NaN gate gives a NaN output. */
@@ -300,6 +344,7 @@ int main(void) {
     test_factor_gram_widths();
     test_factor_route_threshold();
     test_candidate_outputs();
+    test_candidate_outputs_panels();
     test_candidate_outputs_silu();
     test_genetic_huge_population();
     return check_report("test_core");
