@@ -30,9 +30,9 @@
  * cond(G) = cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative
  * for the worst coefficient vector, under the 1e-10 promised against the float64 oracle. */
 #define GRAM_MIN_RCOND 1e-5
-/* Columns of the outputs per pass: a token's C widened row slices of this length (C x 1 KiB)
- * stay in L1 while the tiles of the pass read them, up to C / 4 + 1 times each. The tiles keep
- * their lane sums across passes, so a short pass costs no extra reduction. */
+/* Columns of the outputs per pass: a token's C row slices of this length (C x 512 bytes in
+ * float32) stay in L1 while the tiles of the pass read them, up to C / 4 + 1 times each. The
+ * tiles keep their lane sums across passes, so a short pass costs no extra reduction. */
 enum { GRAM_CHUNK = 128 };
 enum { GRAM_LANES = 8 };
 
@@ -55,7 +55,8 @@ typedef struct {
     double *a;     /* [d, C] column-major: a copy of the token's outputs for QR, on first use */
     int64_t dc;
     double *buf;   /* [ceil(C/4)*4, GRAM_CHUNK] a pass's widened or zero-padded row slices */
-    const double **rows; /* [ceil(C/4)*4] */
+    const void **rows; /* [ceil(C/4)*4] */
+    float *zeros32;      /* [GRAM_CHUNK] the padding rows of a float32 pass */
     const char **pf;     /* [C] the next token's row slices of a pass */
     double *acc;   /* [tiles, 16, GRAM_LANES] the lane sums of the Gram tiles of one token */
     double *g;     /* [C, C] */
@@ -65,8 +66,8 @@ typedef struct {
 } factor_scratch;
 
 static void factor_scratch_free(factor_scratch *s) {
-    free(s->a); free(s->buf); free(s->rows); free(s->pf); free(s->acc); free(s->g); free(s->rinv); free(s->tau); free(s->work);
-    free(s->w);
+    free(s->a); free(s->buf); free(s->rows); free(s->zeros32); free(s->pf); free(s->acc); free(s->g);
+    free(s->rinv); free(s->tau); free(s->work); free(s->w);
 }
 
 static moei2_status factor_scratch_alloc(factor_scratch *s, int64_t C, int64_t d, int64_t k) {
@@ -75,14 +76,15 @@ static moei2_status factor_scratch_alloc(factor_scratch *s, int64_t C, int64_t d
     if (moei2_mul_ok(d, C, &dc) || moei2_mul_ok(C, C, &cc)) return MOEI2_ERR_NOMEM;
     const int64_t nb = (C + 3) / 4;
     s->buf = moei2_calloc(nb * 4 * GRAM_CHUNK, sizeof(double));
-    s->rows = moei2_alloc(nb * 4, sizeof(double *));
+    s->rows = moei2_alloc(nb * 4, sizeof(void *));
+    s->zeros32 = moei2_calloc(GRAM_CHUNK, sizeof(float));
     s->pf = moei2_alloc(C, sizeof(char *));
     s->acc = moei2_alloc(nb * (nb + 1) / 2 * 16 * GRAM_LANES, sizeof(double));
     s->g = moei2_alloc(cc, sizeof(double));
     s->rinv = moei2_alloc(cc, sizeof(double));
     s->tau = moei2_alloc(C, sizeof(double));
     s->w = moei2_alloc(k, sizeof(double));
-    if (!s->buf || !s->rows || !s->pf || !s->acc || !s->g || !s->rinv || !s->tau || !s->w) goto fail;
+    if (!s->buf || !s->rows || !s->zeros32 || !s->pf || !s->acc || !s->g || !s->rinv || !s->tau || !s->w) goto fail;
     s->dc = dc;
     return MOEI2_OK;
 fail:
@@ -94,7 +96,9 @@ fail:
  * <a_i, b_j>: lane l sums the columns t = l mod GRAM_LANES, and the lanes are added in a fixed
  * order once per token, so the sums depend on the code path the CPU selects only through FMA
  * rounding. The products of float32 values are exact in float64, and float32 rows are widened
- * before the same tiles, so both inputs give bitwise the same sums for the same values. */
+ * in registers on their way into the same tiles, so both inputs give bitwise the same sums for
+ * the same values; no widened copy goes through memory (a separate widening pass cost nearly as
+ * much as the tiles while the outputs came from DRAM, and still a fifth with them in cache). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
 #define GRAM_CLONES \
     __attribute__((target_clones("avx512f", "arch=haswell", "default"), optimize("fp-contract=fast")))
@@ -106,10 +110,23 @@ fail:
 typedef double gram_vec __attribute__((vector_size(GRAM_LANES * sizeof(double))));
 #define GRAM_LD(v, p) memcpy(&(v), (p), sizeof(gram_vec))
 #define GRAM_ST(p, v) memcpy((p), &(v), sizeof(gram_vec))
+/* Lanes t .. t + GRAM_LANES - 1 of a row, float32 (f32) or float64. The float32 row is widened
+ * through an array: GCC 12 compiles that to one vcvtps2pd per vector, where its
+ * __builtin_convertvector of eight floats splits into halves and a merge. */
+#define GRAM_LOADX(v, row, f32, t)                                                           \
+    do {                                                                                     \
+        if (f32) {                                                                           \
+            double wide_[GRAM_LANES];                                                        \
+            for (int l_ = 0; l_ < GRAM_LANES; l_++) wide_[l_] = ((const float *)(row))[(t) + l_]; \
+            memcpy(&(v), wide_, sizeof(gram_vec));                                           \
+        } else {                                                                             \
+            memcpy(&(v), (const double *)(row) + (t), sizeof(gram_vec));                     \
+        }                                                                                    \
+    } while (0)
 
 /* acc[16 x GRAM_LANES] += the lanes of the 4 x 4 products of rows a and b over len columns, a
  * multiple of GRAM_LANES. */
-static inline __attribute__((always_inline)) void gram_tile(const double *const *a, const double *const *b,
+static inline __attribute__((always_inline)) void gram_tile(const void *const *a, const void *const *b, int f32,
                                                              int64_t len, double *restrict acc) {
     gram_vec c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15;
     GRAM_LD(c0, acc + 0 * GRAM_LANES); GRAM_LD(c1, acc + 1 * GRAM_LANES); GRAM_LD(c2, acc + 2 * GRAM_LANES);
@@ -118,11 +135,11 @@ static inline __attribute__((always_inline)) void gram_tile(const double *const 
     GRAM_LD(c9, acc + 9 * GRAM_LANES); GRAM_LD(c10, acc + 10 * GRAM_LANES); GRAM_LD(c11, acc + 11 * GRAM_LANES);
     GRAM_LD(c12, acc + 12 * GRAM_LANES); GRAM_LD(c13, acc + 13 * GRAM_LANES); GRAM_LD(c14, acc + 14 * GRAM_LANES);
     GRAM_LD(c15, acc + 15 * GRAM_LANES);
-    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    const void *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
     for (int64_t t = 0; t < len; t += GRAM_LANES) {
         gram_vec x0, x1, x2, x3, y0, y1, y2, y3;
-        GRAM_LD(x0, a0 + t); GRAM_LD(x1, a1 + t); GRAM_LD(x2, a2 + t); GRAM_LD(x3, a3 + t);
-        GRAM_LD(y0, b0 + t); GRAM_LD(y1, b1 + t); GRAM_LD(y2, b2 + t); GRAM_LD(y3, b3 + t);
+        GRAM_LOADX(x0, a0, f32, t); GRAM_LOADX(x1, a1, f32, t); GRAM_LOADX(x2, a2, f32, t); GRAM_LOADX(x3, a3, f32, t);
+        GRAM_LOADX(y0, b0, f32, t); GRAM_LOADX(y1, b1, f32, t); GRAM_LOADX(y2, b2, f32, t); GRAM_LOADX(y3, b3, f32, t);
         c0 += x0 * y0; c1 += x0 * y1; c2 += x0 * y2; c3 += x0 * y3;
         c4 += x1 * y0; c5 += x1 * y1; c6 += x1 * y2; c7 += x1 * y3;
         c8 += x2 * y0; c9 += x2 * y1; c10 += x2 * y2; c11 += x2 * y3;
@@ -138,17 +155,17 @@ static inline __attribute__((always_inline)) void gram_tile(const double *const 
 
 /* A diagonal tile (b = a): the ten products of its upper triangle, in the slots 4 i + j (i <= j)
  * of a 4 x 4 tile; the other six would only repeat them. */
-static inline __attribute__((always_inline)) void gram_diag(const double *const *a, int64_t len,
+static inline __attribute__((always_inline)) void gram_diag(const void *const *a, int f32, int64_t len,
                                                              double *restrict acc) {
     gram_vec c0, c1, c2, c3, c5, c6, c7, c10, c11, c15;
     GRAM_LD(c0, acc + 0 * GRAM_LANES); GRAM_LD(c1, acc + 1 * GRAM_LANES); GRAM_LD(c2, acc + 2 * GRAM_LANES);
     GRAM_LD(c3, acc + 3 * GRAM_LANES); GRAM_LD(c5, acc + 5 * GRAM_LANES); GRAM_LD(c6, acc + 6 * GRAM_LANES);
     GRAM_LD(c7, acc + 7 * GRAM_LANES); GRAM_LD(c10, acc + 10 * GRAM_LANES); GRAM_LD(c11, acc + 11 * GRAM_LANES);
     GRAM_LD(c15, acc + 15 * GRAM_LANES);
-    const double *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    const void *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
     for (int64_t t = 0; t < len; t += GRAM_LANES) {
         gram_vec x0, x1, x2, x3;
-        GRAM_LD(x0, a0 + t); GRAM_LD(x1, a1 + t); GRAM_LD(x2, a2 + t); GRAM_LD(x3, a3 + t);
+        GRAM_LOADX(x0, a0, f32, t); GRAM_LOADX(x1, a1, f32, t); GRAM_LOADX(x2, a2, f32, t); GRAM_LOADX(x3, a3, f32, t);
         c0 += x0 * x0; c1 += x0 * x1; c2 += x0 * x2; c3 += x0 * x3;
         c5 += x1 * x1; c6 += x1 * x2; c7 += x1 * x3;
         c10 += x2 * x2; c11 += x2 * x3;
@@ -163,9 +180,9 @@ static inline __attribute__((always_inline)) void gram_diag(const double *const 
 /* One pass: every tile of the upper triangle over the rows' next len columns. Meanwhile the
  * next token's matching row slices (pf[0..C-1], pf_bytes each, or pf NULL) are fetched into L2,
  * spread over the tiles: all at once they filled the miss buffers and stalled the pass. */
-GRAM_CLONES
-static void gram_pass(const double *const *rows, int64_t nb, int64_t len, double *restrict acc,
-                      const char *const *pf, int64_t C, int64_t pf_bytes) {
+static inline __attribute__((always_inline)) void gram_pass(const void *const *rows, int f32, int64_t nb, int64_t len,
+                                                             double *restrict acc, const char *const *pf, int64_t C,
+                                                             int64_t pf_bytes) {
     const int64_t tiles = nb * (nb + 1) / 2;
     int64_t tile = 0, q = 0;
     for (int64_t ib = 0; ib < nb; ib++)
@@ -173,14 +190,26 @@ static void gram_pass(const double *const *rows, int64_t nb, int64_t len, double
             if (pf)
                 for (tile++; q * tiles < tile * C; q++)
                     for (int64_t off = 0; off < pf_bytes; off += 64) __builtin_prefetch(pf[q] + off, 0, 2);
-            if (jb == ib) gram_diag(rows + 4 * ib, len, acc);
-            else gram_tile(rows + 4 * ib, rows + 4 * jb, len, acc);
+            if (jb == ib) gram_diag(rows + 4 * ib, f32, len, acc);
+            else gram_tile(rows + 4 * ib, rows + 4 * jb, f32, len, acc);
         }
 }
 
-/* Widens float32 to float64 with the same vector width as the tiles: the baseline x86-64 build
- * converts two values per instruction. (Widening inside the tiles, from a vector of eight floats,
- * is split by GCC 12 into two halves and a merge per load, more work than this pass.) */
+GRAM_CLONES
+static void gram_pass_f32(const void *const *rows, int64_t nb, int64_t len, double *restrict acc,
+                          const char *const *pf, int64_t C, int64_t pf_bytes) {
+    gram_pass(rows, 1, nb, len, acc, pf, C, pf_bytes);
+}
+
+GRAM_CLONES
+static void gram_pass_f64(const void *const *rows, int64_t nb, int64_t len, double *restrict acc,
+                          const char *const *pf, int64_t C, int64_t pf_bytes) {
+    gram_pass(rows, 0, nb, len, acc, pf, C, pf_bytes);
+}
+
+/* Widens float32 to float64 with the same vector width as the tiles, for a pass whose length is
+ * not a multiple of GRAM_LANES (the last of a token, when d is not): the baseline x86-64 build
+ * converts two values per instruction. */
 GRAM_CLONES
 static void widen(const float *restrict src, double *restrict dst, int64_t n) {
     for (int64_t t = 0; t < n; t++) dst[t] = (double)src[t];
@@ -200,6 +229,11 @@ static void gram_upper(const float *a32, const double *a64, const void *next, in
         const int64_t padded = (len + GRAM_LANES - 1) / GRAM_LANES * GRAM_LANES;
         if (next)
             for (int64_t q = 0; q < C; q++) s->pf[q] = (const char *)next + (q * d + t0) * esize;
+        if (a32 && padded == len) {
+            for (int64_t q = 0; q < nb * 4; q++) s->rows[q] = q < C ? (const void *)(a32 + q * d + t0) : s->zeros32;
+            gram_pass_f32(s->rows, nb, len, s->acc, next ? s->pf : NULL, C, len * esize);
+            continue;
+        }
         /* Rows past C, and the columns past len up to a multiple of GRAM_LANES, are zeros in
          * buf: a product with zero adds zero exactly. */
         for (int64_t q = 0; q < nb * 4; q++) {
@@ -215,7 +249,7 @@ static void gram_upper(const float *a32, const double *a64, const void *next, in
             for (int64_t t = q < C ? len : 0; t < padded; t++) slot[t] = 0.0;
             s->rows[q] = slot;
         }
-        gram_pass(s->rows, nb, padded, s->acc, next ? s->pf : NULL, C, len * esize);
+        gram_pass_f64(s->rows, nb, padded, s->acc, next ? s->pf : NULL, C, len * esize);
     }
     const double *acc = s->acc;
     for (int64_t ib = 0; ib < nb; ib++)
