@@ -6,16 +6,19 @@
  * factors it by Cholesky: C(C+1)d flops per token at level-3 rate, against dgeqrf's 2C^2 d at
  * level-2 rate. Forming G squares the conditioning: the error of ||R c|| grows like
  * eps * (|O| |c| / ||O c||)^2 instead of eps * |O| |c| / ||O c|| for a QR of O itself. So each
- * token's Cholesky is accepted only when a rigorous lower bound of its reciprocal condition
- * number (from R^-1, see gram_cond_bound) is at least GRAM_MIN_RCOND; otherwise (and when the Cholesky fails: rank-deficient O, d < C) that token
- * is factored by Householder QR of O, as before. Tokens are processed in blocks of fixed size
- * on the thread pool with single-threaded BLAS; every token's result depends on its own data
- * only, so the factors are bitwise the same at any thread count.
+ * token's Cholesky is accepted only when a lower bound of its reciprocal condition number
+ * (from R^-1, see gram_cond_bound) is at least GRAM_MIN_RCOND; otherwise (and when the Cholesky
+ * fails: rank-deficient O, d < C) that token is factored by Householder QR of O, as before. The
+ * float32 path widens the rows in registers (products of float32 values are exact in float64).
+ * Tokens are processed in blocks of fixed size on the thread pool with single-threaded BLAS;
+ * every token's result depends on its own data only, so the factors are bitwise the same at any
+ * thread count.
  *
  * Candidate outputs: per expert, the tokens holding it among their candidates are gathered,
  * h = x W_gu^T (sgemm), a = silu(gate) * up, o = a W_down^T (sgemm), and each row is written into
  * its token's candidate slot. Experts are independent blocks of the pool, each computed by one
- * thread in row panels of fixed size, so the result does not depend on the thread count. */
+ * thread in row panels of equal size (at most EXPERT_PANEL rows, fixed by the expert's rows), so
+ * the result does not depend on the thread count. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdatomic.h>
