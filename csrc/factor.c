@@ -29,9 +29,11 @@
 #include "moei2_core.h"
 #include "moei2_internal.h"
 
-/* The Cholesky of G is kept when 1 / GRAM_MIN_RCOND bounds cond1(G) from above.
- * cond(G) = cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative
- * for the worst coefficient vector, under the 1e-10 promised against the float64 oracle. */
+/* The Cholesky of G is kept when gram_cond_bound, an upper bound of cond1(G), is at most
+ * 1 / GRAM_MIN_RCOND: so GRAM_MIN_RCOND is a lower bound of the accepted tokens' reciprocal
+ * 1-norm condition numbers (dpocon's estimate, used before, could overstate it). cond(G) =
+ * cond(O)^2 <= 1e5 keeps the Gram route's error within about 1e5 eps ~ 2e-11 relative for the
+ * worst coefficient vector, under the 1e-10 promised against the float64 oracle. */
 #define GRAM_MIN_RCOND 1e-5
 /* Columns of the outputs per pass: a token's C row slices of this length (C x 512 bytes in
  * float32) stay in L1 while the tiles of the pass read them, up to C / 4 + 1 times each. The
