@@ -270,10 +270,11 @@ static void gram_upper(const float *a32, const double *a64, const void *next, in
 
 /* An upper bound of cond1(G) = ||G||_1 ||G^-1||_1 from G = R^T R (R upper triangular in the
  * upper triangle of r, C x C column-major; anorm = ||G||_1): G^-1 = R^-1 R^-T, so ||G^-1||_1 <=
- * ||R^-1||_1 ||R^-T||_1 = ||R^-1||_1 ||R^-1||_inf. It exceeds cond1(G) by at most a factor C, and
- * unlike dpocon's estimate (a lower bound of ||G^-1||_1, which took a dozen LAPACK calls for
- * C ~ 20) it never understates the conditioning. R^-1 (into x) costs C^3 / 6 flops. Returns +Inf
- * or NaN when R^-1 overflows. */
+ * ||R^-1||_1 ||R^-T||_1 = ||R^-1||_1 ||R^-1||_inf. It exceeds cond1(G) by at most a factor
+ * C^(3/2), and unlike dpocon's estimate (a lower bound of ||G^-1||_1, which took a dozen LAPACK
+ * calls for C ~ 20) it does not understate the conditioning, up to the rounding of R^-1 (relative
+ * cond(R) eps, below 1e-13 where a token is accepted). R^-1 (into x) costs C^3 / 6 flops. Returns
+ * +Inf or NaN when R^-1 overflows. */
 static double gram_cond_bound(const double *r, int64_t C, double anorm, double *x) {
     for (int64_t j = 0; j < C; j++) {
         double *xj = x + j * C;
