@@ -132,8 +132,14 @@ def _float_array(value, name: str, ndim: int) -> np.ndarray:
     return a
 
 
-# Candidate outputs are factored in chunks of at most this many bytes.
-_CHUNK_BYTES = 128 << 20
+# Candidate outputs are factored in chunks of at most this many bytes: the memory the cache
+# construction holds beyond the cache and the inputs (from_moe's C kernel adds its panel scratch
+# per thread, csrc/factor.c; a candidate_outputs callback, its own intermediates). At Qwen1.5-MoE
+# widths (19 candidates of 2048 floats, 152 KiB a token) 256 MiB is 1724 tokens. from_moe splits
+# the tokens into chunks of equal size: each chunk's expert GEMMs see only that chunk's tokens and
+# pack the expert's weights again, so a short last chunk (2048 tokens were 862 + 862 + 324 at
+# 128 MiB) paid the packing for few rows.
+_CHUNK_BYTES = 256 << 20
 
 # Bounds of the genetic search's sizes, checked before any work: far beyond a useful search
 # (the paper uses 100 x 50), small enough that nothing computed from them overflows.
@@ -279,11 +285,12 @@ class Layer:
             # moei2._threads): no other BLAS pool is entered between the kernels.
             cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
             f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
-            chunk = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
+            most = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
+            chunks = -(-N // most)
             threads = _num_threads()
-            start = 0
-            while start < N:
-                start += cache.factor_moe(*f32, start, min(chunk, N - start), threads)
+            for c in range(chunks):
+                start, end = c * N // chunks, (c + 1) * N // chunks
+                cache.factor_moe(*f32, start, end - start, threads)
             return cls(cache)
 
         dtype = np.float32 if all(a.dtype == np.float32 for a in (X, gate_up_proj, down_proj)) else np.float64

@@ -131,6 +131,31 @@ def test_factor_is_bitwise_the_same_at_any_thread_count():
     np.testing.assert_array_equal(losses[0], losses[2])
 
 
+def test_factor_float32_and_float64_outputs_agree_bitwise_and_match_the_oracle():
+    """The Gram kernel at the search's width (19 candidates: a partial row of 4 x 4 tiles) over
+    several column passes and a partial last vector (d = 301): float32 outputs are widened on the
+    way into the same kernel as float64 ones, so the losses agree bitwise, at any thread count,
+    and match the float64 oracle."""
+    rng = np.random.default_rng(8)
+    N, E, d, k, r = 50, 24, 301, 4, 15
+    logits = 1.5 * rng.normal(size=(N, E))
+    outputs = rng.normal(size=(E, N, d)).astype(np.float32).astype(np.float64)
+    masks = np.zeros((12, E), dtype=bool)
+    for m in masks:
+        m[rng.choice(E, size=6, replace=False)] = True
+    losses = []
+    for dtype, threads in ((np.float64, 1), (np.float32, 1), (np.float32, 2), (np.float64, 3)):
+        cache = new_cache(logits, k=k, r_max=r)
+        cand = cache.candidates(0, N)
+        cache.factor_outputs(np.ascontiguousarray(gathered(outputs, cand, 0), dtype=dtype), 0, threads)
+        assert cache.qr_tokens == 0
+        losses.append(search.Layer(cache).loss(masks))
+    for other in losses[1:]:
+        np.testing.assert_array_equal(losses[0], other)
+    want = [ref.layer_loss_reference(logits, outputs, k, False, 1.0, [N], m) for m in masks]
+    np.testing.assert_allclose(losses[0], want, rtol=1e-10)
+
+
 def test_genetic_same_masks_at_one_and_two_threads():
     X, router, gu, down = moe_weights(6, E=16, H=24, inter=8, N=120)
     layer = search.Layer.from_moe(X, router, gu, down, top_k=2, renormalize=True, r_max=6)

@@ -140,6 +140,52 @@ static void test_factor_routes(void) {
     free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
 }
 
+/* The Gram kernel at the search's width (C = 19: a partial last row of tiles) over several
+ * column passes and a partial last vector: float32 and float64 input give bitwise the same
+ * factors at any thread count, and R^T R matches O O^T. */
+static void test_factor_gram_widths(void) {
+    const int64_t N = 37, C = 19, d = 301, k = 4, P = MOEI2_PACKED_SIZE(C);
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 11);
+    double *o = malloc((size_t)(N * C * d) * sizeof(double));
+    float *o32 = malloc((size_t)(N * C * d) * sizeof(float));
+    double *cp = malloc((size_t)(N * C) * sizeof(double));
+    double *f1 = malloc((size_t)(N * P) * sizeof(double)), *f2 = malloc((size_t)(N * P) * sizeof(double));
+    double *n1 = malloc((size_t)N * sizeof(double)), *n2 = malloc((size_t)N * sizeof(double));
+    for (int64_t i = 0; i < N * C * d; i++) o32[i] = (float)gaussian(&rng);
+    for (int64_t i = 0; i < N * C * d; i++) o[i] = o32[i];
+    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.05;
+    int64_t qr = -1;
+    CHECK(moei2_search_factor(N, C, d, NULL, o, k, 0, 1.0, cp, f1, n1, 1, &qr) == MOEI2_OK && qr == 0);
+    double worst = 0.0;
+    for (int64_t n = 0; n < N; n++) worst = fmax(worst, gram_error(o, f1, n, C, d));
+    CHECK(worst < 1e-13);
+    for (int threads = 1; threads <= 3; threads++) {
+        CHECK(moei2_search_factor(N, C, d, o32, NULL, k, 0, 1.0, cp, f2, n2, threads, &qr) == MOEI2_OK && qr == 0);
+        CHECK(memcmp(f1, f2, (size_t)(N * P) * sizeof(double)) == 0);
+        CHECK(memcmp(n1, n2, (size_t)N * sizeof(double)) == 0);
+    }
+    free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
+}
+
+/* The route threshold: candidate outputs along distinct axes with norms 1 and s give a diagonal
+ * Gram with cond1 = 1 / s^2 exactly, and the bound on it is exact too: s = 2^-8 (cond 65536) keeps
+ * the Cholesky, s = 2^-9 (cond 262144 > 1 / GRAM_MIN_RCOND = 1e5) takes QR. */
+static void test_factor_route_threshold(void) {
+    const int64_t N = 2, C = 6, d = 16, k = 2, P = MOEI2_PACKED_SIZE(C);
+    double *o = calloc((size_t)(N * C * d), sizeof(double));
+    double cp[12], f[2 * MOEI2_PACKED_SIZE(6)], n2[2];
+    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.1;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t q = 0; q < C; q++) o[(n * C + q) * d + q] = q == C - 1 ? ldexp(1.0, n == 0 ? -8 : -9) : 1.0;
+    int64_t qr = -1;
+    CHECK(moei2_search_factor(1, C, d, NULL, o, k, 0, 1.0, cp, f, n2, 1, &qr) == MOEI2_OK && qr == 0);
+    CHECK(moei2_search_factor(1, C, d, NULL, o + C * d, k, 0, 1.0, cp, f + P, n2 + 1, 1, &qr) == MOEI2_OK &&
+          qr == 1);
+    for (int64_t n = 0; n < N; n++) CHECK(gram_error(o, f, n, C, d) < 1e-15);
+    free(o);
+}
+
 /* ---- candidate outputs ------------------------------------------------------------------------ */
 
 static void test_candidate_outputs(void) {
@@ -185,6 +231,83 @@ static void test_candidate_outputs(void) {
     free(x); free(gu); free(dn); free(out1); free(out2);
 }
 
+/* An expert with more rows than a panel (1024) takes panels of equal size; the outputs match
+ * the direct formula and do not depend on the thread count. */
+static void test_candidate_outputs_panels(void) {
+    const int64_t n = 2500, C = 2, E = 3, H = 3, F = 2;
+    moei2_rng rng;
+    moei2_rng_seed(&rng, 13);
+    float *x = malloc((size_t)(n * H) * sizeof(float)), gu[3 * 2 * 2 * 3], dn[3 * 3 * 2];
+    float *out1 = malloc((size_t)(n * C * H) * sizeof(float)), *out2 = malloc((size_t)(n * C * H) * sizeof(float));
+    int32_t *cand = malloc((size_t)(n * C) * sizeof(int32_t));
+    for (int64_t i = 0; i < n * H; i++) x[i] = (float)gaussian(&rng);
+    for (int64_t i = 0; i < E * 2 * F * H; i++) gu[i] = (float)(0.5 * gaussian(&rng));
+    for (int64_t i = 0; i < E * H * F; i++) dn[i] = (float)(0.5 * gaussian(&rng));
+    for (int64_t t = 0; t < n; t++) { /* expert 0 on every token: 2500 rows, three panels */
+        cand[t * C] = 0;
+        cand[t * C + 1] = (int32_t)(1 + t % 2);
+    }
+    moei2_expert_outputs_job job = {n, C, E, H, F, x, cand, gu, dn, out1};
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK);
+    job.outputs = out2;
+    CHECK(moei2_candidate_outputs(&job, 3) == MOEI2_OK);
+    CHECK(memcmp(out1, out2, (size_t)(n * C * H) * sizeof(float)) == 0);
+    double worst = 0.0;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t q = 0; q < C; q++) {
+            const int64_t e = cand[t * C + q];
+            double a[2];
+            for (int64_t f = 0; f < F; f++) {
+                double g = 0.0, u = 0.0;
+                for (int64_t h = 0; h < H; h++) {
+                    g += (double)gu[(e * 2 * F + f) * H + h] * x[t * H + h];
+                    u += (double)gu[(e * 2 * F + F + f) * H + h] * x[t * H + h];
+                }
+                a[f] = g / (1.0 + exp(-g)) * u;
+            }
+            for (int64_t h = 0; h < H; h++) {
+                double y = 0.0;
+                for (int64_t f = 0; f < F; f++) y += (double)dn[(e * H + h) * F + f] * a[f];
+                worst = fmax(worst, fabs(y - out1[(t * C + q) * H + h]) / (1.0 + fabs(y)));
+            }
+        }
+    CHECK(worst < 1e-5);
+    free(x); free(out1); free(out2); free(cand);
+}
+
+/* SiLU against double precision over its whole range: one token x = e_0, gate weights g_f and
+ * up weights 1 in column 0, down = identity, so the kernel's output f is silu(g_f) exactly as
+ * its SiLU computes it (the products are by 1 and 0). A NaN gate gives a NaN output. */
+static void test_candidate_outputs_silu(void) {
+    enum { F = 411 };
+    float *x = calloc(F, sizeof(float)), *gu = calloc(2 * F * F, sizeof(float)), *dn = calloc(F * F, sizeof(float));
+    float *out = malloc(F * sizeof(float));
+    double want[F];
+    x[0] = 1.0f;
+    for (int f = 0; f < F; f++) {
+        float g = f < 400 ? -100.0f + 0.5f * (float)f : (float[]){0.0f, -0.0f, 1e-30f, -1e-30f, 86.9f, 87.1f, 88.1f,
+                                                                 -87.1f, -88.1f, -150.0f, 1000.0f}[f - 400];
+        if (f % 7 == 3 && f < 400) g += 0.123456f;
+        gu[(int64_t)f * F] = g;
+        gu[(int64_t)(F + f) * F] = 1.0f;
+        dn[(int64_t)f * F + f] = 1.0f;
+        want[f] = (double)g / (1.0 + exp(-(double)g));
+    }
+    int32_t cand = 0;
+    moei2_expert_outputs_job job = {1, 1, 1, F, F, x, &cand, gu, dn, out};
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK);
+    double worst = 0.0, worst_tiny = 0.0;
+    for (int f = 0; f < F; f++) {
+        if (fabs(want[f]) > 1e-30) worst = fmax(worst, fabs(out[f] - want[f]) / fabs(want[f]));
+        else worst_tiny = fmax(worst_tiny, fabs(out[f] - want[f]));
+    }
+    CHECK(worst < 4e-7);      /* a few float ulps */
+    CHECK(worst_tiny < 1e-35);
+    gu[0] = NAN;
+    CHECK(moei2_candidate_outputs(&job, 1) == MOEI2_OK && isnan(out[0]));
+    free(x); free(gu); free(dn); free(out);
+}
+
 /* ---- huge search sizes fail cleanly ------------------------------------------------------------ */
 
 static void test_genetic_huge_population(void) {
@@ -218,7 +341,11 @@ int main(void) {
     test_par_for();
     test_blas_pin();
     test_factor_routes();
+    test_factor_gram_widths();
+    test_factor_route_threshold();
     test_candidate_outputs();
+    test_candidate_outputs_panels();
+    test_candidate_outputs_silu();
     test_genetic_huge_population();
     return check_report("test_core");
 }
