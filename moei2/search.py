@@ -127,9 +127,18 @@ def _float_array(value, name: str, ndim: int) -> np.ndarray:
         raise ValueError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
+    if not _all_finite(a):
         raise ValueError(f"{name} contains NaN or Inf")
     return a
+
+
+def _all_finite(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """np.isfinite(a).all() over blocks of a contiguous array: an expert weight tensor is gigabytes,
+    and its whole boolean mask would be a quarter of that again."""
+    flat = a.reshape(-1) if a.flags.c_contiguous else None
+    if flat is None or flat.size <= block:
+        return bool(np.isfinite(a).all())
+    return all(np.isfinite(flat[s:s + block]).all() for s in range(0, flat.size, block))
 
 
 # Candidate outputs are factored in chunks of at most this many bytes: the memory the cache

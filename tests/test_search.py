@@ -369,3 +369,14 @@ def test_prune_counts_errors():
         search.prune_counts([1.0, 1.0], [8, 8, 8], 2)
     with pytest.raises(ValueError, match="ratio"):
         search.prune_counts([1.0, 1.0], 8, 2, ratio=1.5)
+
+
+def test_finiteness_check_in_blocks_finds_every_position():
+    a = np.arange(50, dtype=np.float32).reshape(5, 10)
+    assert search._all_finite(a, block=7)
+    for pos in (0, 6, 7, 49):
+        for bad in (np.nan, np.inf):
+            b = a.copy()
+            b.flat[pos] = bad
+            assert not search._all_finite(b, block=7)
+            assert not search._all_finite(b[:, ::2] if pos % 2 == 0 else b, block=7)
