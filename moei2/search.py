@@ -144,11 +144,11 @@ def _all_finite(a: np.ndarray, block: int = 1 << 22) -> bool:
 # Candidate outputs are factored in chunks of at most this many bytes: the memory the cache
 # construction holds beyond the cache and the inputs (from_moe's C kernel adds its panel scratch
 # per thread, csrc/factor.c; a candidate_outputs callback, its own intermediates). At Qwen1.5-MoE
-# widths (19 candidates of 2048 floats, 152 KiB a token) 256 MiB is 1724 tokens. from_moe splits
-# the tokens into chunks of equal size: each chunk's expert GEMMs see only that chunk's tokens and
-# pack the expert's weights again, so a short last chunk (2048 tokens were 862 + 862 + 324 at
-# 128 MiB) paid the packing for few rows.
-_CHUNK_BYTES = 256 << 20
+# widths (19 candidates of 2048 floats, 152 KiB a token) 384 MiB is 2586 tokens, a fifth of the
+# float32 layer the pipeline holds meanwhile. from_moe splits the tokens into chunks of equal
+# size: each chunk's expert GEMMs see only that chunk's tokens and pack the expert's weights
+# again, so the fewer the chunks the less packing (2048 tokens were 862 + 862 + 324 at 128 MiB).
+_CHUNK_BYTES = 384 << 20
 
 # Bounds of the genetic search's sizes, checked before any work: far beyond a useful search
 # (the paper uses 100 x 50), small enough that nothing computed from them overflows.
