@@ -27,7 +27,7 @@ from .data import calibration_windows
 from .state import RunState
 from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
                      score_layer, search_layer, select)
-from .stages.common import batch_token_counts, pack_factors, progress_bar, unpack_factors
+from .stages.common import batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
 
 __all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
 
@@ -349,6 +349,7 @@ def _importance_pass(ctx, hidden, moe_layers) -> dict:
                 else:
                     out = hidden
             hidden = out
+            release_free_memory()
             if bar is not None:
                 bar.update(1)
     finally:
@@ -435,6 +436,7 @@ class _Pass2:
         self.bar = None
 
     def _done(self, index: int) -> None:
+        release_free_memory()
         self.position = index + 1
         if self.bar is not None:
             self.bar.update(1)
@@ -479,6 +481,7 @@ class _Pass2:
                 state.put("chosen", {str(k): v for k, v in self.chosen.items()})
             if self.original is not None:
                 self.original = current
+        release_free_memory()
 
     def compress_layer(self, li: int) -> None:
         """Layer ``li`` alone: prune, Grams, ranks, factors, propagate, write."""
