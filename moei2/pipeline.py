@@ -27,7 +27,7 @@ from .data import calibration_windows
 from .state import RunState
 from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
                      score_layer, search_layer, select)
-from .stages.common import batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
+from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
 
 __all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
 
@@ -127,8 +127,11 @@ def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: O
             report=report if config.lora is None else None)
     if config.lora is not None:
         compressed = load(output, dtype=source.dtype, device=source.device)
-        with _timed(report, "lora"):
+        timer = Timer()
+        with timer("lora"):
             report["lora"] = recover(compressed, tokenizer, texts, config).report
+        report["times"]["lora"] = timer.times["lora"]
+        report["times"]["total"] = report["times"].get("total", 0.0) + timer.times["lora"]
         report["config"] = config.to_dict()
         report["checkpoint"] = save(compressed.to(source.storage_dtype), output, tokenizer=_saveable(tokenizer),
                                     report=report, overwrite=True)
@@ -156,17 +159,6 @@ def _checkpoint_sizes(parameters: dict) -> dict:
             "bytes_before": parameters["model_bytes_before"], "bytes_after": parameters["model_bytes_after"],
             "routed_expert_parameters_before": parameters["routed_expert_before"],
             "routed_expert_parameters_after": parameters["routed_expert_after"]}
-
-
-@contextlib.contextmanager
-def _timed(report: dict, name: str):
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        elapsed = time.perf_counter() - started
-        report["times"][name] = report["times"].get(name, 0.0) + elapsed
-        report["times"]["total"] = report["times"].get("total", 0.0) + elapsed
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
