@@ -26,7 +26,7 @@ Steps (each a function taking and returning the run's result dict, so later step
                   process walking all layers one after the other;
 ``compress``      ``--compress``: in a fresh process, ``moei2.compress(directory, ..., output=...)``
                   streamed (one KT block resident), calibrated on the bundled text with the bundled
-                  tokenizer (``--sequences`` x ``--seq-len`` tokens), recording each stage's time per
+                  tokenizer (``--sequences`` x ``--seq-len`` tokens), recording each stage's time per MoE
                   layer and the peak RSS against the checkpoint's size; with ``--table`` also a
                   markdown row.
 
@@ -345,7 +345,9 @@ def step_compress(args, result: dict) -> dict:
     files = list(out_dir.glob("*.safetensors"))
     row["output_bytes"] = sum(f.stat().st_size for f in files)
     row["peak_rss_over_checkpoint"] = round(row["peak_rss"] / result["checkpoint_bytes"], 4)
-    row["per_layer_seconds"] = {k: round(v / args.layers, 2) for k, v in row["times"].items()}
+    # Per MoE layer: DeepSeek-V2-Lite's first layer is dense and costs next to nothing.
+    moe_layers = len(row["experts_kept"]) or args.layers
+    row["per_layer_seconds"] = {k: round(v / moe_layers, 2) for k, v in row["times"].items()}
     result["compress"] = row
     if args.delete:
         import shutil
@@ -410,7 +412,7 @@ def main(argv=None) -> dict:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         if not args.table.exists():
             args.table.write_text("| model widths | layers | checkpoint GB | output GB | peak RSS GiB | peak / checkpoint "
-                                  "| calibration tokens | s per layer | stage s per layer | total min |\n"
+                                  "| calibration tokens | s per MoE layer | stage s per MoE layer | total min |\n"
                                   "|---|---|---|---|---|---|---|---|---|---|\n")
         with args.table.open("a") as fh:
             fh.write(markdown_row(result) + "\n")
