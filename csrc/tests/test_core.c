@@ -103,21 +103,56 @@ static double gram_error(const double *o, const double *factor, int64_t n, int64
     return err / scale;
 }
 
-static void test_factor_routes(void) {
-    const int64_t N = 40, C = 6, d = 37, k = 2, P = MOEI2_PACKED_SIZE(C);
+/* One factor-step case: the same gaussian outputs [N, C, d] in float64 and float32 (so the two
+ * input paths can be compared bitwise), a constant candidate probability, and room for two sets
+ * of factors and norms. */
+typedef struct {
+    int64_t N, C, d, P;
+    double *o, *cp, *f1, *f2, *n1, *n2;
+    float *o32;
+} factor_case;
+
+static void factor_case_free(factor_case *fc) {
+    free(fc->o); free(fc->o32); free(fc->cp); free(fc->f1); free(fc->f2); free(fc->n1); free(fc->n2);
+}
+
+static int factor_case_init(factor_case *fc, int64_t N, int64_t C, int64_t d, uint64_t seed, double prob) {
+    *fc = (factor_case){.N = N, .C = C, .d = d, .P = MOEI2_PACKED_SIZE(C)};
+    fc->o = malloc((size_t)(N * C * d) * sizeof(double));
+    fc->o32 = malloc((size_t)(N * C * d) * sizeof(float));
+    fc->cp = malloc((size_t)(N * C) * sizeof(double));
+    fc->f1 = malloc((size_t)(N * fc->P) * sizeof(double));
+    fc->f2 = malloc((size_t)(N * fc->P) * sizeof(double));
+    fc->n1 = malloc((size_t)N * sizeof(double));
+    fc->n2 = malloc((size_t)N * sizeof(double));
+    if (!fc->o || !fc->o32 || !fc->cp || !fc->f1 || !fc->f2 || !fc->n1 || !fc->n2) {
+        factor_case_free(fc);
+        return 0;
+    }
     moei2_rng rng;
-    moei2_rng_seed(&rng, 5);
-    double *o = malloc((size_t)(N * C * d) * sizeof(double));
-    float *o32 = malloc((size_t)(N * C * d) * sizeof(float));
-    double *cp = malloc((size_t)(N * C) * sizeof(double));
-    double *f1 = malloc((size_t)(N * P) * sizeof(double)), *f2 = malloc((size_t)(N * P) * sizeof(double));
-    double *n1 = malloc((size_t)N * sizeof(double)), *n2 = malloc((size_t)N * sizeof(double));
-    for (int64_t i = 0; i < N * C * d; i++) o32[i] = (float)gaussian(&rng);
-    for (int64_t i = 0; i < N * C * d; i++) o[i] = o32[i];
-    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.1;
+    moei2_rng_seed(&rng, seed);
+    for (int64_t i = 0; i < N * C * d; i++) fc->o32[i] = (float)gaussian(&rng);
+    for (int64_t i = 0; i < N * C * d; i++) fc->o[i] = fc->o32[i];
+    for (int64_t i = 0; i < N * C; i++) fc->cp[i] = prob;
+    return 1;
+}
+
+/* The two input paths of moei2_search_factor give bitwise the same factors and norms. */
+static int factor_case_same(const factor_case *fc) {
+    return memcmp(fc->f1, fc->f2, (size_t)(fc->N * fc->P) * sizeof(double)) == 0 &&
+           memcmp(fc->n1, fc->n2, (size_t)fc->N * sizeof(double)) == 0;
+}
+
+static void test_factor_routes(void) {
+    factor_case fc;
+    CHECK(factor_case_init(&fc, 40, 6, 37, 5, 0.1));
+    if (!fc.o) return;
+    const int64_t N = fc.N, C = fc.C, d = fc.d, k = 2;
+    double *o = fc.o, *cp = fc.cp, *f1 = fc.f1, *n1 = fc.n1;
     /* tokens 0..9: two candidates with the same output, a singular Gram -> QR */
     for (int64_t n = 0; n < 10; n++) memcpy(o + (n * C + 3) * d, o + (n * C + 1) * d, (size_t)d * sizeof(double));
-    for (int64_t n = 0; n < 10; n++) memcpy(o32 + (n * C + 3) * d, o32 + (n * C + 1) * d, (size_t)d * sizeof(float));
+    for (int64_t n = 0; n < 10; n++)
+        memcpy(fc.o32 + (n * C + 3) * d, fc.o32 + (n * C + 1) * d, (size_t)d * sizeof(float));
     int64_t qr = -1;
     CHECK(moei2_search_factor(N, C, d, NULL, o, k, 0, 1.0, cp, f1, n1, 1, &qr) == MOEI2_OK);
     CHECK(qr == 10);
@@ -125,9 +160,8 @@ static void test_factor_routes(void) {
     for (int64_t n = 0; n < N; n++) worst = fmax(worst, gram_error(o, f1, n, C, d));
     CHECK(worst < 1e-13);
     /* same values in float32: bitwise the same factors, at any thread count */
-    CHECK(moei2_search_factor(N, C, d, o32, NULL, k, 0, 1.0, cp, f2, n2, 3, &qr) == MOEI2_OK);
-    CHECK(memcmp(f1, f2, (size_t)(N * P) * sizeof(double)) == 0);
-    CHECK(memcmp(n1, n2, (size_t)N * sizeof(double)) == 0);
+    CHECK(moei2_search_factor(N, C, d, fc.o32, NULL, k, 0, 1.0, cp, fc.f2, fc.n2, 3, &qr) == MOEI2_OK);
+    CHECK(factor_case_same(&fc));
     /* d < C: only QR */
     CHECK(moei2_search_factor(N, C, 4, NULL, o, k, 1, 1.0, cp, f1, n1, 2, &qr) == MOEI2_OK && qr == N);
     /* non-finite input on either route */
@@ -137,35 +171,28 @@ static void test_factor_routes(void) {
     CHECK(moei2_search_factor(N - 20, C, d, NULL, o + 20 * C * d, k, 0, 1.0, cp, f1, n1, 2, NULL) ==
           MOEI2_ERR_NONFINITE);
     CHECK(moei2_search_factor(N, C, (int64_t)1 << 40, NULL, o, k, 0, 1.0, cp, f1, n1, 2, NULL) == MOEI2_ERR_ARG);
-    free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
+    factor_case_free(&fc);
 }
 
 /* The Gram kernel at the search's width (C = 19: a partial last row of tiles) over several
  * column passes and a partial last vector: float32 and float64 input give bitwise the same
  * factors at any thread count, and R^T R matches O O^T. */
 static void test_factor_gram_widths(void) {
-    const int64_t N = 37, C = 19, d = 301, k = 4, P = MOEI2_PACKED_SIZE(C);
-    moei2_rng rng;
-    moei2_rng_seed(&rng, 11);
-    double *o = malloc((size_t)(N * C * d) * sizeof(double));
-    float *o32 = malloc((size_t)(N * C * d) * sizeof(float));
-    double *cp = malloc((size_t)(N * C) * sizeof(double));
-    double *f1 = malloc((size_t)(N * P) * sizeof(double)), *f2 = malloc((size_t)(N * P) * sizeof(double));
-    double *n1 = malloc((size_t)N * sizeof(double)), *n2 = malloc((size_t)N * sizeof(double));
-    for (int64_t i = 0; i < N * C * d; i++) o32[i] = (float)gaussian(&rng);
-    for (int64_t i = 0; i < N * C * d; i++) o[i] = o32[i];
-    for (int64_t i = 0; i < N * C; i++) cp[i] = 0.05;
+    factor_case fc;
+    CHECK(factor_case_init(&fc, 37, 19, 301, 11, 0.05));
+    if (!fc.o) return;
+    const int64_t N = fc.N, C = fc.C, d = fc.d, k = 4;
     int64_t qr = -1;
-    CHECK(moei2_search_factor(N, C, d, NULL, o, k, 0, 1.0, cp, f1, n1, 1, &qr) == MOEI2_OK && qr == 0);
+    CHECK(moei2_search_factor(N, C, d, NULL, fc.o, k, 0, 1.0, fc.cp, fc.f1, fc.n1, 1, &qr) == MOEI2_OK && qr == 0);
     double worst = 0.0;
-    for (int64_t n = 0; n < N; n++) worst = fmax(worst, gram_error(o, f1, n, C, d));
+    for (int64_t n = 0; n < N; n++) worst = fmax(worst, gram_error(fc.o, fc.f1, n, C, d));
     CHECK(worst < 1e-13);
     for (int threads = 1; threads <= 3; threads++) {
-        CHECK(moei2_search_factor(N, C, d, o32, NULL, k, 0, 1.0, cp, f2, n2, threads, &qr) == MOEI2_OK && qr == 0);
-        CHECK(memcmp(f1, f2, (size_t)(N * P) * sizeof(double)) == 0);
-        CHECK(memcmp(n1, n2, (size_t)N * sizeof(double)) == 0);
+        CHECK(moei2_search_factor(N, C, d, fc.o32, NULL, k, 0, 1.0, fc.cp, fc.f2, fc.n2, threads, &qr) == MOEI2_OK &&
+              qr == 0);
+        CHECK(factor_case_same(&fc));
     }
-    free(o); free(o32); free(cp); free(f1); free(f2); free(n1); free(n2);
+    factor_case_free(&fc);
 }
 
 /* The route threshold: candidate outputs along distinct axes with norms 1 and s give a diagonal
