@@ -455,3 +455,22 @@ def test_allocate_ranks_bad_input():
         allocate_ranks(imp, [(10, 0)] * 2, avg_rank=2)
     with pytest.raises(ValueError, match="shapes must be a sequence"):
         allocate_ranks(imp, [10, 10, 10], avg_rank=2)
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (20, 20)])
+def test_report_spectrum_of_either_side(shape):
+    """The report's whitened spectrum, taken on the smaller side of a tall weight, is the top
+    min(m, n) of the eigenvalues of W G W^T; the plain one is the singular values."""
+    from moei2.stages.decomposition import _spectra
+
+    rng = np.random.default_rng(3)
+    m, n = shape
+    w = weight(rng, m, n)
+    x = activations(rng, 200, n)
+    gram = x.T @ x
+    (item,) = _spectra(2, w.astype(np.float32), gram, "gate", 0)
+    w64 = w.astype(np.float32).astype(np.float64)
+    want = np.sqrt(np.clip(np.linalg.eigvalsh(w64 @ gram @ w64.T)[::-1], 0.0, None))[: min(m, n)]
+    assert (item["layer"], item["expert"], item["matrix"]) == (2, 0, "gate")
+    assert_allclose(item["whitened"], want, rtol=1e-9, atol=1e-9 * want[0])
+    assert_allclose(item["plain"], np.linalg.svd(w64, compute_uv=False), rtol=1e-12)

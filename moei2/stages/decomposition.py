@@ -95,6 +95,9 @@ def _spectra(layer: int, weight: np.ndarray, gram: np.ndarray, matrix: str, expe
     """Singular values of one weight, plain and whitened by its input Gram (for the report)."""
     w = weight.astype(np.float64)
     plain = np.linalg.svd(w, compute_uv=False)
-    whitened = np.sqrt(np.clip(np.linalg.eigvalsh(w @ gram @ w.T)[::-1], 0.0, None))
+    # W G W^T and R G R^T (W = QR) share their non-zero eigenvalues: the smaller side keeps a tall
+    # weight's eigenproblem min(m, n) wide (4096 instead of 14336 for a Mixtral-8x7B gate).
+    side = np.linalg.qr(w, mode="r") if w.shape[0] > w.shape[1] else w
+    whitened = np.sqrt(np.clip(np.linalg.eigvalsh(side @ gram @ side.T)[::-1], 0.0, None))
     return [{"layer": layer, "expert": expert, "matrix": matrix, "plain": plain.tolist(),
              "whitened": whitened[: len(plain)].tolist()}]
