@@ -127,6 +127,7 @@ static int factor_case_init(factor_case *fc, int64_t N, int64_t C, int64_t d, ui
     fc->n2 = malloc((size_t)N * sizeof(double));
     if (!fc->o || !fc->o32 || !fc->cp || !fc->f1 || !fc->f2 || !fc->n1 || !fc->n2) {
         factor_case_free(fc);
+        *fc = (factor_case){0}; /* callers test fc->o: no dangling pointer may stay behind */
         return 0;
     }
     moei2_rng rng;
