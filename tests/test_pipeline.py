@@ -138,8 +138,8 @@ def test_search_loss_equals_pruned_hf_block(family):
         drop = sorted(rng.choice(EXPERTS, size=r, replace=False).tolist())
         mask = np.zeros(EXPERTS, dtype=bool)
         mask[drop] = True
-        pruned = copy.deepcopy(adapter.decoder_layers[stats.layer_index])
-        moei2.prune_experts(pruned, {stats.layer_index: drop}, layer_module=True)
+        pruned_model = moei2.prune_experts(copy.deepcopy(model), {stats.layer_index: drop})
+        pruned = get_adapter(pruned_model).decoder_layers[stats.layer_index]
         direct = 0.0
         for b in range(2):
             x = stats.X[b * batch * 16:(b + 1) * batch * 16]

@@ -27,8 +27,7 @@ STRUCTURE_FORMAT = 1
 MATRICES = ("gate", "up", "down")
 
 __all__ = ["ADAPTERS", "FAMILIES", "MoEAdapter", "MoEView", "get_adapter", "adapter_class", "prune_experts",
-           "lowrank_experts", "structure_of", "apply_structure",
-           "adapter_class_of_layer"]
+           "lowrank_experts", "structure_of", "apply_structure"]
 
 
 def adapter_class(model) -> type[MoEAdapter]:
@@ -81,29 +80,7 @@ def _per_layer_plan(adapter: MoEAdapter, requests, what: str, shape: str, check)
     return plan
 
 
-def adapter_class_of_layer(decoder_layer) -> type[MoEAdapter]:
-    """The adapter class whose MoE block a (possibly copied) decoder layer holds."""
-    block = getattr(decoder_layer, "mlp", None)
-    for cls in ADAPTERS.values():
-        if block is not None and type(block).__module__ == cls.module_path and isinstance(block, cls.block_class()):
-            return cls
-    raise ValueError(f"model: {type(decoder_layer).__name__} is not a decoder layer with routed experts of a supported "
-                     f"family; supported: {', '.join(sorted(ADAPTERS))}")
-
-
-def _prune_decoder_layer(decoder_layer, dropped: Mapping):
-    if not isinstance(dropped, Mapping) or len(dropped) != 1:
-        raise ValueError("dropped: with layer_module=True give exactly one entry {layer_index: expert indices}")
-    (layer, drop), = dropped.items()
-    as_index(layer, "dropped: layer key")
-    cls = adapter_class_of_layer(decoder_layer)
-    adapter = cls.__new__(cls)  # a layer on its own: no model, no config record to keep
-    adapter.model, adapter.config = None, None
-    adapter.prune_layer(decoder_layer, drop)
-    return decoder_layer
-
-
-def prune_experts(model, dropped: Mapping, *, layer_module: bool = False):
+def prune_experts(model, dropped: Mapping):
     """Removes routed experts in place and returns ``model``.
 
     dropped: ``{layer_index: iterable of expert indices}``; indices refer to each layer's CURRENT
@@ -116,12 +93,7 @@ def prune_experts(model, dropped: Mapping, *, layer_module: bool = False):
     experts are untouched. Everything is checked before anything changes: an unknown layer, an
     index out of range, a duplicate, or fewer than ``top_k`` experts left raises ValueError and
     leaves the model untouched.
-
-    layer_module=True: ``model`` is a single decoder layer (e.g. a ``copy.deepcopy`` of one, as the
-    block search tries candidates) and ``dropped`` has exactly one entry; nothing is recorded.
     """
-    if layer_module:
-        return _prune_decoder_layer(model, dropped)
     adapter = get_adapter(model)
     plan = _per_layer_plan(
         adapter, dropped, "dropped", "{layer_index: expert indices}",
