@@ -9,7 +9,6 @@ const char *moei2_status_string(moei2_status status) {
     case MOEI2_ERR_ARG: return "invalid argument";
     case MOEI2_ERR_LAPACK: return "LAPACK failed to converge";
     case MOEI2_ERR_NONFINITE: return "non-finite value (NaN or Inf)";
-    case MOEI2_ERR_THREAD: return "could not start a worker thread";
     }
     return "unknown error";
 }

@@ -23,8 +23,7 @@ typedef enum {
     MOEI2_ERR_NOMEM = 1,       /* an allocation failed */
     MOEI2_ERR_ARG = 2,         /* an argument is out of range (the glue checks first) */
     MOEI2_ERR_LAPACK = 3,      /* LAPACK reported failure and no fallback succeeded */
-    MOEI2_ERR_NONFINITE = 4,   /* input or intermediate contains NaN/Inf */
-    MOEI2_ERR_THREAD = 5       /* a worker thread could not be started */
+    MOEI2_ERR_NONFINITE = 4    /* input or intermediate contains NaN/Inf */
 } moei2_status;
 
 const char *moei2_status_string(moei2_status status);

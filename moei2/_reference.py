@@ -40,14 +40,6 @@ def decompose_reference(W, gram=None, rank=1, method="eigh"):
     return a, a.T @ w, loss
 
 
-def weighted_residual_reference(W, A, B, gram=None):
-    """||(W - A B) X^T||_F = sqrt(trace(D G D^T)) for D = W - A B, in float64 (G = I if None)."""
-    d = np.asarray(W, dtype=np.float64) - np.asarray(A, dtype=np.float64) @ np.asarray(B, dtype=np.float64)
-    if gram is None:
-        return float(np.linalg.norm(d))
-    return float(np.sqrt(max(np.sum((d @ np.asarray(gram, dtype=np.float64)) * d), 0.0)))
-
-
 def allocate_ranks_reference(importance, shapes, avg_rank=None, keep_ratio=None, alpha=0.15, eps=1e-8):
     """MoE-I2 ranks, one unit at a time: floor of the shares, clamp to [1, cap], then +1 to the
     largest t_j - r_j below its cap (or -1 from the smallest above 1) until the sum is the budget

@@ -10,20 +10,9 @@ applies a candidate through the routing (:func:`moei2.stages.kt.masked_routing`)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-
-
-@dataclass
-class BlockChoice:
-    layers: list            # the block's MoE layer indices
-    choice: list            # chosen candidate index per layer
-    loss: float             # reconstruction loss of the chosen combination
-    per_layer_best_loss: float  # loss of the combination of each layer's own best candidate
-    combinations: np.ndarray   # [K^T, T] candidate indices, in enumeration order
-    losses: np.ndarray         # [K^T] loss of each combination
 
 
 def make_blocks(layer_indices: Sequence[int], block_size: int) -> list[list[int]]:

@@ -8,10 +8,10 @@ recovery       optional LoRA fine-tuning of the compressed model
 """
 from .common import Context
 from .decomposition import Decomposition, decompose_layer
-from .importance import Importance, score_layer, prune_counts
+from .importance import score_layer, prune_counts
 from .kt import KTBlock, choose_block, masked_routing
 from .recovery import Recovery, recover
 from .selection import Selection, search_layer, select
 
-__all__ = ["Context", "Importance", "score_layer", "prune_counts", "Selection", "search_layer", "select",
+__all__ = ["Context", "score_layer", "prune_counts", "Selection", "search_layer", "select",
            "KTBlock", "choose_block", "masked_routing", "Decomposition", "decompose_layer", "Recovery", "recover"]

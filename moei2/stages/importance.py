@@ -1,20 +1,7 @@
 """Pass 1: expert importance (the loss of dropping each expert alone) and per-layer prune counts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-
-@dataclass
-class Importance:
-    """Per MoE layer: each expert's importance; the layer's importance (their sum) and prune count."""
-
-    experts: dict      # {layer: [importance of expert j]}
-    counts: dict       # {layer: experts to drop}
-
-    def layer_importance(self, layer: int) -> float:
-        return float(sum(self.experts[layer]))
 
 
 def score_layer(ctx, stats, view) -> list:
