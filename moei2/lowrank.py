@@ -25,78 +25,25 @@ _INFO_KEYS = ("loss", "energy", "min_eigenvalue", "max_eigenvalue", "method", "r
               "whitened", "gram_is_zero", "rank")
 
 
-def _weight_array(W, name):
-    if isinstance(W, np.ndarray):
-        arr = W
-    else:
-        try:
-            arr = np.asarray(W)
-        except Exception as exc:  # pragma: no cover - numpy's own message is kept
-            raise TypeError(f"{name} must be a 2-D float32 or float64 array, got {type(W).__name__}") from exc
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-dimensional, got shape {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    # Only read: a copy of a non-contiguous or read-only input is fine.
-    return np.ascontiguousarray(arr)
+def _weight_array(W):
+    # Only read: a copy of a non-contiguous or read-only input is fine. Every check of the
+    # kernel's arguments, with the message a user sees, is the extension's (csrc/glue/glue_lowrank.c).
+    return np.ascontiguousarray(W)
 
 
-def _gram_array(gram, n, name, cache):
+def _gram_array(gram, cache):
+    """A float64 C-contiguous Gram (float32 is converted); a Gram shared by several items is
+    converted once. Other dtypes pass through, to be refused by the extension."""
     if gram is None:
         return None
     key = id(gram)
     if cache is not None and key in cache:
         return cache[key][1]
-    arr = gram if isinstance(gram, np.ndarray) else np.asarray(gram)
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must have dtype float64 (or float32, converted), got {arr.dtype}")
-    if arr.ndim != 2 or arr.shape != (n, n):
-        raise ValueError(f"{name} must have shape ({n}, {n}) to match the {n} columns of W, got {arr.shape}")
-    converted = np.ascontiguousarray(arr, dtype=np.float64)
+    arr = np.asarray(gram)
+    converted = np.ascontiguousarray(arr, dtype=np.float64) if arr.dtype in (np.float32, np.float64) else arr
     if cache is not None:
         cache[key] = (gram, converted)  # keeps `gram` alive, so its id cannot be reused meanwhile
     return converted
-
-
-def _rank_value(rank, name):
-    if rank is None:
-        raise TypeError(f"{name} is required")
-    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(rank).__name__} {rank!r}")
-    return int(rank)
-
-
-def _output_array(out, index, shape, dtype, name):
-    if out is None:
-        return np.empty(shape, dtype=dtype)
-    arr = out[index]
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of W ({np.dtype(dtype)}), got {arr.dtype}")
-    if arr.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous: it is written in place")
-    if not arr.flags.writeable:
-        raise ValueError(f"{name} must be writeable: it is written in place")
-    return arr
-
-
-def _prepare(W, gram, rank, out, where, cache):
-    w = _weight_array(W, f"{where}W")
-    m, n = w.shape
-    r = _rank_value(rank, f"{where}rank")
-    if not 1 <= r <= min(m, n):
-        raise ValueError(f"{where}rank must be in [1, min(m, n)] = [1, {min(m, n)}] for W of shape {w.shape}, got {r}")
-    g = _gram_array(gram, n, f"{where}gram", cache)
-    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
-        raise TypeError(f"{where}out must be a pair (A, B) of preallocated arrays, got {type(out).__name__}")
-    a = _output_array(out, 0, (m, r), w.dtype, f"{where}out[0] (A)")
-    b = _output_array(out, 1, (r, n), w.dtype, f"{where}out[1] (B)")
-    return w, g, r, a, b
 
 
 def _info(raw):
@@ -131,13 +78,14 @@ def decompose(W, gram=None, rank=None, *, return_info=False, out=None, _skip_sol
         TypeError / ValueError naming the argument for bad input (dtype, shape, non-finite values,
         rank out of range, a gram that is not a Gram matrix).
     """
-    w, g, r, a, b = _prepare(W, gram, rank, out, "", None)
-    raw = _core.lowrank_decompose(w, g, r, a, b, skip_solvers=int(_skip_solvers))
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise TypeError(f"out must be a pair (A, B) of preallocated arrays, got {type(out).__name__}")
+    a, b, raw = _core.lowrank_decompose(_weight_array(W), _gram_array(gram, None), rank,
+                                        *(out if out is not None else (None, None)), skip_solvers=int(_skip_solvers))
     return (a, b, _info(raw)) if return_info else (a, b)
 
 
 def _item_fields(item, index):
-    where = f"items[{index}]: "
     if isinstance(item, dict):
         unknown = set(item) - {"W", "weight", "gram", "rank"}
         if unknown:
@@ -146,9 +94,9 @@ def _item_fields(item, index):
             raise ValueError(f"items[{index}] must have exactly one of the keys 'W' and 'weight'")
         if "rank" not in item:
             raise ValueError(f"items[{index}] has no 'rank'")
-        return item.get("W", item.get("weight")), item.get("gram"), item["rank"], where
+        return item.get("W", item.get("weight")), item.get("gram"), item["rank"]
     if isinstance(item, (tuple, list)) and len(item) == 3:
-        return item[0], item[1], item[2], where
+        return item[0], item[1], item[2]
     raise TypeError(f"items[{index}] must be a (W, gram, rank) tuple or a dict with W, gram, rank; "
                     f"got {type(item).__name__}")
 
@@ -176,24 +124,19 @@ def decompose_many(items, *, return_info=False, num_threads=None, _skip_solvers=
     """
     if num_threads is None:
         num_threads = _default_threads()
-    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads must be an integer or None, got {type(num_threads).__name__}")
-    if not 1 <= num_threads <= 4096:
-        raise ValueError(f"num_threads must be in [1, 4096], got {num_threads}")
     if isinstance(items, (np.ndarray, str, bytes)) or not hasattr(items, "__iter__"):
         raise TypeError(f"items must be an iterable of (W, gram, rank) tuples, got {type(items).__name__}")
     cache = {}
     prepared = []
     for index, item in enumerate(items):
-        W, gram, rank, where = _item_fields(item, index)
-        prepared.append(_prepare(W, gram, rank, None, where, cache))
+        W, gram, rank = _item_fields(item, index)
+        prepared.append((_weight_array(W), _gram_array(gram, cache), rank))
     if not prepared:
         return []
-    raws = _core.lowrank_decompose_many([tuple(p) for p in prepared], int(num_threads),
-                                        skip_solvers=int(_skip_solvers))
+    results = _core.lowrank_decompose_many(prepared, num_threads, skip_solvers=int(_skip_solvers))
     if return_info:
-        return [(p[3], p[4], _info(raw)) for p, raw in zip(prepared, raws)]
-    return [(p[3], p[4]) for p in prepared]
+        return [(a, b, _info(raw)) for a, b, raw in results]
+    return [(a, b) for a, b, _ in results]
 
 
 def _shape_arrays(shapes, count):
@@ -201,16 +144,14 @@ def _shape_arrays(shapes, count):
         arr = np.asarray(shapes)
     except Exception as exc:
         raise TypeError(f"shapes must be a sequence of (m, n) integer pairs, got {type(shapes).__name__}") from exc
+    if arr.size == 0:  # no experts: refused with the importance, by the extension
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if arr.ndim == 1 and arr.shape == (2,):
         arr = np.broadcast_to(arr, (count, 2))
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"shapes must be a sequence of (m, n) pairs (or one pair for all), got shape {arr.shape}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"shapes must hold integers, got dtype {arr.dtype}")
-    if arr.shape[0] != count:
-        raise ValueError(f"shapes must have one (m, n) per expert: {count} importances, {arr.shape[0]} shapes")
-    if (arr < 1).any():
-        raise ValueError("shapes must be positive")
     arr = arr.astype(np.int64)
     return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
 
@@ -250,16 +191,9 @@ def allocate_ranks(importance, shapes, avg_rank=None, keep_ratio=None, alpha=0.1
         raise TypeError(f"importance must be a 1-D array of numbers, got {type(importance).__name__}") from exc
     if imp.dtype == np.bool_ or not (np.issubdtype(imp.dtype, np.floating) or np.issubdtype(imp.dtype, np.integer)):
         raise TypeError(f"importance must hold real numbers, got dtype {imp.dtype}")
-    if imp.ndim != 1:
-        raise ValueError(f"importance must be 1-dimensional, got shape {imp.shape}")
+    # Values, sizes and the budget are checked once, by the extension (csrc/glue/glue_lowrank.c).
     imp = np.ascontiguousarray(imp, dtype=np.float64)
-    if imp.size == 0:
-        raise ValueError("importance must not be empty")
-    if not np.isfinite(imp).all():
-        raise ValueError("importance contains NaN or Inf")
-    if (imp < 0).any():
-        raise ValueError(f"importance must be >= 0, got {imp.min()!r}")
-    rows, cols = _shape_arrays(shapes, imp.size)
+    rows, cols = _shape_arrays(shapes, imp.shape[0] if imp.ndim == 1 else 1)
     avg_rank = _positive_real(avg_rank, "avg_rank")
     keep_ratio = _positive_real(keep_ratio, "keep_ratio")
     alpha = _positive_real(alpha, "alpha")

@@ -109,7 +109,7 @@ def entries():
         "lowrank_decompose": (_core.lowrank_decompose,
                               dict(W=W_, gram=G_, rank=2, A=np.zeros((7, 2)), B=np.zeros((2, 5)))),
         "lowrank_decompose_many": (lambda items, num_threads: _core.lowrank_decompose_many(items, num_threads),
-                                   dict(items=[(W_, G_, 2, np.zeros((7, 2)), np.zeros((2, 5)))], num_threads=2)),
+                                   dict(items=[(W_, G_, 2)], num_threads=2)),
         "allocate_ranks": (lambda **a: _core.allocate_ranks(*a.values()),
                            dict(importance=np.ones(3), rows=np.full(3, 8, dtype=np.int64),
                                 cols=np.full(3, 9, dtype=np.int64), avg=2.0, keep=None, alpha=0.15, eps=1e-8)),

@@ -5,26 +5,60 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Checks one (W, gram, rank, A, B) set and fills job; the Gram's sanity check runs here too.
- * `where` prefixes argument names ("" or "items[3]: "). Returns -1 with an exception. */
+/* The one check of the low-rank kernel's arguments, with the messages users see (moei2.lowrank only
+ * converts and passes them on; the kernel's own MOEI2_ERR_ARG checks are its defence). Checks one
+ * (W, gram, rank, A, B) set, A and B being None or preallocated outputs, and fills job; the
+ * outputs (new references, allocated here when None) go to *a_out and *b_out. The Gram's sanity
+ * check runs here too. `where` prefixes argument names ("" or "items[3]: "). Returns -1 with an
+ * exception. */
+static PyArrayObject *lowrank_output(PyObject *obj, const char *name, int dtype, npy_intp rows, npy_intp cols) {
+    if (obj == Py_None) {
+        npy_intp dims[2] = {rows, cols};
+        return (PyArrayObject *)PyArray_SimpleNew(2, dims, dtype);
+    }
+    PyArrayObject *arr = glue_check_array(obj, name, -1, 2, 1);
+    if (!arr) return NULL;
+    if (PyArray_TYPE(arr) != dtype) {
+        PyArray_Descr *want = PyArray_DescrFromType(dtype);
+        PyErr_Format(PyExc_TypeError, "%s must have the dtype of W (%S), got %S", name, (PyObject *)want,
+                     (PyObject *)PyArray_DESCR(arr));
+        Py_XDECREF(want);
+        return NULL;
+    }
+    if (glue_check_shape2(arr, name, rows, cols) < 0) return NULL;
+    Py_INCREF(arr);
+    return arr;
+}
+
 static int lowrank_job_from_args(PyObject *weight_obj, PyObject *gram_obj, PyObject *rank_obj, PyObject *a_obj,
-                                 PyObject *b_obj, const char *where, moei2_lowrank_job *job) {
+                                 PyObject *b_obj, const char *where, moei2_lowrank_job *job, PyArrayObject **a_out,
+                                 PyArrayObject **b_out) {
     char name[96];
     memset(job, 0, sizeof(*job));
+    *a_out = *b_out = NULL;
 #define NAME(arg) (snprintf(name, sizeof(name), "%s%s", where, arg), name)
     PyArrayObject *weight = glue_check_array(weight_obj, NAME("W"), -1, 2, 0);
     if (!weight) return -1;
     npy_intp m = PyArray_DIM(weight, 0), n = PyArray_DIM(weight, 1);
-    if (m < 1 || n < 1 || m > INT32_MAX || n > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s must have between 1 and %d rows and columns, got shape (%zd, %zd)",
-                     NAME("W"), INT32_MAX, (Py_ssize_t)m, (Py_ssize_t)n);
+    if (m < 1 || n < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must not be empty, got shape (%zd, %zd)", NAME("W"), (Py_ssize_t)m,
+                     (Py_ssize_t)n);
+        return -1;
+    }
+    if (m > INT32_MAX || n > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s must have at most %d rows and columns, got shape (%zd, %zd)", NAME("W"),
+                     INT32_MAX, (Py_ssize_t)m, (Py_ssize_t)n);
+        return -1;
+    }
+    if (rank_obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s is required", NAME("rank"));
         return -1;
     }
     int64_t rank;
     if (glue_int64(rank_obj, NAME("rank"), INT64_MIN, INT64_MAX, &rank) < 0) return -1;
     int64_t kmax = m < n ? m : n;
     if (rank < 1 || rank > kmax) {
-        PyErr_Format(PyExc_ValueError, "%s must be in [1, min(m, n)] = [1, %lld] for weight of shape (%zd, %zd), got %lld",
+        PyErr_Format(PyExc_ValueError, "%s must be in [1, min(m, n)] = [1, %lld] for W of shape (%zd, %zd), got %lld",
                      NAME("rank"), (long long)kmax, (Py_ssize_t)m, (Py_ssize_t)n, (long long)rank);
         return -1;
     }
@@ -34,35 +68,30 @@ static int lowrank_job_from_args(PyObject *weight_obj, PyObject *gram_obj, PyObj
         gram = glue_check_array(gram_obj, NAME("gram"), NPY_FLOAT64, 2, 0);
         if (!gram) return -1;
         if (PyArray_DIM(gram, 0) != n || PyArray_DIM(gram, 1) != n) {
-            PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %zd) to match the %zd columns of weight, got (%zd, %zd)",
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %zd) to match the %zd columns of W, got (%zd, %zd)",
                          NAME("gram"), (Py_ssize_t)n, (Py_ssize_t)n, (Py_ssize_t)n, (Py_ssize_t)PyArray_DIM(gram, 0),
                          (Py_ssize_t)PyArray_DIM(gram, 1));
             return -1;
         }
     }
-    PyArrayObject *a = glue_check_array(a_obj, NAME("A"), dtype, 2, 1);
+    PyArrayObject *a = lowrank_output(a_obj, NAME("out[0] (A)"), dtype, m, (npy_intp)rank);
     if (!a) return -1;
-    PyArrayObject *b = glue_check_array(b_obj, NAME("B"), dtype, 2, 1);
-    if (!b) return -1;
-    if (PyArray_DIM(a, 0) != m || PyArray_DIM(a, 1) != rank) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %lld), got (%zd, %zd)", NAME("A"), (Py_ssize_t)m,
-                     (long long)rank, (Py_ssize_t)PyArray_DIM(a, 0), (Py_ssize_t)PyArray_DIM(a, 1));
+    PyArrayObject *b = lowrank_output(b_obj, NAME("out[1] (B)"), dtype, (npy_intp)rank, n);
+    if (!b) {
+        Py_DECREF(a);
         return -1;
     }
-    if (PyArray_DIM(b, 0) != rank || PyArray_DIM(b, 1) != n) {
-        PyErr_Format(PyExc_ValueError, "%s must have shape (%lld, %zd), got (%zd, %zd)", NAME("B"), (long long)rank,
-                     (Py_ssize_t)n, (Py_ssize_t)PyArray_DIM(b, 0), (Py_ssize_t)PyArray_DIM(b, 1));
-        return -1;
-    }
+    *a_out = a;
+    *b_out = b;
     if (glue_arrays_overlap(a, b) || glue_arrays_overlap(a, weight) || glue_arrays_overlap(b, weight) ||
         (gram && (glue_arrays_overlap(a, gram) || glue_arrays_overlap(b, gram)))) {
-        PyErr_Format(PyExc_ValueError, "%s and %sB must not share memory with each other or with the inputs",
-                     NAME("A"), where);
-        return -1;
+        PyErr_Format(PyExc_ValueError, "%sout arrays A and B must not share memory with each other or with the inputs",
+                     where);
+        goto fail;
     }
-    if (glue_check_finite(weight, NAME("W")) < 0) return -1;
+    if (glue_check_finite(weight, NAME("W")) < 0) goto fail;
     if (gram) {
-        if (glue_check_finite(gram, NAME("gram")) < 0) return -1;
+        if (glue_check_finite(gram, NAME("gram")) < 0) goto fail;
         int64_t row = 0, col = 0;
         int bad;
         const double *g = (const double *)PyArray_DATA(gram);
@@ -75,7 +104,7 @@ static int lowrank_job_from_args(PyObject *weight_obj, PyObject *gram_obj, PyObj
                                           : "violates |G_ij| <= sqrt(G_ii G_jj)";
             PyErr_Format(PyExc_ValueError, "%s is not a Gram matrix (X^T X): it %s at [%lld, %lld]", NAME("gram"), what,
                          (long long)row, (long long)col);
-            return -1;
+            goto fail;
         }
     }
 #undef NAME
@@ -88,6 +117,10 @@ static int lowrank_job_from_args(PyObject *weight_obj, PyObject *gram_obj, PyObj
     job->a = PyArray_DATA(a);
     job->b = PyArray_DATA(b);
     return 0;
+fail:
+    Py_CLEAR(*a_out);
+    Py_CLEAR(*b_out);
+    return -1;
 }
 
 static PyObject *lowrank_info_dict(const moei2_lowrank_job *job) {
@@ -130,42 +163,60 @@ static int lowrank_job_raise(const moei2_lowrank_job *job, const char *where) {
     return 0;
 }
 
+/* (A, B, info) of a finished job; steals the references to A and B. */
+static PyObject *lowrank_result(const moei2_lowrank_job *job, PyArrayObject *a, PyArrayObject *b) {
+    PyObject *info = lowrank_info_dict(job);
+    if (!info) {
+        Py_DECREF(a);
+        Py_DECREF(b);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", (PyObject *)a, (PyObject *)b, info);
+}
+
 static PyObject *py_lowrank_decompose(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"W", "gram", "rank", "A", "B", "skip_solvers", NULL};
-    PyObject *weight, *gram, *rank, *a, *b;
+    PyObject *weight, *gram, *rank, *a_obj = Py_None, *b_obj = Py_None;
     unsigned int skip = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|I", kwlist, &weight, &gram, &rank, &a, &b, &skip)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOI", kwlist, &weight, &gram, &rank, &a_obj, &b_obj, &skip))
+        return NULL;
     moei2_lowrank_job job;
-    if (lowrank_job_from_args(weight, gram, rank, a, b, "", &job) < 0) return NULL;
+    PyArrayObject *a, *b;
+    if (lowrank_job_from_args(weight, gram, rank, a_obj, b_obj, "", &job, &a, &b) < 0) return NULL;
     job.skip_solvers = skip;
     Py_BEGIN_ALLOW_THREADS
     moei2_lowrank_decompose(&job);
     Py_END_ALLOW_THREADS
-    if (lowrank_job_raise(&job, "") < 0) return NULL;
-    return lowrank_info_dict(&job);
+    if (lowrank_job_raise(&job, "") < 0) {
+        Py_DECREF(a);
+        Py_DECREF(b);
+        return NULL;
+    }
+    return lowrank_result(&job, a, b);
 }
 
 static PyObject *py_lowrank_decompose_many(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"items", "num_threads", "skip_solvers", NULL};
-    PyObject *items_obj;
+    PyObject *items_obj, *threads_obj;
     int num_threads;
     unsigned int skip = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oi|I", kwlist, &items_obj, &num_threads, &skip)) return NULL;
-    if (num_threads < 1 || num_threads > 4096)
-        return PyErr_Format(PyExc_ValueError, "num_threads must be in [1, 4096], got %d", num_threads);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|I", kwlist, &items_obj, &threads_obj, &skip)) return NULL;
+    if (glue_threads(threads_obj, &num_threads) < 0) return NULL;
     /* A tuple copy, so that nothing the workers read can be freed or replaced while the GIL is
      * released: the copy holds a reference to every item, and each item tuple to its arrays. */
     /* Only a list or tuple: any other sequence (an ndarray with 2^31 rows) could take unbounded
      * time and memory to copy before a single item is checked. */
     if (!PyList_Check(items_obj) && !PyTuple_Check(items_obj))
-        return PyErr_Format(PyExc_TypeError, "items must be a list or tuple of (W, gram, rank, A, B) tuples, got %s",
+        return PyErr_Format(PyExc_TypeError, "items must be a list or tuple of (W, gram, rank) tuples, got %s",
                             Py_TYPE(items_obj)->tp_name);
     PyObject *items = PySequence_Tuple(items_obj);
     if (!items) return NULL;
     Py_ssize_t count = PyTuple_GET_SIZE(items);
+    /* The outputs are allocated here, one pair per item, so no item writes into another's memory. */
     moei2_lowrank_job *jobs = (moei2_lowrank_job *)PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof(*jobs));
+    PyArrayObject **outputs = (PyArrayObject **)PyMem_Calloc(count > 0 ? 2 * (size_t)count : 1, sizeof(*outputs));
     PyObject *result = NULL;
-    if (!jobs) {
+    if (!jobs || !outputs) {
         PyErr_NoMemory();
         goto done;
     }
@@ -173,32 +224,15 @@ static PyObject *py_lowrank_decompose_many(PyObject *self, PyObject *args, PyObj
         char where[48];
         snprintf(where, sizeof(where), "items[%zd]: ", i);
         PyObject *item = PyTuple_GET_ITEM(items, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
-            PyErr_Format(PyExc_TypeError, "items[%zd] must be a (W, gram, rank, A, B) tuple", i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_Format(PyExc_TypeError, "items[%zd] must be a (W, gram, rank) tuple", i);
             goto done;
         }
         if (lowrank_job_from_args(PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1), PyTuple_GET_ITEM(item, 2),
-                                  PyTuple_GET_ITEM(item, 3), PyTuple_GET_ITEM(item, 4), where, &jobs[i]) < 0)
+                                  Py_None, Py_None, where, &jobs[i], &outputs[2 * i], &outputs[2 * i + 1]) < 0)
             goto done;
         jobs[i].skip_solvers = skip;
     }
-    /* Outputs of different items must not overlap anything of another item: the workers write
-     * them concurrently. (Within an item this was checked above.) */
-    for (Py_ssize_t i = 0; i < count; i++)
-        for (Py_ssize_t j = 0; j < count; j++) {
-            if (i == j) continue;
-            PyObject *out_item = PyTuple_GET_ITEM(items, i), *other = PyTuple_GET_ITEM(items, j);
-            static const int outputs[] = {3, 4}, arrays[] = {0, 1, 3, 4};
-            for (int x = 0; x < 2; x++)
-                for (int y = 0; y < 4; y++) {
-                    PyObject *o = PyTuple_GET_ITEM(other, arrays[y]);
-                    if (o != Py_None && glue_arrays_overlap((PyArrayObject *)PyTuple_GET_ITEM(out_item, outputs[x]),
-                                                       (PyArrayObject *)o)) {
-                        PyErr_Format(PyExc_ValueError, "items[%zd] writes into memory of items[%zd]", i, j);
-                        goto done;
-                    }
-                }
-        }
     Py_BEGIN_ALLOW_THREADS
     moei2_lowrank_decompose_many(jobs, (int64_t)count, num_threads);
     Py_END_ALLOW_THREADS
@@ -210,14 +244,18 @@ static PyObject *py_lowrank_decompose_many(PyObject *self, PyObject *args, PyObj
     result = PyList_New(count);
     if (!result) goto done;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *info = lowrank_info_dict(&jobs[i]);
-        if (!info) {
+        PyObject *one = lowrank_result(&jobs[i], outputs[2 * i], outputs[2 * i + 1]);
+        outputs[2 * i] = outputs[2 * i + 1] = NULL;
+        if (!one) {
             Py_CLEAR(result);
             goto done;
         }
-        PyList_SET_ITEM(result, i, info);
+        PyList_SET_ITEM(result, i, one);
     }
 done:
+    if (outputs)
+        for (Py_ssize_t i = 0; i < 2 * count; i++) Py_XDECREF(outputs[i]);
+    PyMem_Free(outputs);
     PyMem_Free(jobs);
     Py_DECREF(items);
     return result;
@@ -250,8 +288,8 @@ static PyObject *py_allocate_ranks(PyObject *self, PyObject *args, PyObject *kwa
         if (iv[j] < 0.0)
             return PyErr_Format(PyExc_ValueError, "importance must be >= 0, got %s at %zd", FMT(iv[j]), (Py_ssize_t)j);
         if (rv[j] < 1 || cv[j] < 1 || rv[j] > INT32_MAX || cv[j] > INT32_MAX)
-            return PyErr_Format(PyExc_ValueError, "shapes[%zd] must be positive and below 2^31, got (%lld, %lld)",
-                                (Py_ssize_t)j, (long long)rv[j], (long long)cv[j]);
+            return PyErr_Format(PyExc_ValueError, "shapes must be positive and below 2^31, got (%lld, %lld) at %zd",
+                                (long long)rv[j], (long long)cv[j], (Py_ssize_t)j);
     }
     if (!(isfinite(alpha) && alpha >= 0.0))
         return PyErr_Format(PyExc_ValueError, "alpha must be finite and >= 0, got %s", FMT(alpha));
@@ -300,9 +338,9 @@ static PyObject *py_allocate_ranks(PyObject *self, PyObject *args, PyObject *kwa
 
 PyMethodDef glue_lowrank_methods[] = {
     {"lowrank_decompose", (PyCFunction)(void (*)(void))py_lowrank_decompose, METH_VARARGS | METH_KEYWORDS,
-     "lowrank_decompose(W, gram, rank, A, B, skip_solvers=0) -> info: fills A, B (see moei2.lowrank)."},
+     "lowrank_decompose(W, gram, rank, A=None, B=None, skip_solvers=0) -> (A, B, info); A, B allocated when None."},
     {"lowrank_decompose_many", (PyCFunction)(void (*)(void))py_lowrank_decompose_many, METH_VARARGS | METH_KEYWORDS,
-     "lowrank_decompose_many(items, num_threads, skip_solvers=0) -> [info]: items of (W, gram, rank, A, B)."},
+     "lowrank_decompose_many(items, num_threads, skip_solvers=0) -> [(A, B, info)]: items of (W, gram, rank)."},
     {"allocate_ranks", (PyCFunction)(void (*)(void))py_allocate_ranks, METH_VARARGS | METH_KEYWORDS,
      "allocate_ranks(importance, rows, cols, avg_rank, keep_ratio, alpha, eps) -> int64 ranks."},
     {NULL, NULL, 0, NULL},
