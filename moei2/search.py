@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -260,16 +260,17 @@ class Layer:
     @classmethod
     def from_moe(cls, X, router_weight, gate_up_proj, down_proj, *, top_k: int, renormalize: bool,
                  scaling_factor: float = 1.0, r_max: int, batch_sizes: Optional[Sequence[int]] = None,
-                 act: Union[str, Callable] = "silu") -> "Layer":
+                 act: str = "silu") -> "Layer":
         """Builds the cache from an MoE layer's input and routed-expert weights.
 
         X: [N, H] the MoE block's input. router_weight: [E, H] (logits = X @ router_weight.T,
         computed in float64). gate_up_proj: [E, 2I, H] (gate rows first, then up, as in
         transformers' fused experts). down_proj: [E, H, I]. Each expert is evaluated only on the
-        tokens that hold it among their top-(top_k + r_max), in chunks of bounded memory. With
-        act="silu" the outputs are computed by the C kernel in float32 (inputs are converted);
-        with a callable act on NumPy arrays, by NumPy in float32 when all weights are float32
-        (float64 otherwise). Shared experts take no part: the loss is on the routed output.
+        tokens that hold it among their top-(top_k + r_max), in chunks of bounded memory, by the C
+        kernel in float32 (inputs are converted); the NumPy oracle of those outputs is
+        :func:`moei2._reference.expert_outputs_reference`. Devices other than the CPU give their
+        own outputs through :meth:`from_candidate_outputs`. Shared experts take no part: the
+        loss is on the routed output.
         """
         X = _float_array(X, "X", 2)
         router_weight = _float_array(router_weight, "router_weight", 2)
@@ -284,49 +285,22 @@ class Layer:
         inter = gate_up_proj.shape[1] // 2
         if down_proj.shape != (E, H, inter):
             raise ValueError(f"down_proj must have shape ({E}, {H}, {inter}), got {down_proj.shape}")
-        if not (act == "silu" or callable(act)):
-            raise ValueError(f"act must be 'silu' or a callable, got {act!r}")
+        if act != "silu":
+            raise ValueError(f"act must be 'silu' (the kernel's activation), got {act!r}")
         logits = X.astype(np.float64) @ router_weight.astype(np.float64).T
         logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
             logits, top_k, r_max, renormalize, scaling_factor)
-        if isinstance(act, str):
-            # Everything below runs on moei2's pool with OpenBLAS pinned to one thread (see
-            # moei2._threads): no other BLAS pool is entered between the kernels.
-            cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
-            f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
-            most = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
-            chunks = -(-N // most)
-            threads = _num_threads()
-            for c in range(chunks):
-                start, end = c * N // chunks, (c + 1) * N // chunks
-                cache.factor_moe(*f32, start, end - start, threads)
-            return cls(cache)
-
-        dtype = np.float32 if all(a.dtype == np.float32 for a in (X, gate_up_proj, down_proj)) else np.float64
-        Xc = X.astype(dtype, copy=False)
-        gu = gate_up_proj.astype(dtype, copy=False)
-        dn = down_proj.astype(dtype, copy=False)
-
-        def compute(cand, first):
-            n, C = cand.shape
-            out = np.empty((n, C, H), dtype=dtype)
-            x = Xc[first:first + n]
-            flat = cand.ravel()
-            order = np.argsort(flat, kind="stable")
-            bounds = np.searchsorted(flat[order], np.arange(E + 1))
-            for j in range(E):
-                pos = order[bounds[j]:bounds[j + 1]]
-                if pos.size == 0:
-                    continue
-                tok, slot = pos // C, pos % C
-                h = x[tok] @ gu[j].T
-                with np.errstate(over="ignore"):
-                    a = act(h[:, :inter]) * h[:, inter:]
-                out[tok, slot] = a @ dn[j].T
-            return out
-
-        with np.errstate(over="ignore"):
-            return cls._build(logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, compute)
+        # Everything below runs on moei2's pool with OpenBLAS pinned to one thread (see
+        # moei2._threads): no other BLAS pool is entered between the kernels.
+        cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
+        f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
+        most = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
+        chunks = -(-N // most)
+        threads = _num_threads()
+        for c in range(chunks):
+            start, end = c * N // chunks, (c + 1) * N // chunks
+            cache.factor_moe(*f32, start, end - start, threads)
+        return cls(cache)
 
     # -- properties --
 

@@ -188,15 +188,6 @@ def test_candidate_outputs_match_the_numpy_oracle_at_any_thread_count():
         _core.candidate_outputs(X, cand, gu, down[:, :, :5].copy(), 1)
 
 
-def test_from_moe_c_path_matches_the_numpy_path():
-    X, router, gu, down = moe_weights(8)
-    kwargs = dict(top_k=2, renormalize=False, r_max=3, batch_sizes=[13, 20])
-    c_path = search.Layer.from_moe(X, router, gu, down, **kwargs)
-    numpy_path = search.Layer.from_moe(X, router, gu, down, act=lambda a: a / (1.0 + np.exp(-a)), **kwargs)
-    masks = np.eye(6, dtype=bool)
-    np.testing.assert_allclose(c_path.loss(masks), numpy_path.loss(masks), rtol=1e-5)
-
-
 # ---- reliability ------------------------------------------------------------------------------------
 
 def test_genetic_refuses_huge_sizes_before_any_work():
