@@ -1,6 +1,10 @@
 /* Status strings, the seeded RNG and BLAS thread control shared by all kernels. */
+#define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+
 #include "moei2_core.h"
 #include "moei2_blas.h"
+#include "moei2_internal.h"
 
 const char *moei2_status_string(moei2_status status) {
     switch (status) {
@@ -58,3 +62,26 @@ void moei2_blas_set_num_threads(int n) { BLASFN(openblas_set_num_threads)(n); }
 const char *moei2_blas_config(void) { return BLASFN(openblas_get_config)(); }
 const char *moei2_blas_corename(void) { return BLASFN(openblas_get_corename)(); }
 int moei2_blas_num_procs(void) { return BLASFN(openblas_get_num_procs)(); }
+
+/* The BLAS thread count is process-wide state of the library; this counter is the one piece of
+ * static state in the kernels, because overlapping kernels on several caller threads must agree
+ * on who restores the count (saving it per call would let a second caller save the 1 of the
+ * first and restore that). */
+static pthread_mutex_t pin_lock = PTHREAD_MUTEX_INITIALIZER;
+static int pin_depth = 0;
+static int pin_saved = 1;
+
+void moei2_blas_pin_single(void) {
+    pthread_mutex_lock(&pin_lock);
+    if (pin_depth++ == 0) {
+        pin_saved = moei2_blas_get_num_threads();
+        if (pin_saved != 1) moei2_blas_set_num_threads(1);
+    }
+    pthread_mutex_unlock(&pin_lock);
+}
+
+void moei2_blas_unpin(void) {
+    pthread_mutex_lock(&pin_lock);
+    if (pin_depth > 0 && --pin_depth == 0 && pin_saved != 1) moei2_blas_set_num_threads(pin_saved);
+    pthread_mutex_unlock(&pin_lock);
+}

@@ -10,13 +10,13 @@
  * (from R^-1, see gram_cond_bound) is at least GRAM_MIN_RCOND; otherwise (and when the Cholesky
  * fails: rank-deficient O, d < C) that token is factored by Householder QR of O, as before. The
  * float32 path widens the rows in registers (products of float32 values are exact in float64).
- * Tokens are processed in blocks of fixed size on the thread pool with single-threaded BLAS;
+ * Tokens are processed in blocks of fixed size on moei2_par_for's threads with single-threaded BLAS;
  * every token's result depends on its own data only, so the factors are bitwise the same at any
  * thread count.
  *
  * Candidate outputs: per expert, the tokens holding it among their candidates are gathered,
  * h = x W_gu^T (sgemm), a = silu(gate) * up, o = a W_down^T (sgemm), and each row is written into
- * its token's candidate slot. Experts are independent blocks of the pool, each computed by one
+ * its token's candidate slot. Experts are independent blocks of moei2_par_for, each computed by one
  * thread in row panels of equal size (at most EXPERT_PANEL rows, fixed by the expert's rows), so
  * the result does not depend on the thread count. */
 #define _POSIX_C_SOURCE 200809L
@@ -41,7 +41,7 @@
 enum { GRAM_CHUNK = 128 };
 enum { GRAM_LANES = 8 };
 
-/* Tokens per pool block: enough work per block (~1 ms) to hide the hand-out. */
+/* Tokens per par_for block: enough work per block (~1 ms) to hide the hand-out. */
 #define FACTOR_BLOCK 16
 
 typedef struct {

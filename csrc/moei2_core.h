@@ -4,7 +4,10 @@
  *   - matrices are dense, row-major, with explicit sizes as int64_t;
  *   - every function returns a moei2_status; outputs are written only on MOEI2_OK;
  *   - no global or static mutable state: randomness comes from a caller-owned moei2_rng,
- *     scratch memory is allocated per call and released on every path;
+ *     scratch memory is allocated per call and released on every path, and threads are
+ *     started per call and joined before it returns (moei2_par_for is a spawner, not a pool).
+ *     The one exception is the count of kernels that pinned BLAS to one thread (common.c):
+ *     it mirrors OpenBLAS's own process-wide thread count, see moei2_internal.h;
  *   - kernels never print; the caller turns a status into an error message
  *     (moei2_status_string).
  * This header knows nothing of Python. */

@@ -1,5 +1,5 @@
-/* Helpers shared by the kernels: the one thread launcher, BLAS thread pinning and
- * overflow-checked allocation. Not part of the public C API (moei2_core.h). */
+/* Helpers shared by the kernels: the one thread launcher (parallel.c), BLAS thread pinning
+ * (common.c) and overflow-checked allocation. Not part of the public C API (moei2_core.h). */
 #ifndef MOEI2_INTERNAL_H
 #define MOEI2_INTERNAL_H
 
@@ -12,7 +12,7 @@
  * that par_for hands back to its caller. */
 typedef int (*moei2_block_fn)(void *ctx, int64_t begin, int64_t end);
 
-/* The thread launcher of every kernel: fn over [0, total) in blocks of `block` items, taken in
+/* The thread launcher of every kernel, a spawner with no state between calls: fn over [0, total) in blocks of `block` items, taken in
  * order from a shared counter by up to `threads` threads (the caller's included). Blocks depend
  * only on total and block, never on the thread count, so a kernel whose blocks do not interact
  * gives bitwise the same result at any thread count. A thread that cannot start only costs

@@ -1,4 +1,8 @@
-/* The thread launcher shared by every kernel, BLAS thread pinning and checked allocation. */
+/* The thread launcher shared by every kernel, and checked allocation.
+ *
+ * moei2_par_for is a spawner, not a pool: each call starts its threads and joins them before it
+ * returns, so no thread of moei2 outlives a kernel (nothing spins between calls, see
+ * moei2/_threads.py) and this file holds no static state. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdatomic.h>
@@ -52,29 +56,6 @@ int moei2_par_for(int threads, int64_t total, int64_t block, moei2_block_fn fn, 
     par_worker(&st);
     for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
     return atomic_load(&st.err);
-}
-
-/* The BLAS thread count is process-wide state of the library; this counter is the one piece of
- * static state in the kernels, because overlapping kernels on several caller threads must agree
- * on who restores the count (saving it per call would let a second caller save the 1 of the
- * first and restore that). */
-static pthread_mutex_t pin_lock = PTHREAD_MUTEX_INITIALIZER;
-static int pin_depth = 0;
-static int pin_saved = 1;
-
-void moei2_blas_pin_single(void) {
-    pthread_mutex_lock(&pin_lock);
-    if (pin_depth++ == 0) {
-        pin_saved = moei2_blas_get_num_threads();
-        if (pin_saved != 1) moei2_blas_set_num_threads(1);
-    }
-    pthread_mutex_unlock(&pin_lock);
-}
-
-void moei2_blas_unpin(void) {
-    pthread_mutex_lock(&pin_lock);
-    if (pin_depth > 0 && --pin_depth == 0 && pin_saved != 1) moei2_blas_set_num_threads(pin_saved);
-    pthread_mutex_unlock(&pin_lock);
 }
 
 /* Requests beyond this are refused without asking malloc: no machine has that memory, and some

@@ -290,8 +290,8 @@ class Layer:
         logits = X.astype(np.float64) @ router_weight.astype(np.float64).T
         logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
             logits, top_k, r_max, renormalize, scaling_factor)
-        # Everything below runs on moei2's pool with OpenBLAS pinned to one thread (see
-        # moei2._threads): no other BLAS pool is entered between the kernels.
+        # Everything below runs on moei2's own threads with OpenBLAS pinned to one thread (see
+        # moei2._threads): no BLAS pool is entered between the kernels.
         cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
         f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
         most = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
