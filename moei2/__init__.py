@@ -32,8 +32,8 @@ from . import lowrank  # noqa: E402  (NumPy and the core only)
 # `import moei2` works with the core install alone.
 _LAZY = {
     "compress": ("moei2.pipeline", "compress"),
-    "calibration_windows": ("moei2.data", "calibration_windows"),
-    "lora_finetune": ("moei2.recovery", "lora_finetune"),
+    "calibration_windows": ("moei2.calibration_data", "calibration_windows"),
+    "lora_finetune": ("moei2.lora", "lora_finetune"),
     "save": ("moei2.io", "save"),
     "load": ("moei2.io", "load"),
     "is_moei2_checkpoint": ("moei2.io", "is_moei2_checkpoint"),

@@ -257,9 +257,10 @@ def read_config_file(path) -> dict:
     return data
 
 
-def _layer(settings: dict, update: dict) -> None:
-    """Applies one layer of settings. A layer that chooses one way of sizing the ranks (or of
-    turning LoRA on) replaces what a lower layer chose, instead of conflicting with it."""
+def _overlay(settings: dict, update: dict) -> None:
+    """Lays one set of settings over ``settings`` (preset, then --config, then options). One that
+    chooses a way of sizing the ranks (or of turning LoRA on) replaces what an earlier one chose,
+    instead of conflicting with it."""
     update = dict(update)
     if update.get("avg_rank") is not None and "rank_keep_ratio" not in update:
         update["rank_keep_ratio"] = None
@@ -281,12 +282,12 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
     if name == "paper":
         if facts is None or facts.get("family") not in SUPPORTED_FAMILIES:
             raise CLIError("--preset paper: the model's family is not known, so its average rank cannot be chosen")
-        _layer(settings, preset("paper", family=facts["family"], hidden_size=facts["hidden_size"],
+        _overlay(settings, preset("paper", family=facts["family"], hidden_size=facts["hidden_size"],
                                 expert_width=facts["expert_width"]))
     else:
-        _layer(settings, preset(name))
+        _overlay(settings, preset(name))
     if args.config:
-        _layer(settings, read_config_file(args.config))
+        _overlay(settings, read_config_file(args.config))
     given = vars(args)
     options = {k[len("cfg:"):]: v for k, v in given.items() if k.startswith("cfg:")}
     lora_options = {k[len("lora:"):]: v for k, v in given.items() if k.startswith("lora:")}
@@ -294,12 +295,12 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
         options.update(rank_keep_ratio=None, avg_rank=None)
     if "lora_on" in given:
         options["lora"] = {} if given["lora_on"] else None
-    _layer(settings, options)
+    _overlay(settings, options)
     if lora_options:
         if settings.get("lora") is None:
             first = _option_name("lora_", next(iter(lora_options)))
             raise CLIError(f"{first}: LoRA recovery is off; add --lora (or use --preset paper)")
-        _layer(settings, {"lora": lora_options})
+        _overlay(settings, {"lora": lora_options})
     try:
         return CompressionConfig.from_dict(settings)
     except (ValueError, TypeError) as exc:
@@ -361,7 +362,7 @@ def cmd_compress(args) -> int:
     check_fit(config, facts)
     texts = _read_texts(args.calibration)
     if config.lora is not None and config.lora.data is not None:
-        from .recovery import read_recovery_data
+        from .lora import read_recovery_data
 
         try:
             read_recovery_data(config.lora.data)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import CompressionConfig
-from .data import calibration_windows
+from .calibration_data import calibration_windows
 from .state import RunState
 from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
                      score_layer, search_layer, select)

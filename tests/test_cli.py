@@ -338,7 +338,7 @@ def test_lora_trains_the_factors_on_alpaca_data_and_round_trips(compressed, tmp_
     pytest.importorskip("peft")
     import moei2
     from moei2.config import LoRAConfig
-    from moei2.recovery import instruction_examples, lora_finetune, lowrank_factor_parameters
+    from moei2.lora import instruction_examples, lora_finetune, lowrank_factor_parameters
 
     out, _ = compressed
     model = moei2.load(out)

@@ -98,7 +98,7 @@ def test_masked_routing_is_the_pruned_layer(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kt_losses_are_the_pruned_models_error(family):
     """Every KT combination's loss equals the hidden-state error of the model pruned that way."""
-    from moei2.data import calibration_windows
+    from moei2.calibration_data import calibration_windows
 
     model = build_model(family, layers=3)
     original = copy.deepcopy(model)

@@ -120,7 +120,7 @@ def test_compress_report_and_model(family):
 def test_search_loss_equals_pruned_hf_block(family):
     """One routing convention: the search's loss of a mask is what the pruned HF block produces."""
     from moei2.calibrate import iter_layer_stats
-    from moei2.data import calibration_windows
+    from moei2.calibration_data import calibration_windows
 
     model = build_model(family, layers=2)
     adapter = get_adapter(model)
@@ -159,7 +159,7 @@ def test_kt_block_losses_are_real_decoder_layers():
     block = report["blocks"][0]
     assert block["layers"] == [0, 1, 2] and len(block["losses"]) == 8
 
-    from moei2.data import calibration_windows
+    from moei2.calibration_data import calibration_windows
 
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
 
@@ -182,7 +182,7 @@ def test_genetic_candidates_match_exhaustive_on_tiny_layers(search_hidden):
     """The search of each layer sees the hidden state the method choice names: the unmodified
     model's ("original"), or the one propagated through the layers already compressed."""
     from moei2.calibrate import iter_layer_stats
-    from moei2.data import calibration_windows
+    from moei2.calibration_data import calibration_windows
     from moei2.source import InMemorySource
 
     model = build_model("mixtral", layers=2)
@@ -262,7 +262,7 @@ def test_baseline_options_run_at_the_same_budget(overrides):
 
 def test_whitening_lowers_the_layer_output_error():
     """At equal ranks, whitened factors reconstruct the MoE output better than plain SVD."""
-    from moei2.data import calibration_windows
+    from moei2.calibration_data import calibration_windows
 
     errors = {}
     # Held-out text from the same source: whitening fits the input distribution it was given.

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 @dataclass
 class Recovery:
-    """What :func:`moei2.recovery.lora_finetune` reports (steps, losses, merged)."""
+    """What :func:`moei2.lora.lora_finetune` reports (steps, losses, merged)."""
 
     report: dict
 
 
 def recover(model, tokenizer, texts, config) -> Recovery:
-    from ..recovery import lora_finetune
+    from ..lora import lora_finetune
 
     return Recovery(report=lora_finetune(model, tokenizer, texts, config.lora, seed=config.seed))

@@ -120,7 +120,7 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
     """
     import torch
 
-    from .data import calibration_windows
+    from .calibration_data import calibration_windows
 
     config = config or LoRAConfig()
     if not isinstance(config, LoRAConfig):
