@@ -123,6 +123,7 @@ def test_kt_losses_are_the_pruned_models_error(family):
 
 
 def test_kt_step_copies_no_layer(monkeypatch):
+    """The KT walk over every combination of a block's candidates runs, and copies no module."""
     calls = {"n": 0}
     real = copy.deepcopy
 
@@ -132,9 +133,15 @@ def test_kt_step_copies_no_layer(monkeypatch):
         return real(obj, *args, **kwargs)
 
     monkeypatch.setattr(copy, "deepcopy", counting)
-    moei2.compress(build_model("qwen2_moe", layers=3), CharTokenizer(), calibration_texts(),
-                   small_config(kt_block=3, kt_candidates=3), progress=False)
+    _, report = moei2.compress(build_model("qwen2_moe", layers=3), CharTokenizer(), calibration_texts(),
+                               small_config(kt_block=3, kt_candidates=3), progress=False)
     assert calls["n"] == 0
+    block, = report["blocks"]
+    sizes = [len(report["layers"][str(l)]["search"]["candidates"]) for l in block["layers"]]
+    assert block["layers"] == [0, 1, 2] and min(sizes) > 1
+    assert len(block["combinations"]) == len(block["losses"]) == int(np.prod(sizes))
+    assert all(loss is not None and loss > 0 for loss in block["losses"])
+    assert block["loss"] == min(block["losses"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
