@@ -33,6 +33,7 @@ Protocol (attributes and methods every source has; see :class:`ModelSource`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 from typing import Iterator, Optional, Union
@@ -40,7 +41,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "resolve_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -62,6 +63,16 @@ def read_config(model_class, directory, error=ValueError):
     except Exception as exc:
         raise error(f"{directory}/config.json: cannot be read as a {model_class.config_class.__name__} "
                     f"({exc})") from None
+
+
+def config_from_dict(model_class, config_dict: dict, file, error=ValueError):
+    """The transformers config of ``model_class`` from ``config_dict``, the parsed contents of
+    ``file`` (what ``from_pretrained`` does with a local config.json, on contents already read and
+    checked); ``error`` naming the file when they do not make one."""
+    try:
+        return model_class.config_class.from_dict(copy.deepcopy(config_dict))
+    except Exception as exc:
+        raise error(f"{file}: cannot be read as a {model_class.config_class.__name__} ({exc})") from None
 
 
 def resolve_dtype(dtype) -> Optional[torch.dtype]:
