@@ -50,9 +50,17 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 def as_device(device) -> torch.device:
     """``device`` as a torch device; a ValueError naming the argument otherwise."""
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    # Refused here, before any work, rather than by the first tensor moved there.
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device: {str(device)!r} is not available (this machine has {count} CUDA device(s))")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: 'mps' is not available on this machine")
+    return device
 
 
 def read_config(model_class, directory, error=ValueError):

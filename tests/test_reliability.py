@@ -65,3 +65,231 @@ def test_load_never_mixes_two_checkpoints_under_a_replacing_writer(tmp_path):
         writer.wait(timeout=30)
     assert loads >= 10
     assert mixed == [], f"{len(mixed)} of {loads} loads mixed the two checkpoints"
+
+
+# ---- every refusal before the long work ------------------------------------------------------------
+
+from moei2 import cli  # noqa: E402
+from moei2.streaming import CheckpointError, StreamedSource  # noqa: E402
+
+QUICK = ["--num-sequences", "4", "--seq-len", "32", "--population", "8", "--generations", "3", "--quiet"]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A small Hugging Face model directory with the demo tokenizer, streamed by the CLI."""
+    import shutil
+
+    path = tmp_path / "hf"
+    build_model("qwen2_moe", layers=2, vocab_size=4096).save_pretrained(str(path), max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moei2.demo_model_path() / name, path / name)
+    return path
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fails the test if a run gets as far as calibrating layers."""
+    import moei2.calibrate
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the run reached calibration before refusing")
+
+    monkeypatch.setattr(moei2.calibrate, "LayerRunner", reached)
+
+
+def _refused(argv, capsys, *needles):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_model_without_tokenizer_files_is_refused(model_dir, tmp_path, capsys, no_calibration):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).unlink()
+    out = tmp_path / "out"
+    _refused(["compress", "--model", str(model_dir), "-o", str(out), *QUICK], capsys, "--model", "tokenizer")
+    assert not out.exists()
+    from transformers import AutoTokenizer
+
+    empty = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    with pytest.raises(ValueError, match="tokenizer: the tokenizer has no usable vocabulary"):
+        moei2.compress(str(model_dir), empty, "some text " * 100, moei2.CompressionConfig(), output=out)
+    assert not out.exists()
+
+
+def test_binary_calibration_file_is_refused(model_dir, tmp_path, capsys, no_calibration):
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), "--calibration", str(binary),
+              *QUICK], capsys, "--calibration", "not UTF-8")
+
+
+def test_rank_budgets_refused_before_calibration(model_dir, tmp_path, capsys, no_calibration):
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), "--rank-keep-ratio", "0.001",
+              *QUICK], capsys, "rank_keep_ratio", "average rank")
+    with pytest.raises(ValueError, match="avg_rank: 1e\\+06 is above the experts' full rank"):
+        moei2.compress(str(model_dir), None, "some text " * 200, moei2.CompressionConfig(avg_rank=1e6, rank_keep_ratio=None),
+                       output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["output_is_work_dir", "work_dir_inside_output", "report_is_output",
+                                  "output_inside_model", "report_inside_model"])
+def test_colliding_paths_refused_before_work(case, model_dir, tmp_path, capsys, no_calibration):
+    out = tmp_path / "out"
+    moei2.save(build_model("qwen2_moe", layers=2), out)  # an existing checkpoint, to be overwritten
+    argv = ["compress", "--model", str(model_dir), "--overwrite", *QUICK]
+    extra, option = {
+        "output_is_work_dir": (["-o", str(out), "--work-dir", str(out)], "--work-dir"),
+        "work_dir_inside_output": (["-o", str(out), "--work-dir", str(out / "work")], "--work-dir"),
+        "report_is_output": (["-o", str(out), "--report", str(out)], "--report"),
+        "output_inside_model": (["-o", str(model_dir / "out")], "--output"),
+        "report_inside_model": (["-o", str(out), "--report", str(model_dir / "config.json")], "--report"),
+    }[case]
+    before = sorted(p.name for p in out.iterdir())
+    _refused(argv + extra, capsys, f"{option}:")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert moei2.load(out) is not None
+
+
+def test_top_k_above_expert_count_refused(model_dir, tmp_path, capsys, no_calibration):
+    _edit_config(model_dir, num_experts_per_tok=9)  # of 8 experts
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), *QUICK], capsys, "top-k 9 of 8")
+
+
+def test_layer_types_disagreeing_with_layer_count_refused(model_dir, tmp_path, capsys, no_calibration):
+    _edit_config(model_dir, layer_types=["full_attention"])  # 2 layers
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), *QUICK], capsys, "--model",
+             "layer_types")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_refused(model_dir, tmp_path, capsys, no_calibration):
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), "--device", "cuda", *QUICK],
+             capsys, "device", "not available")
+
+
+def test_quiet_silences_library_progress_bars(capfd):
+    with cli._library_bars(False):
+        moei2.demo_model()
+    assert "%|" not in capfd.readouterr().err
+    with cli._library_bars(True):
+        moei2.demo_model()
+    assert "%|" in capfd.readouterr().err  # the bars the option silences exist
+
+
+# ---- inputs checked before they are trusted ---------------------------------------------------------
+
+def _relabel(shard, key, old, new):
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert header[key]["dtype"] == old
+    header[key]["dtype"] = new
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw))
+    assert len(raw) == n
+    shard.write_bytes(data[:8] + raw + data[8 + n:])
+
+
+def _shard_of(path, key):
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def test_streamed_source_refuses_a_relabelled_dtype(model_dir):
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    _relabel(_shard_of(model_dir, key), key, "F32", "I32")
+    with pytest.raises(CheckpointError, match=f"'{key}' is stored as int32, the model built from config.json "
+                                              "needs a floating-point tensor"):
+        StreamedSource.open(model_dir)
+
+
+def test_config_declaring_fewer_layers_than_the_weights_refused(model_dir):
+    _edit_config(model_dir, num_hidden_layers=1, layer_types=["full_attention"])
+    with pytest.raises(CheckpointError, match="no place in the model config.json describes .1 layers.*"
+                                              "model.layers.1"):
+        StreamedSource.open(model_dir)
+
+
+def test_non_finite_input_weight_named_by_file_tensor_and_layer(model_dir):
+    from safetensors.torch import load_file, save_file
+
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    shard = _shard_of(model_dir, key)
+    tensors = load_file(str(shard))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    src = StreamedSource.open(model_dir)  # headers only: nothing read yet
+    with src.layer(0):
+        pass
+    with pytest.raises(CheckpointError, match=f"{shard.name}: tensor '{key}' .layer 1. holds NaN"):
+        with src.layer(1):
+            pass
+
+
+def test_config_json_is_under_the_checksums(tmp_path):
+    model = build_model("qwen3_moe", layers=2)
+    moei2.save(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["norm_topk_prob"] is True
+    config["norm_topk_prob"] = False
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(ValueError, match="config.json: checksum mismatch"):
+        moei2.load(tmp_path / "ckpt")
+    assert moei2.load(tmp_path / "ckpt", verify=False).config.norm_topk_prob is False  # the documented escape
+
+
+def test_work_dir_file_of_another_layer_is_recomputed_not_used(tmp_path):
+    import numpy as np
+
+    from moei2.state import RunState
+
+    state = RunState(tmp_path, "run-a")
+    state.save_arrays("factors_layer1", {"x": np.ones(3)})
+    state.save_arrays("factors_layer2", {"x": np.zeros(3)})
+    assert np.array_equal(state.load_arrays("factors_layer2")["x"], np.zeros(3))
+    (tmp_path / "factors_layer2.npz").write_bytes((tmp_path / "factors_layer1.npz").read_bytes())
+    with pytest.warns(UserWarning, match="factors_layer2.npz is not used .its checksum differs"):
+        assert state.load_arrays("factors_layer2") is None
+    state.close()
+    # A copy whose checksum is recorded too (the state edited along with it) is still refused.
+    resumed = RunState(tmp_path, "run-a")
+    resumed.data["arrays"]["factors_layer2"] = resumed.data["arrays"]["factors_layer1"]
+    with pytest.warns(UserWarning, match="belongs to another layer or run"):
+        assert resumed.load_arrays("factors_layer2") is None
+    assert np.array_equal(resumed.load_arrays("factors_layer1")["x"], np.ones(3))
+    resumed.close()
+
+
+# ---- the work dir lock --------------------------------------------------------------------------------
+
+def test_two_runs_sharing_a_work_dir_fail_fast(tmp_path):
+    from moei2.state import RunState, WorkDirBusy
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from moei2.state import RunState; "
+         "s = RunState(sys.argv[2], 'x'); print('held', flush=True); sys.stdin.read()", ROOT, str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(WorkDirBusy, match="is in use by another run"):
+            RunState(tmp_path, "x")
+        assert time.monotonic() - started < 5
+    finally:
+        holder.communicate("", timeout=30)
+    state = RunState(tmp_path, "x")  # free again once the other run ended
+    with pytest.raises(WorkDirBusy):
+        RunState(tmp_path, "x")
+    state.close()
+    RunState(tmp_path, "x").close()
