@@ -171,6 +171,18 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: tensor {key!r} has a corrupt header entry ({exc}); the file is "
                                  "corrupt or truncated") from None
             self.tensors[key] = TensorInfo(dtype, shape, start, end)
+        # As the safetensors format requires: the tensors tile the data area, in order, without
+        # gaps or overlaps. Overlapping offsets would let one tensor read another's bytes.
+        position = 0
+        for key, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+            if info.start != position:
+                raise ValueError(f"{self.path}: tensor {key!r} starts at data byte {info.start}, expected "
+                                 f"{position} (tensors must follow one another without gaps or overlaps); the "
+                                 "file is corrupt")
+            position = info.end
+        if position != data_size:
+            raise ValueError(f"{self.path}: the tensors end at data byte {position} of {data_size}; the file is "
+                             "corrupt or truncated")
 
     @contextlib.contextmanager
     def reader(self):
@@ -954,13 +966,14 @@ def check_stored_tensor(file: Path, key: str, info: TensorInfo, shape: tuple, fl
                     "a floating-point tensor; the file is corrupt")
 
 
-def _verify_checksums(snapshot: _Snapshot) -> None:
-    """Every file under a checksum (the weights, and config.json, the index, tokenizer and report
-    where the checkpoint records them) against the sha256 and size recorded at save time."""
+def _verify_checksums(snapshot: _Snapshot, weights: bool) -> None:
+    """The files under a checksum against the sha256 and size recorded at save time: with
+    ``weights`` the weights files, else the others (config.json, the index, tokenizer and report,
+    where the checkpoint records them; small, so checked before anything is built from them)."""
     import hashlib
 
     directory, meta = snapshot.directory, snapshot.meta
-    recorded = dict(meta.get(_OTHER_FILES, {}), **meta["files"])
+    recorded = meta["files"] if weights else meta.get(_OTHER_FILES, {})
     for name, want in sorted(recorded.items()):
         if not isinstance(want, dict):
             raise ValueError(f"{directory / META_NAME}: the checksum of {name!r} is not a dict")
@@ -1083,7 +1096,7 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     import torch
 
     from .models import ADAPTERS, apply_structure
-    from .source import as_device, config_from_dict
+    from .source import as_device, config_from_dict, meta_skeleton
 
     directory, meta, config_dict = snapshot.directory, snapshot.meta, snapshot.config
     architecture = meta["architecture"]
@@ -1095,6 +1108,8 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
 
+    if verify and meta["format"] >= 2:
+        _verify_checksums(snapshot, weights=False)
     header = _headers(snapshot)
     model_class = ADAPTERS[architecture].model_class()
     config = config_from_dict(model_class, config_dict, directory / CONFIG_NAME)
@@ -1102,9 +1117,7 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     from transformers.initialization import no_init_weights
 
     # The layout is checked on a skeleton without storage, so a bad record costs no memory.
-    with torch.device("meta"), no_init_weights():
-        skeleton = model_class._from_config(copy.deepcopy(config), dtype=dtype)
-    skeleton.tie_weights()
+    skeleton = meta_skeleton(model_class, copy.deepcopy(config), dtype, directory / CONFIG_NAME)
     apply_structure(skeleton, config_dict["moei2"])
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
     del skeleton
@@ -1125,7 +1138,7 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     if bad_alias:
         raise ValueError(f"{directory / META_NAME}: tied-tensor aliases {bad_alias[:5]} do not match the model")
     if verify and meta["format"] >= 2:
-        _verify_checksums(snapshot)
+        _verify_checksums(snapshot, weights=True)
 
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)

@@ -41,7 +41,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict", "resolve_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict", "meta_skeleton", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -81,6 +81,22 @@ def config_from_dict(model_class, config_dict: dict, file, error=ValueError):
         return model_class.config_class.from_dict(copy.deepcopy(config_dict))
     except Exception as exc:
         raise error(f"{file}: cannot be read as a {model_class.config_class.__name__} ({exc})") from None
+
+
+def meta_skeleton(model_class, config, dtype, file, error=ValueError):
+    """``model_class`` built from ``config`` on the meta device (shapes, no storage, no init); a
+    config.json whose values make no model (zero heads, a negative width, ...) raises ``error``
+    naming ``file`` instead of whatever the model's constructor happens to raise."""
+    from transformers.initialization import no_init_weights
+
+    try:
+        with torch.device("meta"), no_init_weights():
+            model = model_class._from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise error(f"{file}: no {model_class.__name__} can be built from it ({type(exc).__name__}: {exc})") from None
+    # no_init_weights also skips the tying init_weights does.
+    model.tie_weights()
+    return model
 
 
 def resolve_dtype(dtype) -> Optional[torch.dtype]:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .io import SafetensorsFile, check_stored_tensor
-from .source import ModelSource, as_device, compute_dtype, read_config
+from .source import ModelSource, as_device, compute_dtype, meta_skeleton, read_config
 
 __all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
 
@@ -178,6 +178,9 @@ class StreamedSource(ModelSource):
         if "moei2" in config_dict or (root / "moei2.json").is_file():
             raise CheckpointError(f"{str(root)!r} is already compressed by moei2; compress the original model")
         architectures = config_dict.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise CheckpointError(f"{config_file}: 'architectures' must be a list of class names, got "
+                                  f"{architectures!r}")
         architecture = next((a for a in architectures if a in ADAPTERS), None)
         if architecture is None:
             from .models import FAMILIES
@@ -190,6 +193,13 @@ class StreamedSource(ModelSource):
                                   f"{', '.join(sorted(ADAPTERS))}")
 
         files, weight_map = cls._weight_files(root)
+        declared = config_dict.get("num_hidden_layers")
+        stored = 1 + max((int(k.split(".")[2]) for k in weight_map
+                          if k.startswith(LAYER_PREFIX) and k.split(".")[2].isdigit()), default=-1)
+        if isinstance(declared, int) and declared != stored:
+            # Checked before the model is built: an absurd count would build that many layers.
+            raise CheckpointError(f"{config_file}: num_hidden_layers is {declared}, the weights hold {stored} "
+                                  "decoder layers; config.json does not match the weights")
         device = as_device(device)
         model_class = ADAPTERS[architecture].model_class()
         config = read_config(model_class, root, CheckpointError)
@@ -200,12 +210,7 @@ class StreamedSource(ModelSource):
 
         # As from_pretrained records it: the in-memory fingerprint hashes the whole config dict.
         config._name_or_path = str(directory)
-        from transformers.initialization import no_init_weights
-
-        with torch.device("meta"), no_init_weights():
-            model = model_class._from_config(config, dtype=dtype)
-        # no_init_weights also skips the tying init_weights does.
-        model.tie_weights()
+        model = meta_skeleton(model_class, config, dtype, root / "config.json", CheckpointError)
         model.eval()
         adapter = get_adapter(model)
 

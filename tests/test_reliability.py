@@ -216,8 +216,28 @@ def test_streamed_source_refuses_a_relabelled_dtype(model_dir):
 
 def test_config_declaring_fewer_layers_than_the_weights_refused(model_dir):
     _edit_config(model_dir, num_hidden_layers=1, layer_types=["full_attention"])
-    with pytest.raises(CheckpointError, match="no place in the model config.json describes .1 layers.*"
-                                              "model.layers.1"):
+    with pytest.raises(CheckpointError, match="num_hidden_layers is 1, the weights hold 2 decoder layers"):
+        StreamedSource.open(model_dir)
+
+
+def test_config_declaring_fewer_experts_than_the_weights_refused(model_dir):
+    from safetensors.torch import load_file, save_file
+
+    _edit_config(model_dir, num_experts=6)  # the weights hold 8
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.gate.weight' has shape .8, 32., the model built "
+                                              "from config.json needs .6, 32."):
+        StreamedSource.open(model_dir)
+    # An expert beyond the count, with routers that agree: stored, with no place in the model.
+    _edit_config(model_dir, num_experts=8)
+    key = "model.layers.1.mlp.experts.8.up_proj.weight"
+    shard = _shard_of(model_dir, "model.layers.1.mlp.experts.7.up_proj.weight")
+    tensors = load_file(str(shard))
+    tensors[key] = torch.zeros(16, 32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"][key] = shard.name
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"1 stored tensor.s. have no place in the model.*{key}"):
         StreamedSource.open(model_dir)
 
 
