@@ -234,15 +234,13 @@ def _add_field_options(group, cls, prefix: str, dest_prefix: str) -> None:
 def read_config_file(path) -> dict:
     """A JSON or YAML (.yaml/.yml, needs pyyaml) mapping of CompressionConfig fields; ``lora`` may
     be a mapping of LoRAConfig fields, or null."""
+    from .data import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--config: {str(path)!r} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CLIError(f"--config: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise CLIError(f"--config: {str(path)!r} is not UTF-8 text") from exc
+        text = read_text_file(path, "--config")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -474,6 +472,13 @@ def cmd_evaluate(args) -> int:
         value = getattr(args, option)
         if value:
             check_writable(Path(value).absolute().parent, f"--{option}")
+    if args.report and args.model != "demo":
+        from .paths import check_run_paths
+
+        try:
+            check_run_paths(args.model, report=args.report, names=("model", "--output", "--work-dir", "--report"))
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
     model, tokenizer = _load_model(args.model, args.dtype)
     result = {}
     if names:

@@ -196,6 +196,10 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if int(input_ids.max()) >= vocabulary:
+        raise ValueError(f"tokenizer: it gives token id {int(input_ids.max())}, the model's vocabulary has "
+                         f"{vocabulary} tokens: the tokenizer belongs to another model")
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
     tag = "" if search_hidden == "compressed" else f"-{search_hidden}"
     ctx.state = state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")

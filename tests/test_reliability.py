@@ -313,3 +313,22 @@ def test_two_runs_sharing_a_work_dir_fail_fast(tmp_path):
         RunState(tmp_path, "x")
     state.close()
     RunState(tmp_path, "x").close()
+
+
+def test_tokenizer_of_another_model_refused_before_calibration(tmp_path, no_calibration):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "hf"
+    build_model("qwen2_moe", layers=2).save_pretrained(str(path))  # a vocabulary of 101 tokens
+    demo_tokenizer = AutoTokenizer.from_pretrained(str(moei2.demo_model_path()))  # 4096 tokens
+    with pytest.raises(ValueError, match="tokenizer: it gives token id .*vocabulary has 101 tokens"):
+        moei2.compress(str(path), demo_tokenizer, moei2.demo_texts("calibration"), moei2.CompressionConfig(
+            num_sequences=2, seq_len=32), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_report_inside_the_model_refused(model_dir, capsys):
+    before = (model_dir / "config.json").read_bytes()
+    _refused(["evaluate", str(model_dir), "--report", str(model_dir / "config.json")], capsys, "--report",
+             "inside the input")
+    assert (model_dir / "config.json").read_bytes() == before
