@@ -1,7 +1,53 @@
-"""Calibration data: token windows cut from plain text."""
+"""Calibration data: token windows cut from plain text, and the checks of the text and tokenizer."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+# Plain ASCII: every usable tokenizer encodes and decodes it back, whatever its vocabulary.
+_SAMPLE = "The quick brown fox jumps over the lazy dog. It was 1867, and 42 people agreed."
+
+
+def check_tokenizer(tokenizer, argument: str = "tokenizer") -> None:
+    """Refuses a tokenizer that would turn text into nonsense without an error: one with no usable
+    vocabulary (transformers builds such a tokenizer from a directory without tokenizer files), no
+    end-of-sequence id, or that does not give a sample sentence back. ValueError naming ``argument``."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    try:
+        size = len(tokenizer)
+        ids = list(tokenizer(_SAMPLE, add_special_tokens=False)["input_ids"])
+        text = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+    except Exception as exc:  # any failure here means the tokenizer is unusable
+        raise ValueError(f"{argument}: the tokenizer cannot encode and decode a sample sentence ({exc})") from None
+    if size < 2 or not ids:
+        raise ValueError(f"{argument}: the tokenizer has no usable vocabulary ({size} token(s); a sample sentence "
+                         f"gives {len(ids)} ids): are the tokenizer files missing?")
+    if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < size:
+        raise ValueError(f"{argument}: the tokenizer has no end-of-sequence token id (eos_token_id={eos!r})")
+    if any(not 0 <= i < size for i in ids) or " ".join(text.split()) != " ".join(_SAMPLE.split()):
+        raise ValueError(f"{argument}: the tokenizer does not give a sample sentence back: {_SAMPLE!r} became "
+                         f"{text[:80]!r}")
+
+
+def read_text_file(path, argument: str) -> str:
+    """The text of ``path``, which must be a UTF-8 text file holding some text; ValueError naming
+    ``argument`` otherwise (a binary file is refused, not read with replacement characters)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{argument}: {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{argument}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if "\x00" in text:
+        raise ValueError(f"{argument}: {str(path)!r} holds NUL bytes at character {text.index(chr(0))}: a binary "
+                         "file, not text")
+    if not text.strip():
+        raise ValueError(f"{argument}: {str(path)!r} holds no text")
+    return text
 
 
 def calibration_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed: int):
@@ -18,6 +64,7 @@ def calibration_windows(tokenizer, texts, num_sequences: int, seq_len: int, seed
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError("texts must hold at least one non-empty string")
+    check_tokenizer(tokenizer)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:

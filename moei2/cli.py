@@ -9,6 +9,7 @@ model loads; a bad input ends with exit status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import PRESETS, CompressionConfig, LoRAConfig, full_rank, preset
+from .config import PRESETS, CompressionConfig, LoRAConfig, check_rank_budget, preset
 
 SUPPORTED_FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe")
 # The config.json key holding the routed experts' width; the others use moe_intermediate_size.
@@ -76,17 +77,31 @@ def model_facts(spec: str, option: str = "--model") -> dict:
                               if isinstance(config.get(k), int)), None)}
     if family in SUPPORTED_FAMILIES and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
         raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
+    if family in SUPPORTED_FAMILIES:
+        # transformers' own validation (layer_types against the layer count, ...), which would
+        # otherwise first run inside the tokenizer's loading and end in a traceback.
+        from transformers import CONFIG_MAPPING
+
+        try:
+            CONFIG_MAPPING[family].from_dict(dict(config))
+        except Exception as exc:
+            reason = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            raise CLIError(f"{option}: {config_file} is not a valid {family} configuration ({reason[-1]})") from exc
     return facts
 
 
 def _load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
+    from .calibration_data import check_tokenizer
+
     path = _model_dir(spec)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        check_tokenizer(tokenizer, "--model")
     except (OSError, ValueError, KeyError) as exc:
         raise CLIError(f"--model: {spec!r} has no usable tokenizer ({_first_line(exc)})") from exc
+    return tokenizer
 
 
 def _load_model(spec: str, dtype: str | None = None):
@@ -115,18 +130,12 @@ def _read_texts(paths: list[str] | None):
         from .demo import demo_texts
 
         return demo_texts("calibration")
-    texts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise CLIError(f"--calibration: {p!r} is not a file")
-        try:
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        except OSError as exc:
-            raise CLIError(f"--calibration: cannot read {p!r}: {exc.strerror or exc}") from exc
-    if not any(t.strip() for t in texts):
-        raise CLIError("--calibration: the files hold no text")
-    return texts
+    from .calibration_data import read_text_file
+
+    try:
+        return [read_text_file(p, "--calibration") for p in paths]
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 # ---- writable locations ----------------------------------------------------------------------
@@ -225,15 +234,13 @@ def _add_field_options(group, cls, prefix: str, dest_prefix: str) -> None:
 def read_config_file(path) -> dict:
     """A JSON or YAML (.yaml/.yml, needs pyyaml) mapping of CompressionConfig fields; ``lora`` may
     be a mapping of LoRAConfig fields, or null."""
+    from .calibration_data import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--config: {str(path)!r} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CLIError(f"--config: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise CLIError(f"--config: {str(path)!r} is not UTF-8 text") from exc
+        text = read_text_file(path, "--config")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -326,10 +333,10 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
         if config.prune_total > most:
             raise CLIError(f"prune_total: {config.prune_total} is more than the model can drop ({most}: "
                            f"{facts['layers']} layers x ({facts['experts']} experts - top_k {facts['top_k']}))")
-    top = full_rank(facts["hidden_size"], facts["expert_width"])
-    if config.avg_rank is not None and config.avg_rank > top:
-        raise CLIError(f"avg_rank: {config.avg_rank:g} is above the experts' full rank {top} "
-                       f"(hidden {facts['hidden_size']} x width {facts['expert_width']}): nothing would be saved")
+    try:
+        check_rank_budget(config, facts["hidden_size"], facts["expert_width"])
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -368,6 +375,13 @@ def cmd_compress(args) -> int:
             read_recovery_data(config.lora.data)
         except (OSError, ValueError) as exc:
             raise CLIError(f"--lora-data: {_first_line(exc)}") from exc
+    from .paths import check_run_paths
+
+    try:
+        check_run_paths(None if args.model == "demo" else args.model, out, args.work_dir, args.report,
+                        names=("--model", "--output", "--work-dir", "--report"))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     check_writable(out, "--output")
     if args.report:
         check_writable(Path(args.report).absolute().parent, "--report")
@@ -376,29 +390,48 @@ def cmd_compress(args) -> int:
     if args.work_dir:
         check_writable(args.work_dir, "--work-dir")
 
-    import zipfile
-
-    from .io import save
-
-    try:
-        if args.model == "demo":
-            model, tokenizer = _load_model(args.model, config.dtype)
-            model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
-                                            progress=not args.quiet)
-            report["checkpoint"] = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
-        else:
-            # A model directory is streamed: one KT block of layers in memory, the output written as
-            # layers finish.
-            _, report = run_compression(args.model, _load_tokenizer(args.model), texts, config, output=out,
-                                        overwrite=args.overwrite, work_dir=args.work_dir, progress=not args.quiet)
-    except (EOFError, zipfile.BadZipFile) as exc:
-        # np.load of a truncated .npz side file of the run state
-        raise CLIError(f"--work-dir: {args.work_dir!r} holds a damaged or truncated file ({_first_line(exc)}); "
-                       "delete the directory or use another one") from exc
+    with _library_bars(not args.quiet):
+        report = _compress(args, config, texts, out)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(summary(report))
     return 0
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """transformers' and huggingface_hub's progress bars (weight loading, ...) off for the scope
+    unless ``enabled``; --quiet means no bar at all, not only ours."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and was_on[0]:
+            hf_logging.enable_progress_bar()
+        if not enabled and was_on[1]:
+            hub.enable_progress_bars()
+
+
+def _compress(args, config, texts, out) -> dict:
+    from .io import save
+
+    if args.model == "demo":
+        model, tokenizer = _load_model(args.model, config.dtype)
+        model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
+                                        progress=not args.quiet)
+        report["checkpoint"] = save(model, out, tokenizer=tokenizer, report=report, overwrite=args.overwrite)
+    else:
+        # A model directory is streamed: one KT block of layers in memory, the output written as
+        # layers finish.
+        _, report = run_compression(args.model, _load_tokenizer(args.model), texts, config, output=out,
+                                    overwrite=args.overwrite, work_dir=args.work_dir, progress=not args.quiet)
+    return report
 
 
 def summary(report: dict) -> str:
@@ -440,6 +473,13 @@ def cmd_evaluate(args) -> int:
         value = getattr(args, option)
         if value:
             check_writable(Path(value).absolute().parent, f"--{option}")
+    if args.report and args.model != "demo":
+        from .paths import check_run_paths
+
+        try:
+            check_run_paths(args.model, report=args.report, names=("model", "--output", "--work-dir", "--report"))
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
     model, tokenizer = _load_model(args.model, args.dtype)
     result = {}
     if names:

@@ -270,6 +270,21 @@ def full_rank(hidden_size: int, expert_width: int) -> int:
     return (hidden_size * expert_width) // (hidden_size + expert_width)
 
 
+def check_rank_budget(config: "CompressionConfig", hidden_size: int, expert_width: int) -> None:
+    """Refuses a rank budget that experts of this size cannot take, before any work: an
+    ``avg_rank`` above the full rank (nothing would be saved) or a ``rank_keep_ratio`` giving an
+    average rank below 1. ValueError naming the setting."""
+    top = full_rank(hidden_size, expert_width)
+    if config.avg_rank is not None and config.avg_rank > top:
+        raise ValueError(f"avg_rank: {config.avg_rank:g} is above the experts' full rank {top} "
+                         f"(hidden {hidden_size} x width {expert_width}): nothing would be saved")
+    if config.rank_keep_ratio is not None:
+        average = config.rank_keep_ratio * hidden_size * expert_width / (hidden_size + expert_width)
+        if average < 1:
+            raise ValueError(f"rank_keep_ratio: {config.rank_keep_ratio:g} gives an average rank of {average:.3g} on "
+                             f"experts of hidden {hidden_size} x width {expert_width}; the least rank is 1")
+
+
 def paper_avg_rank(family: str, hidden_size: int, expert_width: int, prune_ratio: float = 0.25) -> int:
     """The average rank that, after pruning ``prune_ratio`` of the experts, removes the paper's
     share of routed-expert parameters: the survivors keep (1 - reduction) / (1 - prune_ratio) of

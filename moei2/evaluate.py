@@ -113,13 +113,10 @@ def read_documents(path) -> list[str]:
     dropped). :func:`perplexity` joins them again with blank lines."""
     import re
 
+    from .calibration_data import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"text: {str(path)!r} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"text: {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text_file(path, "text")
     documents = [block.strip() for block in re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))]
     documents = [d for d in documents if d]
     if not documents:

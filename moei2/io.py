@@ -41,6 +41,7 @@ import copy
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,7 @@ CONFIG_NAME = "config.json"
 REPORT_NAME = "report.json"
 LOADER_NAME = "modeling_moei2.py"
 LOADER_CLASS = "MoEI2ForCausalLM"
+_OTHER_FILES = "other_files"  # moei2.json: checksums of every file that is neither weights nor moei2.json
 
 _LOADER_SOURCE = f'''"""Loads this moei2 checkpoint (pruned and low-rank MoE experts) through transformers' Auto classes.
 
@@ -125,23 +127,22 @@ class SafetensorsFile:
     dtype x shape) without reading the data; :meth:`reader` reads tensors with positioned reads
     into new tensors, so no memory map keeps pages resident.
 
-    Raises ValueError naming the file for anything that is not a well-formed safetensors file.
+    ``fd``: an open descriptor of the file to read through instead of ``path`` (which then only names
+    it in messages); it stays open, its owner closes it. Raises ValueError naming the file for
+    anything that is not a well-formed safetensors file.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, fd: Optional[int] = None):
         import torch
 
         self.path = Path(path)
+        self._fd = fd
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("shorter than a header")
-                n = int.from_bytes(head, "little")
-                if n > min(_MAX_HEADER, size - 8):
-                    raise ValueError(f"header length {n} exceeds the file")
-                raw = f.read(n)
+            if fd is None:
+                with open(self.path, "rb") as f:
+                    size, n, raw = _read_head(f.fileno())
+            else:
+                size, n, raw = _read_head(fd)
             header = json.loads(raw)
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
@@ -170,15 +171,29 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: tensor {key!r} has a corrupt header entry ({exc}); the file is "
                                  "corrupt or truncated") from None
             self.tensors[key] = TensorInfo(dtype, shape, start, end)
+        # As the safetensors format requires: the tensors tile the data area, in order, without
+        # gaps or overlaps. Overlapping offsets would let one tensor read another's bytes.
+        position = 0
+        for key, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+            if info.start != position:
+                raise ValueError(f"{self.path}: tensor {key!r} starts at data byte {info.start}, expected "
+                                 f"{position} (tensors must follow one another without gaps or overlaps); the "
+                                 "file is corrupt")
+            position = info.end
+        if position != data_size:
+            raise ValueError(f"{self.path}: the tensors end at data byte {position} of {data_size}; the file is "
+                             "corrupt or truncated")
 
     @contextlib.contextmanager
     def reader(self):
-        """Yields ``read(key, scratch=None) -> tensor`` (CPU, the stored dtype); the file is closed at
-        exit. ``scratch``: a uint8 tensor to read into when large enough (the result is a view of
-        it), which spares the page faults of a fresh allocation per tensor."""
+        """Yields ``read(key, scratch=None) -> tensor`` (CPU, the stored dtype); a file opened here is
+        closed at exit (one handed to the constructor stays open: its owner closes it).
+        ``scratch``: a uint8 tensor to read into when large enough (the result is a view of it),
+        which spares the page faults of a fresh allocation per tensor."""
         import torch
 
-        with open(self.path, "rb", buffering=0) as f:
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if self._fd is None else self._fd
+        try:
             def read(key, scratch=None):
                 info = self.tensors[key]
                 if scratch is not None and scratch.numel() >= info.nbytes:
@@ -186,17 +201,37 @@ class SafetensorsFile:
                 else:
                     buf = torch.empty(info.nbytes, dtype=torch.uint8)
                 if info.nbytes:
-                    f.seek(self.data_offset + info.start)
                     view = memoryview(buf.numpy())
                     got = 0
                     while got < info.nbytes:
-                        n = f.readinto(view[got:])
+                        n = os.preadv(fd, [view[got:]], self.data_offset + info.start + got)
                         if not n:
                             raise ValueError(f"{self.path}: tensor {key!r} is truncated")
                         got += n
                 return buf.view(info.dtype).reshape(info.shape)
 
             yield read
+        finally:
+            if self._fd is None:
+                os.close(fd)
+
+
+def _read_head(fd: int) -> tuple[int, int, bytes]:
+    """``(file size, header length, header bytes)`` of the safetensors file open as ``fd``."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise ValueError("shorter than a header")
+    n = int.from_bytes(head, "little")
+    if n > min(_MAX_HEADER, size - 8):
+        raise ValueError(f"header length {n} exceeds the file")
+    raw = bytearray()
+    while len(raw) < n:
+        chunk = os.pread(fd, n - len(raw), 8 + len(raw))
+        if not chunk:
+            raise ValueError("truncated header")
+        raw += chunk
+    return size, n, bytes(raw)
 
 
 # ---- saving ----------------------------------------------------------------------------------
@@ -405,6 +440,17 @@ def _check_output(target: Path, overwrite: bool) -> None:
                              "refusing to replace it")
 
 
+def _file_checksum(path: Path) -> dict:
+    import hashlib
+
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
 def _tensor_bytes(tensor) -> memoryview:
     import torch
 
@@ -597,9 +643,12 @@ class CheckpointWriter:
                 tokenizer.save_pretrained(str(staging))
             if report_text is not None:
                 self._write_text(staging / REPORT_NAME, report_text)
+            # Every other file is under a checksum too: config.json decides what the weights compute.
+            other = {name: _file_checksum(staging / name) for name in sorted(os.listdir(staging))
+                     if name not in files and (staging / name).is_file()}
             meta = {"format": CHECKPOINT_FORMAT, "architecture": architecture, "family": family, "dtype": dtype,
                     "index": INDEX_NAME, "num_tensors": len(self._tensors) + len(aliases),
-                    "aliases": dict(aliases), "sizes": dict(sizes), "files": files,
+                    "aliases": dict(aliases), "sizes": dict(sizes), "files": files, _OTHER_FILES: other,
                     "tensors": {key: {"dtype": info["dtype"], "shape": info["shape"], "file": info["file"]}
                                 for key, info in self._tensors.items()}}
             self._write_text(staging / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -724,8 +773,104 @@ def is_moei2_checkpoint(path) -> bool:
         return False
 
 
-def _read_checkpoint(path):
-    """Checks the files of a checkpoint; returns ``(directory, meta, config dict)``."""
+class _Snapshot:
+    """One checkpoint directory, opened once: every regular file in it is opened, relative to the
+    directory's handle, before anything is parsed, and all reading goes through those handles.
+
+    A save replaces a checkpoint by swapping a complete new directory in and then removing the old
+    one (:func:`_replace_dir`); a published directory is never changed in place. So once every file
+    is open and the path still names the directory opened, what is read is that one checkpoint,
+    even if a save replaces it meanwhile (removed files stay readable through open handles).
+    :func:`_open_snapshot` retries when a swap falls inside the opening.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fds: dict[str, int] = {}
+        self._dir = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for name in sorted(os.listdir(self._dir)):
+                try:
+                    # O_NONBLOCK: a FIFO planted in the directory must not hang the open.
+                    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=self._dir)
+                except (FileNotFoundError, IsADirectoryError, PermissionError):
+                    continue  # removed under us (see current()), or not a file we could read
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    self.fds[name] = fd
+                else:
+                    os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def current(self) -> bool:
+        """Whether the path still names the directory opened, and it was not removed: then every
+        file opened belongs to one complete checkpoint."""
+        mine = os.fstat(self._dir)
+        try:
+            now = os.stat(self.directory)
+        except OSError:
+            return False
+        return mine.st_nlink > 0 and (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+    def has(self, name: str) -> bool:
+        return name in self.fds
+
+    def size(self, name: str) -> int:
+        return os.fstat(self.fds[name]).st_size
+
+    def read_bytes(self, name: str) -> bytes:
+        fd, out = self.fds[name], bytearray()
+        while True:
+            chunk = os.pread(fd, 16 << 20, len(out))
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+    def read_json(self, name: str):
+        try:
+            return json.loads(self.read_bytes(name))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.directory / name}: not valid JSON ({exc})") from None
+
+    def safetensors(self, name: str) -> "SafetensorsFile":
+        return SafetensorsFile(self.directory / name, fd=self.fds[name])
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
+
+    def __enter__(self) -> "_Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SNAPSHOT_TRIES = 50
+
+
+def _open_snapshot(directory: Path) -> _Snapshot:
+    """A :class:`_Snapshot` of ``directory`` taken while no save swapped it (retried otherwise)."""
+    for _ in range(_SNAPSHOT_TRIES):
+        try:
+            snapshot = _Snapshot(directory)
+        except FileNotFoundError:
+            continue  # the directory itself was swapped out and removed between lookup and open
+        if snapshot.current():
+            return snapshot
+        snapshot.close()
+    raise OSError(f"checkpoint {str(directory)!r} was replaced {_SNAPSHOT_TRIES} times while being opened; "
+                  "a save is rewriting it in a loop")
+
+
+def _read_checkpoint(path) -> _Snapshot:
+    """Opens a checkpoint as one snapshot and checks its files; the snapshot carries ``meta`` and
+    ``config`` (the parsed moei2.json and config.json). Close it (``with``) when done."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     directory = Path(path)
@@ -735,12 +880,23 @@ def _read_checkpoint(path):
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {str(directory)!r} is not a directory")
+    snapshot = _open_snapshot(directory)
+    try:
+        _check_snapshot(snapshot)
+    except BaseException:
+        snapshot.close()
+        raise
+    return snapshot
+
+
+def _check_snapshot(snapshot: _Snapshot) -> None:
+    directory = snapshot.directory
     for name in (META_NAME, CONFIG_NAME):
-        if not (directory / name).is_file():
+        if not snapshot.has(name):
             raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}: not a moei2 checkpoint, or an "
                                     "incomplete one")
-    meta = _read_json(directory / META_NAME)
-    config = _read_json(directory / CONFIG_NAME)
+    meta = snapshot.meta = snapshot.read_json(META_NAME)
+    config = snapshot.config = snapshot.read_json(CONFIG_NAME)
     if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{directory / META_NAME}: unknown checkpoint format {found!r} "
@@ -753,10 +909,11 @@ def _read_checkpoint(path):
     for key, kind in checks:
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{directory / META_NAME}: '{key}' is missing or not a {kind.__name__}")
-    for name in _weight_names(directory, meta):
-        if not (directory / name).is_file():
+    if not isinstance(meta.get(_OTHER_FILES, {}), dict):
+        raise ValueError(f"{directory / META_NAME}: '{_OTHER_FILES}' is not a dict")
+    for name in _weight_names(directory, meta) + sorted(meta.get(_OTHER_FILES, {})):
+        if not snapshot.has(name):
             raise FileNotFoundError(f"checkpoint {str(directory)!r} has no {name}: an incomplete checkpoint")
-    return directory, meta, config
 
 
 def _weight_names(directory: Path, meta: dict) -> list[str]:
@@ -770,19 +927,13 @@ def _weight_names(directory: Path, meta: dict) -> list[str]:
     return names
 
 
-def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-
-
-def _headers(directory: Path, meta: dict) -> dict:
+def _headers(snapshot: _Snapshot) -> dict:
     """``{key: (file name, TensorInfo)}`` over every weights file (headers only), checked against the
     dtypes and shapes recorded at save time (format 2)."""
+    directory, meta = snapshot.directory, snapshot.meta
     out = {}
     for name in _weight_names(directory, meta):
-        f = SafetensorsFile(directory / name)
+        f = snapshot.safetensors(name)
         for key, info in f.tensors.items():
             if key in out:
                 raise ValueError(f"{directory / name}: tensor {key!r} is also stored in {out[key][0]}")
@@ -803,24 +954,43 @@ def _headers(directory: Path, meta: dict) -> dict:
     return out
 
 
-def _verify_checksums(directory: Path, meta: dict) -> None:
+def check_stored_tensor(file: Path, key: str, info: TensorInfo, shape: tuple, floating: bool, *,
+                        layout: str, error=ValueError) -> None:
+    """The one check of a stored tensor against the tensor the model needs (both readers use it):
+    the same shape, and a floating-point dtype where the model's is one (a header relabelling a
+    float32 weight as int32 would otherwise turn its bit patterns into numbers)."""
+    if tuple(info.shape) != tuple(shape):
+        raise error(f"{file}: tensor {key!r} has shape {tuple(info.shape)}, {layout} needs {tuple(shape)}")
+    if floating and not info.dtype.is_floating_point:
+        raise error(f"{file}: tensor {key!r} is stored as {str(info.dtype).removeprefix('torch.')}, {layout} needs "
+                    "a floating-point tensor; the file is corrupt")
+
+
+def _verify_checksums(snapshot: _Snapshot, weights: bool) -> None:
+    """The files under a checksum against the sha256 and size recorded at save time: with
+    ``weights`` the weights files, else the others (config.json, the index, tokenizer and report,
+    where the checkpoint records them; small, so checked before anything is built from them)."""
     import hashlib
 
-    for name, want in sorted(meta["files"].items()):
+    directory, meta = snapshot.directory, snapshot.meta
+    recorded = meta["files"] if weights else meta.get(_OTHER_FILES, {})
+    for name, want in sorted(recorded.items()):
+        if not isinstance(want, dict):
+            raise ValueError(f"{directory / META_NAME}: the checksum of {name!r} is not a dict")
         digest = hashlib.sha256()
         size = 0
-        with open(directory / name, "rb") as f:
-            while True:
-                chunk = f.read(16 << 20)
-                if not chunk:
-                    break
-                size += len(chunk)
-                digest.update(chunk)
+        fd = snapshot.fds[name]
+        while True:
+            chunk = os.pread(fd, 16 << 20, size)
+            if not chunk:
+                break
+            size += len(chunk)
+            digest.update(chunk)
         if size != want.get("bytes") or digest.hexdigest() != want.get("sha256"):
             raise ValueError(f"{directory / name}: checksum mismatch (sha256 {digest.hexdigest()[:16]}..., "
                              f"{size} bytes; {META_NAME} records {str(want.get('sha256'))[:16]}..., "
-                             f"{want.get('bytes')} bytes): the file is corrupt. load(..., verify=False) skips "
-                             "this check")
+                             f"{want.get('bytes')} bytes): the file is corrupt or was changed after saving. "
+                             "load(..., verify=False) skips this check")
 
 
 def inspect_checkpoint(path) -> dict:
@@ -831,14 +1001,14 @@ def inspect_checkpoint(path) -> dict:
     ``experts_kept`` and ``experts_total``, ``sizes`` (as returned by :func:`save`),
     ``num_tensors``, ``files`` (name → bytes), ``has_tokenizer``, ``has_report``.
     """
-    directory, meta, config = _read_checkpoint(path)
-    header = _headers(directory, meta)
-    record = config["moei2"]
+    with _read_checkpoint(path) as snapshot:
+        header = _headers(snapshot)
+        files = {name: snapshot.size(name) for name in sorted(snapshot.fds)}
+    directory, meta, record = snapshot.directory, snapshot.meta, snapshot.config["moei2"]
     layers = {}
     for key, entry in sorted(record.get("layers", {}).items(), key=lambda kv: int(kv[0])):
         layers[int(key)] = {"num_experts": entry.get("num_experts"), "kept": entry.get("kept"),
                             "num_kept": len(entry.get("kept") or []), "ranks": entry.get("ranks")}
-    files = {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.is_file()}
     return {
         "path": str(directory.absolute()),
         "architecture": meta["architecture"],
@@ -917,12 +1087,18 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     anything is allocated; then the weights are read and loaded strictly. A missing file raises
     FileNotFoundError, a corrupt one ValueError.
     """
+    with _read_checkpoint(path) as snapshot:
+        model = _load_snapshot(snapshot, dtype, device, verify)
+    return model
+
+
+def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     import torch
 
     from .models import ADAPTERS, apply_structure
-    from .source import as_device, read_config
+    from .source import as_device, config_from_dict, meta_skeleton
 
-    directory, meta, config_dict = _read_checkpoint(path)
+    directory, meta, config_dict = snapshot.directory, snapshot.meta, snapshot.config
     architecture = meta["architecture"]
     if architecture not in ADAPTERS:
         raise ValueError(f"{directory / META_NAME}: architecture {architecture!r} is not supported; supported: "
@@ -932,16 +1108,16 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
 
-    header = _headers(directory, meta)
+    if verify and meta["format"] >= 2:
+        _verify_checksums(snapshot, weights=False)
+    header = _headers(snapshot)
     model_class = ADAPTERS[architecture].model_class()
-    config = read_config(model_class, directory)
+    config = config_from_dict(model_class, config_dict, directory / CONFIG_NAME)
     _check_record_bounds(directory, config_dict["moei2"], config)
     from transformers.initialization import no_init_weights
 
     # The layout is checked on a skeleton without storage, so a bad record costs no memory.
-    with torch.device("meta"), no_init_weights():
-        skeleton = model_class._from_config(copy.deepcopy(config), dtype=dtype)
-    skeleton.tie_weights()
+    skeleton = meta_skeleton(model_class, copy.deepcopy(config), dtype, directory / CONFIG_NAME)
     apply_structure(skeleton, config_dict["moei2"])
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
     del skeleton
@@ -957,17 +1133,12 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     for key in sorted(wanted):
         name, info = header[key]
-        if info.shape != expected[key][0]:
-            raise ValueError(f"{directory / name}: tensor {key!r} has shape {info.shape}, the recorded "
-                             f"layout needs {expected[key][0]}")
-        if expected[key][1] and not info.dtype.is_floating_point:
-            raise ValueError(f"{directory / name}: tensor {key!r} is stored as {info.dtype}, the model needs a "
-                             "floating-point tensor; the file is corrupt")
+        check_stored_tensor(directory / name, key, info, *expected[key], layout="the recorded layout")
     bad_alias = [a for a, src in aliases.items() if a not in expected or src not in stored]
     if bad_alias:
         raise ValueError(f"{directory / META_NAME}: tied-tensor aliases {bad_alias[:5]} do not match the model")
     if verify and meta["format"] >= 2:
-        _verify_checksums(directory, meta)
+        _verify_checksums(snapshot, weights=True)
 
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)
@@ -976,7 +1147,7 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     apply_structure(model, config_dict["moei2"])
     state = {}
     for name in _weight_names(directory, meta):
-        f = SafetensorsFile(directory / name)
+        f = snapshot.safetensors(name)
         with f.reader() as read:
             for key in f.tensors:
                 tensor = read(key)

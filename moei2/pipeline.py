@@ -22,7 +22,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from .config import CompressionConfig
+from .config import CompressionConfig, check_rank_budget
 from .calibration_data import calibration_windows
 from .state import RunState
 from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
@@ -98,10 +98,13 @@ def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: O
     from .io import load, save
     from .streaming import StreamedSource
 
+    from .paths import check_run_paths
+
     config = _check_config(config)
     if output is None:
         raise ValueError("output: compressing a checkpoint directory writes the result to a directory; "
                          "give output=")
+    check_run_paths(directory, output, work_dir, names=("directory", "output", "work_dir"))
     source = StreamedSource.open(directory, device=config.device, dtype=config.dtype)
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -179,7 +182,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     if sink is not None and not callable(getattr(sink, "add", None)):
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
-    _check_compressible(adapter, model)
+    _check_compressible(adapter, model, config)
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
@@ -193,6 +196,10 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if int(input_ids.max()) >= vocabulary:
+        raise ValueError(f"tokenizer: it gives token id {int(input_ids.max())}, the model's vocabulary has "
+                         f"{vocabulary} tokens: the tokenizer belongs to another model")
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
     tag = "" if search_hidden == "compressed" else f"-{search_hidden}"
     ctx.state = state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
@@ -283,6 +290,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
         "model_gib_before": bytes_before / 2**30, "model_gib_after": bytes_after / 2**30,
     }
     report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
+    state.close()
     return report
 
 
@@ -305,8 +313,15 @@ def _park_dtype(source) -> Optional[torch.dtype]:
     return stored
 
 
-def _check_compressible(adapter, model) -> None:
-    """Refuses, before any work, what the pipeline cannot do: experts already low-rank."""
+def _check_compressible(adapter, model, config) -> None:
+    """Refuses, before any work, what the pipeline cannot do: experts already low-rank, routing that
+    picks more experts than a layer has, a rank budget the experts cannot take."""
+    for view in adapter.moe_layers():
+        if view.top_k > view.num_experts:
+            raise ValueError(f"model: layer {view.layer_index} routes each token to top-k {view.top_k} of "
+                             f"{view.num_experts} experts; config.json is inconsistent")
+        if config.decomposes:
+            check_rank_budget(config, view.hidden_size, view.intermediate_size)
     record = getattr(model.config, "moei2", None)
     lowrank = {v.layer_index for v in adapter.moe_layers() if v.is_lowrank}
     if isinstance(record, Mapping):

@@ -33,6 +33,7 @@ Protocol (attributes and methods every source has; see :class:`ModelSource`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 from typing import Iterator, Optional, Union
@@ -40,7 +41,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "resolve_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict", "meta_skeleton", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -49,9 +50,17 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 def as_device(device) -> torch.device:
     """``device`` as a torch device; a ValueError naming the argument otherwise."""
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    # Refused here, before any work, rather than by the first tensor moved there.
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device: {str(device)!r} is not available (this machine has {count} CUDA device(s))")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: 'mps' is not available on this machine")
+    return device
 
 
 def read_config(model_class, directory, error=ValueError):
@@ -62,6 +71,32 @@ def read_config(model_class, directory, error=ValueError):
     except Exception as exc:
         raise error(f"{directory}/config.json: cannot be read as a {model_class.config_class.__name__} "
                     f"({exc})") from None
+
+
+def config_from_dict(model_class, config_dict: dict, file, error=ValueError):
+    """The transformers config of ``model_class`` from ``config_dict``, the parsed contents of
+    ``file`` (what ``from_pretrained`` does with a local config.json, on contents already read and
+    checked); ``error`` naming the file when they do not make one."""
+    try:
+        return model_class.config_class.from_dict(copy.deepcopy(config_dict))
+    except Exception as exc:
+        raise error(f"{file}: cannot be read as a {model_class.config_class.__name__} ({exc})") from None
+
+
+def meta_skeleton(model_class, config, dtype, file, error=ValueError):
+    """``model_class`` built from ``config`` on the meta device (shapes, no storage, no init); a
+    config.json whose values make no model (zero heads, a negative width, ...) raises ``error``
+    naming ``file`` instead of whatever the model's constructor happens to raise."""
+    from transformers.initialization import no_init_weights
+
+    try:
+        with torch.device("meta"), no_init_weights():
+            model = model_class._from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise error(f"{file}: no {model_class.__name__} can be built from it ({type(exc).__name__}: {exc})") from None
+    # no_init_weights also skips the tying init_weights does.
+    model.tie_weights()
+    return model
 
 
 def resolve_dtype(dtype) -> Optional[torch.dtype]:

@@ -49,8 +49,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .io import SafetensorsFile
-from .source import ModelSource, as_device, compute_dtype, read_config
+from .io import SafetensorsFile, check_stored_tensor
+from .source import ModelSource, as_device, compute_dtype, meta_skeleton, read_config
 
 __all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
 
@@ -178,6 +178,9 @@ class StreamedSource(ModelSource):
         if "moei2" in config_dict or (root / "moei2.json").is_file():
             raise CheckpointError(f"{str(root)!r} is already compressed by moei2; compress the original model")
         architectures = config_dict.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise CheckpointError(f"{config_file}: 'architectures' must be a list of class names, got "
+                                  f"{architectures!r}")
         architecture = next((a for a in architectures if a in ADAPTERS), None)
         if architecture is None:
             from .models import FAMILIES
@@ -190,6 +193,13 @@ class StreamedSource(ModelSource):
                                   f"{', '.join(sorted(ADAPTERS))}")
 
         files, weight_map = cls._weight_files(root)
+        declared = config_dict.get("num_hidden_layers")
+        stored = 1 + max((int(k.split(".")[2]) for k in weight_map
+                          if k.startswith(LAYER_PREFIX) and k.split(".")[2].isdigit()), default=-1)
+        if isinstance(declared, int) and declared != stored:
+            # Checked before the model is built: an absurd count would build that many layers.
+            raise CheckpointError(f"{config_file}: num_hidden_layers is {declared}, the weights hold {stored} "
+                                  "decoder layers; config.json does not match the weights")
         device = as_device(device)
         model_class = ADAPTERS[architecture].model_class()
         config = read_config(model_class, root, CheckpointError)
@@ -200,12 +210,7 @@ class StreamedSource(ModelSource):
 
         # As from_pretrained records it: the in-memory fingerprint hashes the whole config dict.
         config._name_or_path = str(directory)
-        from transformers.initialization import no_init_weights
-
-        with torch.device("meta"), no_init_weights():
-            model = model_class._from_config(config, dtype=dtype)
-        # no_init_weights also skips the tying init_weights does.
-        model.tie_weights()
+        model = meta_skeleton(model_class, config, dtype, root / "config.json", CheckpointError)
         model.eval()
         adapter = get_adapter(model)
 
@@ -268,7 +273,8 @@ class StreamedSource(ModelSource):
         """``{model state-dict key: _Direct | _Fused}`` for every tensor the model needs; raises naming
         the first tensor no shard holds or whose stored shape differs from the model's."""
         plan, missing = {}, []
-        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        state = self.model.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
         persistent = {k for k in shapes if not k.startswith("model.rotary_emb.")}
         for key in sorted(persistent):
             if key == "lm_head.weight" and self._tied and key not in self._weight_map:
@@ -285,11 +291,19 @@ class StreamedSource(ModelSource):
             if entry is None:
                 missing.append(key)
                 continue
-            self._check_shapes(key, entry, shapes[key])
+            self._check_stored(key, entry, shapes[key], state[key].is_floating_point())
             plan[key] = entry
         if missing:
             raise CheckpointError(f"{self.directory}: {len(missing)} tensor(s) the model needs are in no weights file, "
                                   f"e.g. {missing[:3]}")
+        used = {src for entry in plan.values() for src in entry.sources()}
+        unused = sorted(k for k in self._weight_map if k not in used and not k.endswith(".rotary_emb.inv_freq"))
+        if unused:
+            # A config.json that declares fewer layers or experts than the weights hold would
+            # otherwise build a smaller model from part of the weights.
+            raise CheckpointError(f"{self.directory}: {len(unused)} stored tensor(s) have no place in the model "
+                                  f"config.json describes ({self.adapter.num_hidden_layers} layers), e.g. "
+                                  f"{unused[:3]}; config.json does not match the weights")
         return plan
 
     def _fused_entry(self, prefix: str, param: str, num_experts: int) -> Optional[_Fused]:
@@ -307,21 +321,18 @@ class StreamedSource(ModelSource):
     def _header(self, key: str):
         return self._files[self._weight_map[key]].tensors[key]
 
-    def _check_shapes(self, key: str, entry, shape: tuple) -> None:
+    def _check_stored(self, key: str, entry, shape: tuple, floating: bool) -> None:
+        layout = "the model built from config.json"
         if isinstance(entry, _Direct):
-            got = self._header(entry.key).shape
-            if got != shape:
-                raise CheckpointError(f"{self._file_of(entry.key)}: tensor {entry.key!r} has shape {got}, the model "
-                                      f"built from config.json needs {shape}")
+            check_stored_tensor(self._file_of(entry.key), entry.key, self._header(entry.key), shape, floating,
+                                layout=layout, error=CheckpointError)
             return
         num_experts, rows, cols = shape
         per_group = rows // len(entry.groups)
         for group in entry.groups:
             for k in group:
-                got = self._header(k).shape
-                if got != (per_group, cols):
-                    raise CheckpointError(f"{self._file_of(k)}: tensor {k!r} has shape {got}, the model built from "
-                                          f"config.json needs {(per_group, cols)}")
+                check_stored_tensor(self._file_of(k), k, self._header(k), (per_group, cols), floating,
+                                    layout=layout, error=CheckpointError)
 
     def _file_of(self, key: str) -> Path:
         return self.directory / self._weight_map[key]
@@ -365,6 +376,11 @@ class StreamedSource(ModelSource):
                         scratch = torch.empty(max(self._header(k).nbytes for e in entries.values()
                                                   if isinstance(e, _Fused) for k in e.sources()), dtype=torch.uint8)
                     tensor = read(src, scratch if slot is not None else None)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        place = (f"layer {key[len(LAYER_PREFIX):].split('.')[0]}" if key.startswith(LAYER_PREFIX)
+                                  else "outside the decoder layers")
+                        raise CheckpointError(f"{file.path}: tensor {src!r} ({place}) holds NaN or infinite values; "
+                                              "the checkpoint is corrupt")
                     if slot is None:
                         out[key] = tensor.to(device=self.device, dtype=self.dtype)
                     else:
