@@ -241,7 +241,7 @@ class SizeTally:
         self.routed_before += dense
         self.routed_after += now
         self.params_delta += dense - now + router_removed
-        self.bytes_delta += (dense - now) * element + router_removed * view.router.weight.element_size()
+        self.bytes_delta += (dense - now) * element + router_removed * view.router_weight.element_size()
 
     def result(self) -> dict:
         return {"parameters_before": int(self.params_after + self.params_delta),

@@ -461,7 +461,8 @@ class StreamedSource(ModelSource):
         digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
         for view in self.adapter.moe_layers():
             layer = self.model.model.layers[view.layer_index]
-            name = next(n for n, m in layer.named_modules() if m is view.router)
+            router = view.adapter.router_linear(view.router)
+            name = next(n for n, m in layer.named_modules() if m is router)
             key = f"{LAYER_PREFIX}{view.layer_index}.{name}.weight"
             src = self._plan[key].key
             with self._files[self._weight_map[src]].reader() as read:

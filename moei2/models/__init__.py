@@ -83,8 +83,8 @@ def _per_layer_plan(adapter: MoEAdapter, requests, what: str, shape: str, check)
 
 def adapter_class_of_layer(decoder_layer) -> type[MoEAdapter]:
     """The adapter class whose MoE block a (possibly copied) decoder layer holds."""
-    block = getattr(decoder_layer, "mlp", None)
     for cls in ADAPTERS.values():
+        block = getattr(decoder_layer, cls.moe_attr, None)
         if block is not None and type(block).__module__ == cls.module_path and isinstance(block, cls.block_class()):
             return cls
     raise ValueError(f"model: {type(decoder_layer).__name__} is not a decoder layer with routed experts of a supported "

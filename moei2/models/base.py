@@ -1,12 +1,14 @@
 """The uniform view of a transformers 5 MoE causal LM that the rest of moei2 works on.
 
-In transformers 5 the families moei2 supports share one layout: decoder layers in
-``model.model.layers``; in an MoE layer, ``layer.mlp`` is the sparse block, ``layer.mlp.gate`` the
-router (its ``weight`` is [E, H] and its forward returns ``(raw logits, top-k weights, top-k
-indices)``) and ``layer.mlp.experts`` the routed experts with fused parameters ``gate_up_proj``
-[E, 2I, H] (gate rows over up rows) and ``down_proj`` [E, H, I]. Checkpoints on disk keep
-per-expert keys; transformers fuses them at load time. A family adapter only says which classes
-make up its MoE block and how its router turns logits into weights.
+The families moei2 supports share one layout, described here once: decoder layers in
+``model.model.layers``; in an MoE layer, one attribute of the decoder layer holds the sparse block
+(``mlp`` by default), whose router (``gate`` by default; its forward returns ``(raw logits, top-k
+weights, top-k indices)``, its ``weight`` or that of a linear submodule is [E, H]) and routed
+experts (``experts``) with fused 3-D parameters ``gate_up_proj`` [E, 2I, H] (gate rows over up
+rows) and ``down_proj`` [E, H, I]. A block may add a shared expert, with or without a sigmoid gate
+(``Linear(H, 1)``). Checkpoints on disk keep per-expert keys; transformers fuses them at load
+time. A family adapter declares only what differs from this layout (class attributes) and how its
+router turns logits into weights.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class MoEView:
 
     @property
     def router_weight(self) -> torch.Tensor:
-        return self.router.weight.detach()
+        return self.adapter.router_linear(self.router).weight.detach()
 
     @property
     def experts_module(self) -> nn.Module:
@@ -107,7 +109,7 @@ class MoEView:
 
     @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        return int(self.router_weight.shape[0])
 
     @property
     def top_k(self) -> int:
@@ -123,7 +125,7 @@ class MoEView:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router.weight.shape[1])
+        return int(self.router_weight.shape[1])
 
     @property
     def intermediate_size(self) -> int:
@@ -157,12 +159,25 @@ class MoEView:
 
 
 class MoEAdapter:
-    """Base adapter: subclasses name the family, its model class and its MoE block class."""
+    """Base adapter: the shared layout (see the module docstring). Subclasses name the family, its
+    model class and its MoE block class, and override only the attributes where they differ."""
 
     family: str = ""
     architecture: str = ""  # the causal-LM class name in transformers
     module_path: str = ""  # transformers.models.<family>.modeling_<family>
     block_class_name: str = ""
+    # ---- the layout: attribute names, overridden where a family differs ----
+    moe_attr: str = "mlp"  # the decoder layer's attribute holding the sparse block
+    router_attr: str = "gate"  # the block's router
+    router_linear_attr: Optional[str] = None  # the router's submodule holding ``weight`` (None: the router)
+    experts_attr: str = "experts"
+    shared_expert_attr: Optional[str] = None  # a shared expert whose output is added
+    shared_expert_gate_attr: Optional[str] = None  # its gate: output scaled by sigmoid(gate(x))
+    renormalize_topk: Optional[bool] = None  # None: the router's ``norm_topk_prob``
+    scaling_attr: Optional[str] = None  # the router's attribute holding a routed scaling factor
+    # ---- config.json keys (export sets the expert count; checks read both) ----
+    expert_count_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -188,25 +203,31 @@ class MoEAdapter:
         """Raises ValueError if this configuration routes in a way moei2 does not reproduce."""
 
     def renormalize(self, block: nn.Module) -> bool:
+        if self.renormalize_topk is not None:
+            return self.renormalize_topk
         return bool(getattr(self.router_of(block), "norm_topk_prob", False))
 
     def scaling_factor(self, block: nn.Module) -> float:
-        return 1.0
+        return 1.0 if self.scaling_attr is None else float(getattr(self.router_of(block), self.scaling_attr))
 
     def shared_experts(self, block: nn.Module) -> Optional[nn.Module]:
-        return None
+        return None if self.shared_expert_attr is None else getattr(block, self.shared_expert_attr, None)
 
     def shared_expert_gate(self, block: nn.Module) -> Optional[nn.Module]:
-        return None
+        return None if self.shared_expert_gate_attr is None else getattr(block, self.shared_expert_gate_attr, None)
 
     def router_of(self, block: nn.Module) -> nn.Module:
-        return block.gate
+        return getattr(block, self.router_attr)
+
+    def router_linear(self, router: nn.Module) -> nn.Module:
+        """The module whose ``weight`` [E, H] gives the router logits."""
+        return router if self.router_linear_attr is None else getattr(router, self.router_linear_attr)
 
     def experts_of(self, block: nn.Module) -> nn.Module:
-        return block.experts
+        return getattr(block, self.experts_attr)
 
     def set_experts(self, block: nn.Module, experts: nn.Module) -> None:
-        block.experts = experts
+        setattr(block, self.experts_attr, experts)
 
     def _set_counts(self, block: nn.Module, num_experts: int) -> None:
         """Sets every expert count the block's forward reads (not the config, which layers share)."""
@@ -231,7 +252,7 @@ class MoEAdapter:
         return len(self.layers_module)
 
     def moe_block(self, decoder_layer: nn.Module) -> Optional[nn.Module]:
-        block = getattr(decoder_layer, "mlp", None)
+        block = getattr(decoder_layer, self.moe_attr, None)
         return block if isinstance(block, self.block_class()) else None
 
     @property
@@ -264,7 +285,7 @@ class MoEAdapter:
         if block is None:
             raise ValueError(f"{layer_name} has no routed experts (not a {self.block_class_name})")
         router = self.router_of(block)
-        num_experts = int(router.weight.shape[0])
+        num_experts = int(self.router_linear(router).weight.shape[0])
         top_k = int(router.top_k)
         if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
             raise ValueError(f"{layer_name}: experts to drop must be an iterable of integers, got {type(drop).__name__}")
@@ -293,18 +314,21 @@ class MoEAdapter:
         """
         kept = self.check_drop(decoder_layer, drop)
         block = self.moe_block(decoder_layer)
-        if len(kept) == self.router_of(block).weight.shape[0]:
+        if len(kept) == self.router_linear(self.router_of(block)).weight.shape[0]:
             return kept
         self._keep(block, kept)
         return kept
 
     def _keep(self, block: nn.Module, kept: list[int]) -> None:
-        router = self.router_of(block)
+        router = self.router_linear(self.router_of(block))
         experts = self.experts_of(block)
         index = torch.tensor(kept, dtype=torch.long, device=router.weight.device)
         with torch.no_grad():
-            router.weight = nn.Parameter(router.weight.index_select(0, index).clone(),
-                                         requires_grad=router.weight.requires_grad)
+            for name in ("weight", "bias"):  # a router bias is per expert
+                old = getattr(router, name, None)
+                if isinstance(old, nn.Parameter):
+                    setattr(router, name, nn.Parameter(old.index_select(0, index).clone(),
+                                                       requires_grad=old.requires_grad))
             if isinstance(experts, LowRankExperts):
                 experts.keep(kept)
             else:

@@ -11,7 +11,5 @@ class MixtralAdapter(MoEAdapter):
     architecture = "MixtralForCausalLM"
     module_path = "transformers.models.mixtral.modeling_mixtral"
     block_class_name = "MixtralSparseMoeBlock"
-
-    def renormalize(self, block):
-        # MixtralTopKRouter divides the top-k probabilities by their sum unconditionally.
-        return True
+    renormalize_topk = True  # MixtralTopKRouter divides the top-k probabilities by their sum unconditionally
+    expert_count_key = "num_local_experts"
