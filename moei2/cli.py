@@ -1,4 +1,4 @@
-"""The moei2 command line: compress | evaluate | inspect | report.
+"""The moei2 command line: compress | evaluate | inspect | report | export.
 
 The ``compress`` options are generated from the fields of :class:`moei2.CompressionConfig` and
 :class:`moei2.LoRAConfig` (name, type, default and help all come from there), so every setting is
@@ -537,6 +537,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    info = export(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"{info['path']}: {info['architecture']} with {info['num_experts']} experts per MoE layer "
+          f"({', '.join(info['expert_count_keys'])} = {info['num_experts']}), loadable without moei2")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moei2", description="Compress MoE language models with MoE-I2.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -593,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint")
     r.add_argument("--output", "-o", help="directory for the figures (default: CHECKPOINT/figures)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="write a uniformly pruned, dense-expert checkpoint as a plain checkpoint "
+                                      "of its architecture (loads without moei2, e.g. in vLLM or SGLang)")
+    x.add_argument("checkpoint", help="a moei2 checkpoint with the same expert count in every MoE layer and no "
+                                      "low-rank experts (compress with --prune-rule uniform --no-decompose)")
+    x.add_argument("--output", "-o", required=True, help="directory to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export at --output")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
@@ -606,7 +623,7 @@ def _first_line(exc) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if a in ("compress", "evaluate", "inspect", "report")), None)
+    command = next((a for a in argv if a in ("compress", "evaluate", "inspect", "report", "export")), None)
     prog = f"moei2 {command}" if command else "moei2"
     try:
         args = parser.parse_args(argv)

@@ -321,7 +321,9 @@ def _recover(target: Path) -> None:
     for backup in _leftovers(target, _OLD_TAG):
         if _owner_alive(backup.name, _OLD_TAG):
             continue
-        if not os.path.lexists(target) and _is_moei2_dir(backup):
+        # A backup is only ever made of a directory a writer was allowed to replace (a moei2
+        # checkpoint or an exported model), both of which hold config.json.
+        if not os.path.lexists(target) and (backup / CONFIG_NAME).is_file():
             try:
                 os.rename(backup, target)
                 continue
@@ -390,6 +392,37 @@ def _replace_dir(staging: Path, target: Path) -> None:
         return
     os.rename(staging, target)
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """Yields an empty staging directory next to ``target`` that is put at ``target`` in one atomic
+    step (replacing what is there) when the block ends normally, and removed on any exception.
+    The caller has checked that ``target`` may be replaced."""
+    target = Path(target).absolute()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"output path {str(target)!r}: cannot create its parent directory "
+                              f"({exc.strerror or exc})") from None
+    _recover(target)
+    staging = target.parent / f".{target.name}.{_STAGING_TAG}-{_owner_tag()}-{os.urandom(4).hex()}"
+    try:
+        os.mkdir(staging, 0o777)
+    except OSError as exc:
+        raise PermissionError(f"output path {str(target)!r}: its parent directory {str(target.parent)!r} is not "
+                              f"writable ({exc.strerror or exc})") from None
+    try:
+        yield staging
+        for file in staging.iterdir():
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(staging)
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # ---- the writer ----------------------------------------------------------------------------------

@@ -175,8 +175,8 @@ class MoEAdapter:
     shared_expert_gate_attr: Optional[str] = None  # its gate: output scaled by sigmoid(gate(x))
     renormalize_topk: Optional[bool] = None  # None: the router's ``norm_topk_prob``
     scaling_attr: Optional[str] = None  # the router's attribute holding a routed scaling factor
-    # ---- config.json keys (export sets the expert count; checks read both) ----
-    expert_count_key: str = "num_experts"
+    # ---- config.json keys: every key holding the routed-expert count (export sets them), top-k ----
+    expert_count_keys: tuple = ("num_experts",)
     top_k_key: str = "num_experts_per_tok"
 
     def __init__(self, model: nn.Module):
@@ -201,6 +201,14 @@ class MoEAdapter:
     @classmethod
     def check_supported(cls, config) -> None:
         """Raises ValueError if this configuration routes in a way moei2 does not reproduce."""
+
+    @classmethod
+    def export_config(cls, config, num_experts: int) -> None:
+        """Edits ``config`` (a copy of the original) to describe ``num_experts`` routed experts in
+        every MoE layer, for a plain checkpoint of the architecture; raises ValueError where the
+        family's routing cannot be described that way."""
+        for key in cls.expert_count_keys:
+            setattr(config, key, num_experts)
 
     def renormalize(self, block: nn.Module) -> bool:
         if self.renormalize_topk is not None:

@@ -22,7 +22,7 @@ class DeepseekV2Adapter(MoEAdapter):
     shared_expert_attr = "shared_experts"
     renormalize_topk = False  # the router ignores norm_topk_prob
     scaling_attr = "routed_scaling_factor"
-    expert_count_key = "n_routed_experts"
+    expert_count_keys = ("n_routed_experts",)
 
     @classmethod
     def check_supported(cls, config):
@@ -38,6 +38,14 @@ class DeepseekV2Adapter(MoEAdapter):
                 "limits each token to its best expert groups; moei2 supports only greedy top-k routing "
                 "(topk_method='greedy', or group-limited with topk_group >= n_group)")
         raise ValueError(f"deepseek_v2: topk_method={method!r} is not supported; moei2 supports only 'greedy' top-k routing")
+
+    @classmethod
+    def export_config(cls, config, num_experts):
+        super().export_config(config, num_experts)
+        if getattr(config, "topk_method", "greedy") != "greedy":
+            # Accepted group-limited settings select exactly the greedy top-k (see the module
+            # docstring), and greedy needs no equal-sized groups.
+            config.topk_method = "greedy"
 
     def _set_counts(self, block, num_experts):
         super()._set_counts(block, num_experts)

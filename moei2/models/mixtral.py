@@ -12,4 +12,4 @@ class MixtralAdapter(MoEAdapter):
     module_path = "transformers.models.mixtral.modeling_mixtral"
     block_class_name = "MixtralSparseMoeBlock"
     renormalize_topk = True  # MixtralTopKRouter divides the top-k probabilities by their sum unconditionally
-    expert_count_key = "num_local_experts"
+    expert_count_keys = ("num_local_experts",)
