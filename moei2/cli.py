@@ -19,9 +19,13 @@ from pathlib import Path
 
 from .config import PRESETS, CompressionConfig, LoRAConfig, full_rank, preset
 
-SUPPORTED_FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe")
-# The config.json key holding the routed experts' width; the others use moe_intermediate_size.
-_WIDTH_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}
+
+
+def supported_families() -> dict:
+    """``{model_type: adapter class}``: the adapter registry (imported on first use, as it needs torch)."""
+    from .models import FAMILIES
+
+    return FAMILIES
 
 
 class CLIError(Exception):
@@ -66,15 +70,16 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     if not isinstance(config, dict):
         raise CLIError(f"{option}: {config_file} does not hold a JSON object")
     family = config.get("model_type")
-    width = config.get(_WIDTH_KEY.get(family, "moe_intermediate_size"))
+    adapter = supported_families().get(family)
+    width = config.get(adapter.expert_width_key if adapter else "moe_intermediate_size")
     hidden = config.get("hidden_size")
     facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
              "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
              "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
-             "top_k": config.get("num_experts_per_tok"),
+             "top_k": config.get(adapter.top_k_key if adapter else "num_experts_per_tok"),
              "experts": next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
                               if isinstance(config.get(k), int)), None)}
-    if family in SUPPORTED_FAMILIES and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
+    if adapter is not None and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
         raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
     return facts
 
@@ -279,7 +284,7 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
         name = "quick" if args.model == "demo" else "defaults"
     settings: dict = {}
     if name == "paper":
-        if facts is None or facts.get("family") not in SUPPORTED_FAMILIES:
+        if facts is None or facts.get("family") not in supported_families():
             raise CLIError("--preset paper: the model's family is not known, so its average rank cannot be chosen")
         _layer(settings, preset("paper", family=facts["family"], hidden_size=facts["hidden_size"],
                                 expert_width=facts["expert_width"]))
@@ -311,9 +316,9 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
     if facts["moei2"]:
         raise CLIError(f"--model: {str(facts['path'])!r} is already a moei2 checkpoint; compressing it again is "
                        "not supported: compress the original model")
-    if facts["family"] not in SUPPORTED_FAMILIES:
+    if facts["family"] not in supported_families():
         raise CLIError(f"--model: model_type {facts['family']!r} is not a supported MoE family "
-                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+                       f"(supported: {', '.join(supported_families())})")
     limit = facts.get("max_positions")
     if isinstance(limit, int) and config.seq_len > limit:
         raise CLIError(f"seq_len: {config.seq_len} exceeds the model's max_position_embeddings ({limit})")

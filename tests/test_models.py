@@ -19,6 +19,7 @@ FACTS = {  # family: (dense layers of a 3-layer model, renormalize, scaling, sha
     "mixtral": ([], True, 1.0, False, False, 16),
     "olmoe": ([], False, 1.0, False, False, 16),
     "qwen3_moe": ([], True, 1.0, False, False, 16),
+    # softmax-then-top-k families
 }
 
 
@@ -50,7 +51,7 @@ def test_adapter_view_matches_modules_and_routing_rule(family):
         assert view.renormalize is renorm and view.scaling_factor == scale and view.act == "silu"
         assert (view.shared_experts is not None) == has_shared
         assert (view.shared_expert_gate is not None) == has_gate
-        assert view.moe_module is adapter.decoder_layers[view.layer_index].mlp
+        assert view.moe_module is getattr(adapter.decoder_layers[view.layer_index], adapter.moe_attr)
         assert tuple(view.router_weight.shape) == (EXPERTS, HIDDEN)
         assert tuple(view.gate_up_proj.shape) == (EXPERTS, 2 * inter, HIDDEN)
         assert tuple(view.down_proj.shape) == (EXPERTS, HIDDEN, inter)
@@ -68,6 +69,15 @@ def test_adapter_view_matches_modules_and_routing_rule(family):
 def test_unsupported_architecture_lists_supported_ones():
     with pytest.raises(ValueError, match="unsupported architecture Linear; supported: .*MixtralForCausalLM"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_top_k_contradicting_the_experts_is_refused(family):
+    model = build_model(family)
+    adapter = get_adapter(model)
+    adapter.view(adapter.moe_layer_indices[0]).router.top_k = EXPERTS + 1
+    with pytest.raises(ValueError, match=f"top_k={EXPERTS + 1} experts but its router has {EXPERTS}"):
+        get_adapter(model)
 
 
 def test_group_limited_routing_is_refused():
@@ -103,6 +113,45 @@ def test_pruned_routing_equals_rule_on_unpruned_weights(family):
     assert record[str(views[-1].layer_index)]["kept"] == list(range(7))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def block_output(block, x):
+    with torch.no_grad():
+        out = block(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_block_equals_hf_block_with_dropped_experts_masked(family, monkeypatch):
+    """The family's own forward is the reference: the unpruned HF block with the dropped experts'
+    router logits set to -inf (wherever the router computes them, through torch's linear) gives
+    what the pruned block gives, shared experts included."""
+    model = build_model(family)
+    adapter = get_adapter(model)
+    x = rows(64)
+    layer_index = adapter.moe_layer_indices[-1]
+    view = adapter.view(layer_index)
+    drop = [0, 3, 4, 6]
+    mask = torch.zeros(EXPERTS, dtype=torch.bool)
+    mask[drop] = True
+    router_weight = adapter.router_linear(view.router).weight
+    linear = torch.nn.functional.linear
+    calls = []
+
+    def masked_linear(input, weight, bias=None):
+        out = linear(input, weight, bias)
+        if weight is router_weight or (weight.shape == router_weight.shape
+                                       and weight.data_ptr() == router_weight.data_ptr()):
+            calls.append(1)
+            out = out.masked_fill(mask.to(out.device), float("-inf"))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
+    expected = block_output(view.moe_module, x)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    assert calls, "the router's logits did not go through torch.nn.functional.linear"
+    prune_experts(model, {layer_index: drop})
+    torch.testing.assert_close(block_output(adapter.view(layer_index).moe_module, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_pruning_twice_composes_to_original_indices():

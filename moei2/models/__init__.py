@@ -18,9 +18,15 @@ from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
+# ---- families whose routing is softmax over the experts, then top-k (renormalised or not, scaled or not)
+
+SOFTMAX_TOPK_FAMILIES = ()
+# ----
+
 ADAPTERS: dict[str, type[MoEAdapter]] = {
     cls.architecture: cls
-    for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter)
+    for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter,
+                *SOFTMAX_TOPK_FAMILIES)
 }
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1

@@ -175,14 +175,22 @@ class MoEAdapter:
     shared_expert_gate_attr: Optional[str] = None  # its gate: output scaled by sigmoid(gate(x))
     renormalize_topk: Optional[bool] = None  # None: the router's ``norm_topk_prob``
     scaling_attr: Optional[str] = None  # the router's attribute holding a routed scaling factor
+    # Model-key suffix -> the suffix checkpoints store it under, where transformers renames on load.
+    stored_names: dict = {}
     # ---- config.json keys: every key holding the routed-expert count (export sets them), top-k ----
     expert_count_keys: tuple = ("num_experts",)
     top_k_key: str = "num_experts_per_tok"
+    expert_width_key: str = "moe_intermediate_size"  # the routed experts' intermediate size
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
         self.check_supported(self.config)
+        for view in self.moe_layers():
+            if not 1 <= view.top_k <= view.num_experts:
+                raise ValueError(f"{self.family}: layer {view.layer_index} routes each token to top_k={view.top_k} "
+                                 f"experts but its router has {view.num_experts}; the configuration "
+                                 f"({self.top_k_key}) contradicts the weights")
 
     # ---- family description (overridden by the family modules) ----
 
