@@ -19,8 +19,9 @@ from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 # ---- families whose routing is softmax over the experts, then top-k (renormalised or not, scaled or not)
+from .qwen3_next import Qwen3NextAdapter  # noqa: E402
 
-SOFTMAX_TOPK_FAMILIES = ()
+SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter)
 # ----
 
 ADAPTERS: dict[str, type[MoEAdapter]] = {
