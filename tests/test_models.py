@@ -22,6 +22,7 @@ FACTS = {  # family: (dense layers of a 3-layer model, renormalize, scaling, sha
     # softmax-then-top-k families
     "qwen3_next": ([], True, 1.0, True, True, 16),
     "qwen3_5_moe_text": ([], True, 1.0, True, True, 16),
+    "granitemoe": ([], True, 1.0, False, False, 16),
 }
 
 

@@ -19,10 +19,11 @@ from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
 # ---- families whose routing is softmax over the experts, then top-k (renormalised or not, scaled or not)
+from .granitemoe import GraniteMoeAdapter  # noqa: E402
 from .qwen3_5_moe import Qwen3_5MoeAdapter  # noqa: E402
 from .qwen3_next import Qwen3NextAdapter  # noqa: E402
 
-SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter, Qwen3_5MoeAdapter)
+SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter, Qwen3_5MoeAdapter, GraniteMoeAdapter)
 # ----
 
 ADAPTERS: dict[str, type[MoEAdapter]] = {
