@@ -23,6 +23,7 @@ FACTS = {  # family: (dense layers of a 3-layer model, renormalize, scaling, sha
     "qwen3_next": ([], True, 1.0, True, True, 16),
     "qwen3_5_moe_text": ([], True, 1.0, True, True, 16),
     "granitemoe": ([], True, 1.0, False, False, 16),
+    "hunyuan_v1_moe": ([], True, 1.0, True, False, 16),
 }
 
 

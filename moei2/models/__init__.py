@@ -20,10 +20,11 @@ from .qwen3_moe import Qwen3MoeAdapter
 
 # ---- families whose routing is softmax over the experts, then top-k (renormalised or not, scaled or not)
 from .granitemoe import GraniteMoeAdapter  # noqa: E402
+from .hunyuan_v1_moe import HunYuanMoEV1Adapter  # noqa: E402
 from .qwen3_5_moe import Qwen3_5MoeAdapter  # noqa: E402
 from .qwen3_next import Qwen3NextAdapter  # noqa: E402
 
-SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter, Qwen3_5MoeAdapter, GraniteMoeAdapter)
+SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter, Qwen3_5MoeAdapter, GraniteMoeAdapter, HunYuanMoEV1Adapter)
 # ----
 
 ADAPTERS: dict[str, type[MoEAdapter]] = {
