@@ -13,7 +13,7 @@ import torch
 
 FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe",
             # softmax-then-top-k families
-            "qwen3_next", "qwen3_5_moe_text", "granitemoe", "hunyuan_v1_moe", )
+            "qwen3_next", "qwen3_5_moe_text", "granitemoe", "hunyuan_v1_moe")
 VOCAB = 101
 HIDDEN = 32
 EXPERTS = 8
