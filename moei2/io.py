@@ -236,8 +236,11 @@ class SizeTally:
         current = list(view.experts_module.parameters())
         element = current[0].element_size() if current else torch.finfo(torch.float32).bits // 8
         now = sum(p.numel() for p in current)
-        dense = int(original_experts) * 3 * view.intermediate_size * view.hidden_size
-        router_removed = (int(original_experts) - view.num_experts) * view.hidden_size
+        biases = view.expert_biases(0)  # per-expert biases (gpt-oss), kept with their expert
+        per_expert = 3 * view.intermediate_size * view.hidden_size + sum(b.numel() for b in biases or ())
+        dense = int(original_experts) * per_expert
+        router_bias = getattr(view.adapter.router_linear(view.router), "bias", None) is not None
+        router_removed = (int(original_experts) - view.num_experts) * (view.hidden_size + router_bias)
         self.routed_before += dense
         self.routed_after += now
         self.params_delta += dense - now + router_removed

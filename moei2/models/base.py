@@ -77,13 +77,31 @@ class MoEView:
 
     @property
     def gate_up_proj(self) -> Optional[torch.Tensor]:
+        """[E, 2I, H]; ``None`` once low-rank or where the family's experts are not the shared layout."""
         experts = self.experts_module
-        return None if isinstance(experts, LowRankExperts) else experts.gate_up_proj.detach()
+        standard = self.adapter.standard_experts and not isinstance(experts, LowRankExperts)
+        return experts.gate_up_proj.detach() if standard else None
 
     @property
     def down_proj(self) -> Optional[torch.Tensor]:
         experts = self.experts_module
-        return None if isinstance(experts, LowRankExperts) else experts.down_proj.detach()
+        standard = self.adapter.standard_experts and not isinstance(experts, LowRankExperts)
+        return experts.down_proj.detach() if standard else None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's logits for rows ``x`` [n, H] in float64 (router bias included)."""
+        linear = self.adapter.router_linear(self.router)
+        logits = x.double() @ linear.weight.detach().to(device=x.device, dtype=torch.float64).T
+        bias = getattr(linear, "bias", None)
+        return logits if bias is None else logits + bias.detach().to(device=x.device, dtype=torch.float64)
+
+    def expert_output(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``j``'s output for rows ``x`` [n, H], before the routing weight: the family's own
+        expert forward (biases and activation included)."""
+        experts = self.experts_module
+        if isinstance(experts, LowRankExperts):
+            return experts[j](x, experts.act_fn)
+        return self.adapter.dense_expert_output(experts, j, x)
 
     def expert(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gate [I, H], up [I, H], down [H, I])`` of expert ``j`` (products ``A @ B`` when low-rank)."""
@@ -94,18 +112,23 @@ class MoEView:
         if isinstance(experts, LowRankExperts):
             with torch.no_grad():
                 return tuple(experts[j].weight(name).detach() for name in ("gate", "up", "down"))
-        inter = self.intermediate_size
-        gate_up = experts.gate_up_proj.detach()[j]
-        return gate_up[:inter], gate_up[inter:], experts.down_proj.detach()[j]
+        return self.adapter.dense_expert(experts, j)
+
+    def expert_biases(self, j: int) -> Optional[tuple]:
+        """``(gate [I], up [I], down [H])`` biases of expert ``j``, or ``None`` where experts have none."""
+        experts = self.experts_module
+        if isinstance(experts, LowRankExperts):
+            e = experts[j]
+            return None if e.gate_bias is None else (e.gate_bias.detach(), e.up_bias.detach(), e.down_bias.detach())
+        return self.adapter.dense_expert_biases(experts, j)
 
     def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """The input of expert ``j``'s down projection, ``act(gate x) * (up x)``, for rows ``x`` [n, H]."""
+        """The input of expert ``j``'s down projection, ``act(gate x) * (up x)`` (the family's gated
+        activation and biases where it has them), for rows ``x`` [n, H]."""
         experts = self.experts_module
         if isinstance(experts, LowRankExperts):
             return experts[j].intermediate(x, experts.act_fn)
-        gate_up = nn.functional.linear(x, experts.gate_up_proj[j])
-        gate, up = gate_up.chunk(2, dim=-1)
-        return experts.act_fn(gate) * up
+        return self.adapter.dense_intermediate(experts, j, x)
 
     @property
     def num_experts(self) -> int:
@@ -129,7 +152,8 @@ class MoEView:
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.experts_module.intermediate_dim)
+        experts = self.experts_module
+        return int(getattr(experts, "intermediate_dim", None) or experts.intermediate_size)
 
     @property
     def shared_experts(self) -> Optional[nn.Module]:
@@ -209,6 +233,35 @@ class MoEAdapter:
     @classmethod
     def check_supported(cls, config) -> None:
         """Raises ValueError if this configuration routes in a way moei2 does not reproduce."""
+
+    # ---- the dense experts (the shared layout; a family with another expert forward overrides these) ----
+    # True where the experts are the fused layout computing ``down(act(gate x) * (up x))`` without
+    # biases, which the C core evaluates from the weights; otherwise candidate outputs are computed
+    # with the family's own expert forward (``dense_expert_output``).
+    standard_experts: bool = True
+
+    def dense_expert(self, experts: nn.Module, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gate [I, H], up [I, H], down [H, I])`` of dense expert ``j``."""
+        inter = int(experts.intermediate_dim)
+        gate_up = experts.gate_up_proj.detach()[j]
+        return gate_up[:inter], gate_up[inter:], experts.down_proj.detach()[j]
+
+    def dense_expert_biases(self, experts: nn.Module, j: int) -> Optional[tuple]:
+        """``(gate [I], up [I], down [H])`` biases of dense expert ``j``; ``None`` without biases."""
+        return None
+
+    def dense_intermediate(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = nn.functional.linear(x, experts.gate_up_proj[j])
+        gate, up = gate_up.chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+    def dense_expert_output(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.dense_intermediate(experts, j, x), experts.down_proj[j])
+
+    def lowrank_experts_module(self, dense: nn.Module, hidden_size: int, intermediate_size: int, ranks,
+                               *, dtype, device) -> LowRankExperts:
+        """The (uninitialised) low-rank module replacing the dense experts ``dense``."""
+        return LowRankExperts(hidden_size, intermediate_size, ranks, dense.act_fn, dtype=dtype, device=device)
 
     @classmethod
     def export_config(cls, config, num_experts: int) -> None:
@@ -348,8 +401,8 @@ class MoEAdapter:
             if isinstance(experts, LowRankExperts):
                 experts.keep(kept)
             else:
-                for name in ("gate_up_proj", "down_proj"):
-                    old = getattr(experts, name)
+                # every per-expert tensor: the fused weights and any expert biases
+                for name, old in list(experts.named_parameters(recurse=False)):
                     new = old.index_select(0, index.to(old.device)).clone()
                     setattr(experts, name, nn.Parameter(new, requires_grad=old.requires_grad))
         self._set_counts(block, len(kept))
