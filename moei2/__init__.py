@@ -38,6 +38,7 @@ _LAZY = {
     "load": ("moei2.io", "load"),
     "is_moei2_checkpoint": ("moei2.io", "is_moei2_checkpoint"),
     "inspect_checkpoint": ("moei2.io", "inspect_checkpoint"),
+    "export": ("moei2.export", "export"),
     "get_adapter": ("moei2.models", "get_adapter"),
     "prune_experts": ("moei2.models", "prune_experts"),
     "lowrank_experts": ("moei2.models", "lowrank_experts"),

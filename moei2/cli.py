@@ -1,4 +1,4 @@
-"""The moei2 command line: compress | evaluate | inspect | report.
+"""The moei2 command line: compress | evaluate | inspect | report | export.
 
 The ``compress`` options are generated from the fields of :class:`moei2.CompressionConfig` and
 :class:`moei2.LoRAConfig` (name, type, default and help all come from there), so every setting is
@@ -20,9 +20,13 @@ from pathlib import Path
 
 from .config import PRESETS, CompressionConfig, LoRAConfig, check_rank_budget, preset
 
-SUPPORTED_FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe")
-# The config.json key holding the routed experts' width; the others use moe_intermediate_size.
-_WIDTH_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}
+
+
+def supported_families() -> dict:
+    """``{model_type: adapter class}``: the adapter registry (imported on first use, as it needs torch)."""
+    from .models import FAMILIES
+
+    return FAMILIES
 
 
 class CLIError(Exception):
@@ -67,15 +71,16 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     if not isinstance(config, dict):
         raise CLIError(f"{option}: {config_file} does not hold a JSON object")
     family = config.get("model_type")
-    width = config.get(_WIDTH_KEY.get(family, "moe_intermediate_size"))
+    adapter = supported_families().get(family)
+    width = config.get(adapter.expert_width_key if adapter else "moe_intermediate_size")
     hidden = config.get("hidden_size")
     facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
              "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
              "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
-             "top_k": config.get("num_experts_per_tok"),
+             "top_k": config.get(adapter.top_k_key if adapter else "num_experts_per_tok"),
              "experts": next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
                               if isinstance(config.get(k), int)), None)}
-    if family in SUPPORTED_FAMILIES and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
+    if adapter is not None and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
         raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
     if family in SUPPORTED_FAMILIES:
         # transformers' own validation (layer_types against the layer count, ...), which would
@@ -287,7 +292,7 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
         name = "quick" if args.model == "demo" else "defaults"
     settings: dict = {}
     if name == "paper":
-        if facts is None or facts.get("family") not in SUPPORTED_FAMILIES:
+        if facts is None or facts.get("family") not in supported_families():
             raise CLIError("--preset paper: the model's family is not known, so its average rank cannot be chosen")
         _overlay(settings, preset("paper", family=facts["family"], hidden_size=facts["hidden_size"],
                                 expert_width=facts["expert_width"]))
@@ -319,9 +324,9 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
     if facts["moei2"]:
         raise CLIError(f"--model: {str(facts['path'])!r} is already a moei2 checkpoint; compressing it again is "
                        "not supported: compress the original model")
-    if facts["family"] not in SUPPORTED_FAMILIES:
+    if facts["family"] not in supported_families():
         raise CLIError(f"--model: model_type {facts['family']!r} is not a supported MoE family "
-                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+                       f"(supported: {', '.join(supported_families())})")
     limit = facts.get("max_positions")
     if isinstance(limit, int) and config.seq_len > limit:
         raise CLIError(f"seq_len: {config.seq_len} exceeds the model's max_position_embeddings ({limit})")
@@ -578,6 +583,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    info = export(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"{info['path']}: {info['architecture']} with {info['num_experts']} experts per MoE layer "
+          f"({', '.join(info['expert_count_keys'])} = {info['num_experts']}), loadable without moei2")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moei2", description="Compress MoE language models with MoE-I2.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -634,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint")
     r.add_argument("--output", "-o", help="directory for the figures (default: CHECKPOINT/figures)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="write a uniformly pruned, dense-expert checkpoint as a plain checkpoint "
+                                      "of its architecture (loads without moei2, e.g. in vLLM or SGLang)")
+    x.add_argument("checkpoint", help="a moei2 checkpoint with the same expert count in every MoE layer and no "
+                                      "low-rank experts (compress with --prune-rule uniform --no-decompose)")
+    x.add_argument("--output", "-o", required=True, help="directory to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export at --output")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
@@ -647,7 +669,7 @@ def _first_line(exc) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if a in ("compress", "evaluate", "inspect", "report")), None)
+    command = next((a for a in argv if a in ("compress", "evaluate", "inspect", "report", "export")), None)
     prog = f"moei2 {command}" if command else "moei2"
     try:
         args = parser.parse_args(argv)

@@ -271,12 +271,15 @@ class SizeTally:
         current = list(view.experts_module.parameters())
         element = current[0].element_size() if current else torch.finfo(torch.float32).bits // 8
         now = sum(p.numel() for p in current)
-        dense = int(original_experts) * 3 * view.intermediate_size * view.hidden_size
-        router_removed = (int(original_experts) - view.num_experts) * view.hidden_size
+        biases = view.expert_biases(0)  # per-expert biases (gpt-oss), kept with their expert
+        per_expert = 3 * view.intermediate_size * view.hidden_size + sum(b.numel() for b in biases or ())
+        dense = int(original_experts) * per_expert
+        router_bias = getattr(view.adapter.router_linear(view.router), "bias", None) is not None
+        router_removed = (int(original_experts) - view.num_experts) * (view.hidden_size + router_bias)
         self.routed_before += dense
         self.routed_after += now
         self.params_delta += dense - now + router_removed
-        self.bytes_delta += (dense - now) * element + router_removed * view.router.weight.element_size()
+        self.bytes_delta += (dense - now) * element + router_removed * view.router_weight.element_size()
 
     def result(self) -> dict:
         return {"parameters_before": int(self.params_after + self.params_delta),
@@ -356,7 +359,9 @@ def _recover(target: Path) -> None:
     for backup in _leftovers(target, _OLD_TAG):
         if _owner_alive(backup.name, _OLD_TAG):
             continue
-        if not os.path.lexists(target) and _is_moei2_dir(backup):
+        # A backup is only ever made of a directory a writer was allowed to replace (a moei2
+        # checkpoint or an exported model), both of which hold config.json.
+        if not os.path.lexists(target) and (backup / CONFIG_NAME).is_file():
             try:
                 os.rename(backup, target)
                 continue
@@ -425,6 +430,37 @@ def _replace_dir(staging: Path, target: Path) -> None:
         return
     os.rename(staging, target)
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """Yields an empty staging directory next to ``target`` that is put at ``target`` in one atomic
+    step (replacing what is there) when the block ends normally, and removed on any exception.
+    The caller has checked that ``target`` may be replaced."""
+    target = Path(target).absolute()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"output path {str(target)!r}: cannot create its parent directory "
+                              f"({exc.strerror or exc})") from None
+    _recover(target)
+    staging = target.parent / f".{target.name}.{_STAGING_TAG}-{_owner_tag()}-{os.urandom(4).hex()}"
+    try:
+        os.mkdir(staging, 0o777)
+    except OSError as exc:
+        raise PermissionError(f"output path {str(target)!r}: its parent directory {str(target.parent)!r} is not "
+                              f"writable ({exc.strerror or exc})") from None
+    try:
+        yield staging
+        for file in staging.iterdir():
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(staging)
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # ---- the writer ----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Transformers 5 stores a layer's routed experts as two fused 3-D parameters, whic
 different rank for every expert. :class:`LowRankExperts` keeps each expert's gate, up and down
 matrices as separate factor pairs ``W ≈ A @ B`` and is called exactly like the experts module it
 replaces: ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+Experts with biases and another gated activation (gpt-oss) keep their biases exact and pass the
+activation as an ``act_fn`` with a ``glu(gate, up)`` method.
 """
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ class LowRankExpert(nn.Module):
     """One expert as factor pairs: ``down_A(down_B(act(gate_A(gate_B x)) * up_A(up_B x)))``.
 
     Shapes (H hidden size, I expert width): ``gate_A``/``up_A`` [I, r], ``gate_B``/``up_B`` [r, H],
-    ``down_A`` [H, r], ``down_B`` [r, I]; each of the three matrices has its own rank r.
+    ``down_A`` [H, r], ``down_B`` [r, I]; each of the three matrices has its own rank r. With
+    ``biases=True`` (experts with biases, as gpt-oss's) ``gate_bias``, ``up_bias`` [I] and
+    ``down_bias`` [H] are added after each projection; the factors approximate the weights alone.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, ranks: Sequence[int], *, dtype=None, device=None):
+    def __init__(self, hidden_size: int, intermediate_size: int, ranks: Sequence[int], *, dtype=None, device=None,
+                 biases: bool = False):
         super().__init__()
         rank_gate, rank_up, rank_down = (int(r) for r in ranks)
         kw = {"dtype": dtype, "device": device}
@@ -33,6 +38,12 @@ class LowRankExpert(nn.Module):
         self.up_B = nn.Parameter(torch.empty(rank_up, hidden_size, **kw))
         self.down_A = nn.Parameter(torch.empty(hidden_size, rank_down, **kw))
         self.down_B = nn.Parameter(torch.empty(rank_down, intermediate_size, **kw))
+        if biases:
+            self.gate_bias = nn.Parameter(torch.zeros(intermediate_size, **kw))
+            self.up_bias = nn.Parameter(torch.zeros(intermediate_size, **kw))
+            self.down_bias = nn.Parameter(torch.zeros(hidden_size, **kw))
+        else:
+            self.gate_bias = self.up_bias = self.down_bias = None
 
     @property
     def ranks(self) -> tuple[int, int, int]:
@@ -48,13 +59,15 @@ class LowRankExpert(nn.Module):
         return a @ b
 
     def intermediate(self, x: torch.Tensor, act_fn) -> torch.Tensor:
-        """The down projection's input ``act(gate x) * (up x)``."""
-        gate = F.linear(F.linear(x, self.gate_B), self.gate_A)
-        up = F.linear(F.linear(x, self.up_B), self.up_A)
-        return act_fn(gate) * up
+        """The down projection's input ``act(gate x) * (up x)``; an ``act_fn`` with a ``glu`` method
+        (a gated activation such as gpt-oss's) computes it from ``(gate x, up x)`` instead."""
+        gate = F.linear(F.linear(x, self.gate_B), self.gate_A, self.gate_bias)
+        up = F.linear(F.linear(x, self.up_B), self.up_A, self.up_bias)
+        glu = getattr(act_fn, "glu", None)
+        return glu(gate, up) if glu is not None else act_fn(gate) * up
 
     def forward(self, x: torch.Tensor, act_fn) -> torch.Tensor:
-        return F.linear(F.linear(self.intermediate(x, act_fn), self.down_B), self.down_A)
+        return F.linear(F.linear(self.intermediate(x, act_fn), self.down_B), self.down_A, self.down_bias)
 
 
 class LowRankExperts(nn.Module):
@@ -67,14 +80,14 @@ class LowRankExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, ranks: Sequence[Sequence[int]], act_fn: nn.Module,
-                 *, dtype=None, device=None):
+                 *, dtype=None, device=None, biases: bool = False):
         super().__init__()
         if len(ranks) == 0:
             raise ValueError("ranks: a layer needs at least one expert")
         self.hidden_dim = int(hidden_size)
         self.intermediate_dim = int(intermediate_size)
         self.lowrank = nn.ModuleList(
-            LowRankExpert(hidden_size, intermediate_size, r, dtype=dtype, device=device) for r in ranks)
+            LowRankExpert(hidden_size, intermediate_size, r, dtype=dtype, device=device, biases=biases) for r in ranks)
         self.act_fn = act_fn
 
     @property

@@ -97,11 +97,15 @@ _FUSED_SOURCES = {
 }
 
 
-def _candidates(key: str) -> list[str]:
-    """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``)."""
+def _candidates(key: str, stored_names: Optional[dict] = None) -> list[str]:
+    """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``;
+    ``stored_names``: the adapter's renames, model-key suffix -> stored suffix)."""
     out = [key]
     if ".mlp." in key:
         out.append(key.replace(".mlp.", ".block_sparse_moe."))
+    for model_suffix, stored_suffix in (stored_names or {}).items():
+        if key.endswith("." + model_suffix):
+            out.append(key[:-len(model_suffix)] + stored_suffix)
     return out
 
 
@@ -280,7 +284,7 @@ class StreamedSource(ModelSource):
             if key == "lm_head.weight" and self._tied and key not in self._weight_map:
                 continue
             entry = None
-            for name in _candidates(key):
+            for name in _candidates(key, self.adapter.stored_names):
                 if name in self._weight_map:
                     entry = _Direct(name)
                     break
@@ -477,7 +481,8 @@ class StreamedSource(ModelSource):
         digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
         for view in self.adapter.moe_layers():
             layer = self.model.model.layers[view.layer_index]
-            name = next(n for n, m in layer.named_modules() if m is view.router)
+            router = view.adapter.router_linear(view.router)
+            name = next(n for n, m in layer.named_modules() if m is router)
             key = f"{LAYER_PREFIX}{view.layer_index}.{name}.weight"
             src = self._plan[key].key
             with self._files[self._weight_map[src]].reader() as read:

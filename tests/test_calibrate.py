@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 from moei2.calibrate import iter_layer_stats  # noqa: E402
 from moei2.models import get_adapter, prune_experts  # noqa: E402
 
-from .moe_reference import dense_experts, routed_output, silu  # noqa: E402
+from .moe_reference import dense_experts, routed_output, rule_extras, silu  # noqa: E402
 from .tiny_models import EXPERTS, FAMILIES, HIDDEN, build_model, input_ids  # noqa: E402
 
 
@@ -44,12 +44,14 @@ def test_stats_match_direct_computation(family):
         torch.testing.assert_close(stats.hidden_in, hidden_states[stats.layer_index], rtol=1e-5, atol=1e-5)
         X = stats.X.double().numpy()
         W = view.router_weight.double().numpy()
-        np.testing.assert_allclose(stats.router_logits.double().numpy(), X @ W.T, rtol=1e-4, atol=1e-5)
+        extras = rule_extras(view)
+        logits = X @ W.T + (0.0 if extras["router_bias"] is None else extras["router_bias"])
+        np.testing.assert_allclose(stats.router_logits.double().numpy(), logits, rtol=1e-4, atol=1e-5)
         experts = dense_experts(view)
-        expected_Y = routed_output(X, W, experts, view.top_k, view.renormalize, view.scaling_factor)
+        expected_Y = routed_output(X, W, experts, view.top_k, view.renormalize, view.scaling_factor, **extras)
         np.testing.assert_allclose(stats.Y.double().numpy(), expected_Y, rtol=1e-4, atol=1e-5)
         # Grams over the tokens the router sends to each expert (its top-k by logit).
-        top = np.argsort(-(X @ W.T), axis=1, kind="stable")[:, :view.top_k]
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :view.top_k]
         assert stats.gram_in.dtype == torch.float64 and stats.gram_down.dtype == torch.float64
         assert tuple(stats.gram_in.shape) == (EXPERTS, HIDDEN, HIDDEN)
         inter = view.intermediate_size
@@ -58,8 +60,11 @@ def test_stats_match_direct_computation(family):
             routed = (top == j).any(axis=1)
             assert int(stats.token_counts[j]) == routed.sum()
             xj = X[routed]
-            gate, up, _ = experts[j]
-            hj = silu(xj @ gate.T) * (xj @ up.T)
+            gate, up, _, biases = experts[j]
+            if biases is None:
+                hj = silu(xj @ gate.T) * (xj @ up.T)
+            else:
+                hj = extras["glu"](xj @ gate.T + biases[0], xj @ up.T + biases[1])
             np.testing.assert_allclose(stats.gram_in[j].numpy(), xj.T @ xj, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(stats.gram_down[j].numpy(), hj.T @ hj, rtol=1e-4, atol=1e-6)
         assert int(stats.token_counts.sum()) == ids.numel() * view.top_k

@@ -44,6 +44,9 @@ def test_save_load_gives_identical_logits(family, tmp_path):
     before = logits(model, ids)
     sizes = moei2.save(model, tmp_path / "ckpt", report={"note": "tiny"})
     assert sizes["bytes_after"] < sizes["bytes_before"]
+    # the dense model's count, router rows and expert biases of the dropped experts included
+    assert sizes["parameters_before"] == sum(p.numel() for p in build_model(family, tie=family == "olmoe").parameters())
+    assert sizes["parameters_after"] == sum(p.numel() for p in model.parameters())
     assert sizes["routed_expert_parameters_after"] < sizes["routed_expert_parameters_before"]
     assert sizes["file_bytes"] > sizes["bytes_after"]
     assert moei2.is_moei2_checkpoint(tmp_path / "ckpt")

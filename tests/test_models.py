@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from moei2.models import get_adapter, lowrank_experts, prune_experts  # noqa: E402
 from moei2.modules import LowRankExperts  # noqa: E402
 
-from .moe_reference import dense_experts, routed_output  # noqa: E402
+from .moe_reference import dense_experts, routed_output, rule_extras  # noqa: E402
 from .tiny_models import EXPERTS, FAMILIES, HIDDEN, TOP_K, build_model, input_ids  # noqa: E402
 
 FACTS = {  # family: (dense layers of a 3-layer model, renormalize, scaling, shared experts, shared gate, width)
@@ -19,7 +19,14 @@ FACTS = {  # family: (dense layers of a 3-layer model, renormalize, scaling, sha
     "mixtral": ([], True, 1.0, False, False, 16),
     "olmoe": ([], False, 1.0, False, False, 16),
     "qwen3_moe": ([], True, 1.0, False, False, 16),
+    # softmax-then-top-k families
+    "qwen3_next": ([], True, 1.0, True, True, 16),
+    "qwen3_5_moe_text": ([], True, 1.0, True, True, 16),
+    "granitemoe": ([], True, 1.0, False, False, 16),
+    "hunyuan_v1_moe": ([], True, 1.0, True, False, 16),
+    "gpt_oss": ([], True, 1.0, False, False, 16),
 }
+
 
 
 def block_routed(view, x):
@@ -50,16 +57,20 @@ def test_adapter_view_matches_modules_and_routing_rule(family):
         assert view.renormalize is renorm and view.scaling_factor == scale and view.act == "silu"
         assert (view.shared_experts is not None) == has_shared
         assert (view.shared_expert_gate is not None) == has_gate
-        assert view.moe_module is adapter.decoder_layers[view.layer_index].mlp
+        assert view.moe_module is getattr(adapter.decoder_layers[view.layer_index], adapter.moe_attr)
         assert tuple(view.router_weight.shape) == (EXPERTS, HIDDEN)
-        assert tuple(view.gate_up_proj.shape) == (EXPERTS, 2 * inter, HIDDEN)
-        assert tuple(view.down_proj.shape) == (EXPERTS, HIDDEN, inter)
         gate, up, down = view.expert(5)
-        assert torch.equal(gate, view.gate_up_proj[5, :inter]) and torch.equal(up, view.gate_up_proj[5, inter:])
-        assert torch.equal(down, view.down_proj[5])
+        assert tuple(gate.shape) == tuple(up.shape) == (inter, HIDDEN) and tuple(down.shape) == (HIDDEN, inter)
+        if adapter.standard_experts:
+            assert tuple(view.gate_up_proj.shape) == (EXPERTS, 2 * inter, HIDDEN)
+            assert tuple(view.down_proj.shape) == (EXPERTS, HIDDEN, inter)
+            assert torch.equal(gate, view.gate_up_proj[5, :inter]) and torch.equal(up, view.gate_up_proj[5, inter:])
+            assert torch.equal(down, view.down_proj[5])
+        else:
+            assert view.gate_up_proj is None and view.down_proj is None
         # The adapter's statement of the routing rule reproduces the HF modules.
         expected = routed_output(x.double().numpy(), view.router_weight.double().numpy(), dense_experts(view),
-                                 view.top_k, view.renormalize, view.scaling_factor)
+                                 view.top_k, view.renormalize, view.scaling_factor, **rule_extras(view))
         np.testing.assert_allclose(block_routed(view, x).double().numpy(), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         views[0].expert(EXPERTS)
@@ -68,6 +79,15 @@ def test_adapter_view_matches_modules_and_routing_rule(family):
 def test_unsupported_architecture_lists_supported_ones():
     with pytest.raises(ValueError, match="unsupported architecture Linear; supported: .*MixtralForCausalLM"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_top_k_contradicting_the_experts_is_refused(family):
+    model = build_model(family)
+    adapter = get_adapter(model)
+    adapter.view(adapter.moe_layer_indices[0]).router.top_k = EXPERTS + 1
+    with pytest.raises(ValueError, match=f"top_k={EXPERTS + 1} experts but its router has {EXPERTS}"):
+        get_adapter(model)
 
 
 def test_group_limited_routing_is_refused():
@@ -80,7 +100,8 @@ def test_pruned_routing_equals_rule_on_unpruned_weights(family):
     model = build_model(family)
     adapter = get_adapter(model)
     views = adapter.moe_layers()
-    originals = {v.layer_index: (v.router_weight.double().numpy().copy(), dense_experts(v)) for v in views}
+    originals = {v.layer_index: (v.router_weight.double().numpy().copy(), dense_experts(v), rule_extras(v))
+                 for v in views}
     shared_before = {v.layer_index: copy.deepcopy(v.shared_experts) for v in views}
     drops = {views[0].layer_index: [1, 4, 6], views[-1].layer_index: [7]}
     ids = input_ids(2, 8)
@@ -89,9 +110,9 @@ def test_pruned_routing_equals_rule_on_unpruned_weights(family):
     for view in adapter.moe_layers():
         drop = drops.get(view.layer_index, [])
         assert view.num_experts == EXPERTS - len(drop)
-        router_weight, experts = originals[view.layer_index]
+        router_weight, experts, extras = originals[view.layer_index]
         expected = routed_output(x.double().numpy(), router_weight, experts, view.top_k, view.renormalize,
-                                 view.scaling_factor, dropped=drop)
+                                 view.scaling_factor, dropped=drop, **extras)
         np.testing.assert_allclose(block_routed(view, x).double().numpy(), expected, rtol=1e-4, atol=1e-5)
         kept = [j for j in range(EXPERTS) if j not in drop]
         assert np.array_equal(view.router_weight.double().numpy(), router_weight[kept])
@@ -103,6 +124,45 @@ def test_pruned_routing_equals_rule_on_unpruned_weights(family):
     assert record[str(views[-1].layer_index)]["kept"] == list(range(7))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def block_output(block, x):
+    with torch.no_grad():
+        out = block(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_block_equals_hf_block_with_dropped_experts_masked(family, monkeypatch):
+    """The family's own forward is the reference: the unpruned HF block with the dropped experts'
+    router logits set to -inf (wherever the router computes them, through torch's linear) gives
+    what the pruned block gives, shared experts included."""
+    model = build_model(family)
+    adapter = get_adapter(model)
+    x = rows(64)
+    layer_index = adapter.moe_layer_indices[-1]
+    view = adapter.view(layer_index)
+    drop = [0, 3, 4, 6]
+    mask = torch.zeros(EXPERTS, dtype=torch.bool)
+    mask[drop] = True
+    router_weight = adapter.router_linear(view.router).weight
+    linear = torch.nn.functional.linear
+    calls = []
+
+    def masked_linear(input, weight, bias=None):
+        out = linear(input, weight, bias)
+        if weight is router_weight or (weight.shape == router_weight.shape
+                                       and weight.data_ptr() == router_weight.data_ptr()):
+            calls.append(1)
+            out = out.masked_fill(mask.to(out.device), float("-inf"))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
+    expected = block_output(view.moe_module, x)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    assert calls, "the router's logits did not go through torch.nn.functional.linear"
+    prune_experts(model, {layer_index: drop})
+    torch.testing.assert_close(block_output(adapter.view(layer_index).moe_module, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_pruning_twice_composes_to_original_indices():

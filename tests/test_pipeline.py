@@ -1,6 +1,7 @@
 """moei2.compress end to end on tiny models of every family, checked against direct computation."""
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import moei2  # noqa: E402
 import moei2.pipeline  # noqa: E402
 from moei2 import search  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
+from moei2.stages.selection import search_layer  # noqa: E402
 
 from .tiny_models import EXPERTS, FAMILIES, TOP_K, build_model  # noqa: E402
 
@@ -128,11 +130,10 @@ def test_search_loss_equals_pruned_hf_block(family):
     batch = 3
     stats = next(iter(iter_layer_stats(model, ids, batch_size=batch, progress=False)))
     view = adapter.view(stats.layer_index)
-    X = stats.X.numpy()
-    layer = search.Layer.from_moe(
-        X, view.router_weight.detach().numpy(), view.gate_up_proj.detach().numpy(),
-        view.down_proj.detach().numpy(), top_k=view.top_k, renormalize=view.renormalize,
-        scaling_factor=view.scaling_factor, r_max=3, batch_sizes=[batch * 16, batch * 16])
+    # The pipeline's own construction: the C core from the weights, or the family's expert forward
+    # in torch where the experts are not the shared layout (gpt-oss).
+    ctx = SimpleNamespace(torch_candidates=False, batch_sizes=[batch * 16, batch * 16])
+    layer = search_layer(ctx, stats, view, 3)
     rng = np.random.default_rng(1)
     for r in (1, 2, 3):
         drop = sorted(rng.choice(EXPERTS, size=r, replace=False).tolist())

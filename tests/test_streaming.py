@@ -199,6 +199,20 @@ def test_wrong_shape(sharded):
         StreamedSource.open(sharded)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("n_routed_experts", 6, "has shape"),   # fewer experts than the weights hold
+    ("n_routed_experts", 10, "in no weights file"),  # more
+    ("num_experts_per_tok", 9, "top_k=9 experts but its router has 8"),
+])
+def test_expert_count_or_top_k_contradicting_the_weights(sharded, key, value, message):
+    """Refused when the checkpoint is opened, before any calibration."""
+    config = json.loads((sharded / "config.json").read_text())
+    config[key] = value
+    (sharded / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        StreamedSource.open(sharded)
+
+
 def test_corrupt_shard_header(sharded):
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:20])

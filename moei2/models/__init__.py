@@ -18,9 +18,21 @@ from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
+# ---- families whose routing is softmax over the experts, then top-k (renormalised or not, scaled or not)
+from .gpt_oss import GptOssAdapter  # noqa: E402
+from .granitemoe import GraniteMoeAdapter  # noqa: E402
+from .hunyuan_v1_moe import HunYuanMoEV1Adapter  # noqa: E402
+from .qwen3_5_moe import Qwen3_5MoeAdapter  # noqa: E402
+from .qwen3_next import Qwen3NextAdapter  # noqa: E402
+
+SOFTMAX_TOPK_FAMILIES = (Qwen3NextAdapter, Qwen3_5MoeAdapter, GraniteMoeAdapter, HunYuanMoEV1Adapter,
+                         GptOssAdapter)
+# ----
+
 ADAPTERS: dict[str, type[MoEAdapter]] = {
     cls.architecture: cls
-    for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter)
+    for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter,
+                *SOFTMAX_TOPK_FAMILIES)
 }
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1
@@ -186,8 +198,6 @@ def lowrank_experts(model, factors: Mapping):
     """
     import torch
 
-    from ..modules import LowRankExperts
-
     adapter = get_adapter(model)
     plan = _per_layer_plan(adapter, factors, "factors", "{layer_index: {expert: factors}}",
                            lambda index, layer_factors: _check_factors(adapter.view(index), layer_factors, index))
@@ -197,14 +207,18 @@ def lowrank_experts(model, factors: Mapping):
         old = view.experts_module
         reference = next(old.parameters())
         ranks = [tuple(int(experts[j][name][0].shape[1]) for name in MATRICES) for j in range(len(experts))]
-        module = LowRankExperts(view.hidden_size, view.intermediate_size, ranks, old.act_fn,
-                                dtype=reference.dtype, device=reference.device)
+        module = adapter.lowrank_experts_module(old, view.hidden_size, view.intermediate_size, ranks,
+                                                dtype=reference.dtype, device=reference.device)
         with torch.no_grad():
             for j, mats in enumerate(experts):
                 for name in MATRICES:
                     a, b = module[j].factors(name)
                     a.copy_(mats[name][0].to(dtype=a.dtype, device=a.device))
                     b.copy_(mats[name][1].to(dtype=b.dtype, device=b.device))
+                biases = view.expert_biases(j)
+                if biases is not None:  # kept exact: the factors approximate the weights alone
+                    for name, bias in zip(MATRICES, biases):
+                        getattr(module[j], f"{name}_bias").copy_(bias)
         module.train(old.training)
         adapter.set_experts(view.moe_module, module)
         record["layers"][str(index)]["ranks"] = [list(r) for r in ranks]
@@ -256,8 +270,6 @@ def apply_structure(model, record) -> None:
     Used when loading: the model is built from its original configuration, then reshaped here, then
     its weights are read from the checkpoint.
     """
-    from ..modules import LowRankExperts
-
     adapter = get_adapter(model)
     record = check_structure(adapter, record)
     for i in adapter.moe_layer_indices:
@@ -269,7 +281,7 @@ def apply_structure(model, record) -> None:
             view = adapter.view(i)
             old = view.experts_module
             reference = next(old.parameters())
-            module = LowRankExperts(view.hidden_size, view.intermediate_size, entry["ranks"], old.act_fn,
-                                    dtype=reference.dtype, device=reference.device)
+            module = adapter.lowrank_experts_module(old, view.hidden_size, view.intermediate_size, entry["ranks"],
+                                                    dtype=reference.dtype, device=reference.device)
             adapter.set_experts(view.moe_module, module)
     model.config.moei2 = copy.deepcopy(dict(record))

@@ -1,12 +1,14 @@
 """The uniform view of a transformers 5 MoE causal LM that the rest of moei2 works on.
 
-In transformers 5 the families moei2 supports share one layout: decoder layers in
-``model.model.layers``; in an MoE layer, ``layer.mlp`` is the sparse block, ``layer.mlp.gate`` the
-router (its ``weight`` is [E, H] and its forward returns ``(raw logits, top-k weights, top-k
-indices)``) and ``layer.mlp.experts`` the routed experts with fused parameters ``gate_up_proj``
-[E, 2I, H] (gate rows over up rows) and ``down_proj`` [E, H, I]. Checkpoints on disk keep
-per-expert keys; transformers fuses them at load time. A family adapter only says which classes
-make up its MoE block and how its router turns logits into weights.
+The families moei2 supports share one layout, described here once: decoder layers in
+``model.model.layers``; in an MoE layer, one attribute of the decoder layer holds the sparse block
+(``mlp`` by default), whose router (``gate`` by default; its forward returns ``(raw logits, top-k
+weights, top-k indices)``, its ``weight`` or that of a linear submodule is [E, H]) and routed
+experts (``experts``) with fused 3-D parameters ``gate_up_proj`` [E, 2I, H] (gate rows over up
+rows) and ``down_proj`` [E, H, I]. A block may add a shared expert, with or without a sigmoid gate
+(``Linear(H, 1)``). Checkpoints on disk keep per-expert keys; transformers fuses them at load
+time. A family adapter declares only what differs from this layout (class attributes) and how its
+router turns logits into weights.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class MoEView:
 
     @property
     def router_weight(self) -> torch.Tensor:
-        return self.router.weight.detach()
+        return self.adapter.router_linear(self.router).weight.detach()
 
     @property
     def experts_module(self) -> nn.Module:
@@ -75,13 +77,31 @@ class MoEView:
 
     @property
     def gate_up_proj(self) -> Optional[torch.Tensor]:
+        """[E, 2I, H]; ``None`` once low-rank or where the family's experts are not the shared layout."""
         experts = self.experts_module
-        return None if isinstance(experts, LowRankExperts) else experts.gate_up_proj.detach()
+        standard = self.adapter.standard_experts and not isinstance(experts, LowRankExperts)
+        return experts.gate_up_proj.detach() if standard else None
 
     @property
     def down_proj(self) -> Optional[torch.Tensor]:
         experts = self.experts_module
-        return None if isinstance(experts, LowRankExperts) else experts.down_proj.detach()
+        standard = self.adapter.standard_experts and not isinstance(experts, LowRankExperts)
+        return experts.down_proj.detach() if standard else None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's logits for rows ``x`` [n, H] in float64 (router bias included)."""
+        linear = self.adapter.router_linear(self.router)
+        logits = x.double() @ linear.weight.detach().to(device=x.device, dtype=torch.float64).T
+        bias = getattr(linear, "bias", None)
+        return logits if bias is None else logits + bias.detach().to(device=x.device, dtype=torch.float64)
+
+    def expert_output(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``j``'s output for rows ``x`` [n, H], before the routing weight: the family's own
+        expert forward (biases and activation included)."""
+        experts = self.experts_module
+        if isinstance(experts, LowRankExperts):
+            return experts[j](x, experts.act_fn)
+        return self.adapter.dense_expert_output(experts, j, x)
 
     def expert(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gate [I, H], up [I, H], down [H, I])`` of expert ``j`` (products ``A @ B`` when low-rank)."""
@@ -92,22 +112,27 @@ class MoEView:
         if isinstance(experts, LowRankExperts):
             with torch.no_grad():
                 return tuple(experts[j].weight(name).detach() for name in ("gate", "up", "down"))
-        inter = self.intermediate_size
-        gate_up = experts.gate_up_proj.detach()[j]
-        return gate_up[:inter], gate_up[inter:], experts.down_proj.detach()[j]
+        return self.adapter.dense_expert(experts, j)
+
+    def expert_biases(self, j: int) -> Optional[tuple]:
+        """``(gate [I], up [I], down [H])`` biases of expert ``j``, or ``None`` where experts have none."""
+        experts = self.experts_module
+        if isinstance(experts, LowRankExperts):
+            e = experts[j]
+            return None if e.gate_bias is None else (e.gate_bias.detach(), e.up_bias.detach(), e.down_bias.detach())
+        return self.adapter.dense_expert_biases(experts, j)
 
     def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """The input of expert ``j``'s down projection, ``act(gate x) * (up x)``, for rows ``x`` [n, H]."""
+        """The input of expert ``j``'s down projection, ``act(gate x) * (up x)`` (the family's gated
+        activation and biases where it has them), for rows ``x`` [n, H]."""
         experts = self.experts_module
         if isinstance(experts, LowRankExperts):
             return experts[j].intermediate(x, experts.act_fn)
-        gate_up = nn.functional.linear(x, experts.gate_up_proj[j])
-        gate, up = gate_up.chunk(2, dim=-1)
-        return experts.act_fn(gate) * up
+        return self.adapter.dense_intermediate(experts, j, x)
 
     @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        return int(self.router_weight.shape[0])
 
     @property
     def top_k(self) -> int:
@@ -123,11 +148,12 @@ class MoEView:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router.weight.shape[1])
+        return int(self.router_weight.shape[1])
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.experts_module.intermediate_dim)
+        experts = self.experts_module
+        return int(getattr(experts, "intermediate_dim", None) or experts.intermediate_size)
 
     @property
     def shared_experts(self) -> Optional[nn.Module]:
@@ -157,17 +183,38 @@ class MoEView:
 
 
 class MoEAdapter:
-    """Base adapter: subclasses name the family, its model class and its MoE block class."""
+    """Base adapter: the shared layout (see the module docstring). Subclasses name the family, its
+    model class and its MoE block class, and override only the attributes where they differ."""
 
     family: str = ""
     architecture: str = ""  # the causal-LM class name in transformers
     module_path: str = ""  # transformers.models.<family>.modeling_<family>
     block_class_name: str = ""
+    # ---- the layout: attribute names, overridden where a family differs ----
+    moe_attr: str = "mlp"  # the decoder layer's attribute holding the sparse block
+    router_attr: str = "gate"  # the block's router
+    router_linear_attr: Optional[str] = None  # the router's submodule holding ``weight`` (None: the router)
+    experts_attr: str = "experts"
+    shared_expert_attr: Optional[str] = None  # a shared expert whose output is added
+    shared_expert_gate_attr: Optional[str] = None  # its gate: output scaled by sigmoid(gate(x))
+    renormalize_topk: Optional[bool] = None  # None: the router's ``norm_topk_prob``
+    scaling_attr: Optional[str] = None  # the router's attribute holding a routed scaling factor
+    # Model-key suffix -> the suffix checkpoints store it under, where transformers renames on load.
+    stored_names: dict = {}
+    # ---- config.json keys: every key holding the routed-expert count (export sets them), top-k ----
+    expert_count_keys: tuple = ("num_experts",)
+    top_k_key: str = "num_experts_per_tok"
+    expert_width_key: str = "moe_intermediate_size"  # the routed experts' intermediate size
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
         self.check_supported(self.config)
+        for view in self.moe_layers():
+            if not 1 <= view.top_k <= view.num_experts:
+                raise ValueError(f"{self.family}: layer {view.layer_index} routes each token to top_k={view.top_k} "
+                                 f"experts but its router has {view.num_experts}; the configuration "
+                                 f"({self.top_k_key}) contradicts the weights")
 
     # ---- family description (overridden by the family modules) ----
 
@@ -187,26 +234,69 @@ class MoEAdapter:
     def check_supported(cls, config) -> None:
         """Raises ValueError if this configuration routes in a way moei2 does not reproduce."""
 
+    # ---- the dense experts (the shared layout; a family with another expert forward overrides these) ----
+    # True where the experts are the fused layout computing ``down(act(gate x) * (up x))`` without
+    # biases, which the C core evaluates from the weights; otherwise candidate outputs are computed
+    # with the family's own expert forward (``dense_expert_output``).
+    standard_experts: bool = True
+
+    def dense_expert(self, experts: nn.Module, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gate [I, H], up [I, H], down [H, I])`` of dense expert ``j``."""
+        inter = int(experts.intermediate_dim)
+        gate_up = experts.gate_up_proj.detach()[j]
+        return gate_up[:inter], gate_up[inter:], experts.down_proj.detach()[j]
+
+    def dense_expert_biases(self, experts: nn.Module, j: int) -> Optional[tuple]:
+        """``(gate [I], up [I], down [H])`` biases of dense expert ``j``; ``None`` without biases."""
+        return None
+
+    def dense_intermediate(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = nn.functional.linear(x, experts.gate_up_proj[j])
+        gate, up = gate_up.chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+    def dense_expert_output(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.dense_intermediate(experts, j, x), experts.down_proj[j])
+
+    def lowrank_experts_module(self, dense: nn.Module, hidden_size: int, intermediate_size: int, ranks,
+                               *, dtype, device) -> LowRankExperts:
+        """The (uninitialised) low-rank module replacing the dense experts ``dense``."""
+        return LowRankExperts(hidden_size, intermediate_size, ranks, dense.act_fn, dtype=dtype, device=device)
+
+    @classmethod
+    def export_config(cls, config, num_experts: int) -> None:
+        """Edits ``config`` (a copy of the original) to describe ``num_experts`` routed experts in
+        every MoE layer, for a plain checkpoint of the architecture; raises ValueError where the
+        family's routing cannot be described that way."""
+        for key in cls.expert_count_keys:
+            setattr(config, key, num_experts)
+
     def renormalize(self, block: nn.Module) -> bool:
+        if self.renormalize_topk is not None:
+            return self.renormalize_topk
         return bool(getattr(self.router_of(block), "norm_topk_prob", False))
 
     def scaling_factor(self, block: nn.Module) -> float:
-        return 1.0
+        return 1.0 if self.scaling_attr is None else float(getattr(self.router_of(block), self.scaling_attr))
 
     def shared_experts(self, block: nn.Module) -> Optional[nn.Module]:
-        return None
+        return None if self.shared_expert_attr is None else getattr(block, self.shared_expert_attr, None)
 
     def shared_expert_gate(self, block: nn.Module) -> Optional[nn.Module]:
-        return None
+        return None if self.shared_expert_gate_attr is None else getattr(block, self.shared_expert_gate_attr, None)
 
     def router_of(self, block: nn.Module) -> nn.Module:
-        return block.gate
+        return getattr(block, self.router_attr)
+
+    def router_linear(self, router: nn.Module) -> nn.Module:
+        """The module whose ``weight`` [E, H] gives the router logits."""
+        return router if self.router_linear_attr is None else getattr(router, self.router_linear_attr)
 
     def experts_of(self, block: nn.Module) -> nn.Module:
-        return block.experts
+        return getattr(block, self.experts_attr)
 
     def set_experts(self, block: nn.Module, experts: nn.Module) -> None:
-        block.experts = experts
+        setattr(block, self.experts_attr, experts)
 
     def _set_counts(self, block: nn.Module, num_experts: int) -> None:
         """Sets every expert count the block's forward reads (not the config, which layers share)."""
@@ -231,7 +321,7 @@ class MoEAdapter:
         return len(self.layers_module)
 
     def moe_block(self, decoder_layer: nn.Module) -> Optional[nn.Module]:
-        block = getattr(decoder_layer, "mlp", None)
+        block = getattr(decoder_layer, self.moe_attr, None)
         return block if isinstance(block, self.block_class()) else None
 
     @property
@@ -264,7 +354,7 @@ class MoEAdapter:
         if block is None:
             raise ValueError(f"{layer_name} has no routed experts (not a {self.block_class_name})")
         router = self.router_of(block)
-        num_experts = int(router.weight.shape[0])
+        num_experts = int(self.router_linear(router).weight.shape[0])
         top_k = int(router.top_k)
         if isinstance(drop, (str, bytes)) or not isinstance(drop, Iterable):
             raise ValueError(f"{layer_name}: experts to drop must be an iterable of integers, got {type(drop).__name__}")
@@ -293,23 +383,26 @@ class MoEAdapter:
         """
         kept = self.check_drop(decoder_layer, drop)
         block = self.moe_block(decoder_layer)
-        if len(kept) == self.router_of(block).weight.shape[0]:
+        if len(kept) == self.router_linear(self.router_of(block)).weight.shape[0]:
             return kept
         self._keep(block, kept)
         return kept
 
     def _keep(self, block: nn.Module, kept: list[int]) -> None:
-        router = self.router_of(block)
+        router = self.router_linear(self.router_of(block))
         experts = self.experts_of(block)
         index = torch.tensor(kept, dtype=torch.long, device=router.weight.device)
         with torch.no_grad():
-            router.weight = nn.Parameter(router.weight.index_select(0, index).clone(),
-                                         requires_grad=router.weight.requires_grad)
+            for name in ("weight", "bias"):  # a router bias is per expert
+                old = getattr(router, name, None)
+                if isinstance(old, nn.Parameter):
+                    setattr(router, name, nn.Parameter(old.index_select(0, index).clone(),
+                                                       requires_grad=old.requires_grad))
             if isinstance(experts, LowRankExperts):
                 experts.keep(kept)
             else:
-                for name in ("gate_up_proj", "down_proj"):
-                    old = getattr(experts, name)
+                # every per-expert tensor: the fused weights and any expert biases
+                for name, old in list(experts.named_parameters(recurse=False)):
                     new = old.index_select(0, index.to(old.device)).clone()
                     setattr(experts, name, nn.Parameter(new, requires_grad=old.requires_grad))
         self._set_counts(block, len(kept))

@@ -19,6 +19,10 @@ class DeepseekV2Adapter(MoEAdapter):
     architecture = "DeepseekV2ForCausalLM"
     module_path = "transformers.models.deepseek_v2.modeling_deepseek_v2"
     block_class_name = "DeepseekV2Moe"
+    shared_expert_attr = "shared_experts"
+    renormalize_topk = False  # the router ignores norm_topk_prob
+    scaling_attr = "routed_scaling_factor"
+    expert_count_keys = ("n_routed_experts",)
 
     @classmethod
     def check_supported(cls, config):
@@ -35,14 +39,13 @@ class DeepseekV2Adapter(MoEAdapter):
                 "(topk_method='greedy', or group-limited with topk_group >= n_group)")
         raise ValueError(f"deepseek_v2: topk_method={method!r} is not supported; moei2 supports only 'greedy' top-k routing")
 
-    def renormalize(self, block):
-        return False
-
-    def scaling_factor(self, block):
-        return float(self.router_of(block).routed_scaling_factor)
-
-    def shared_experts(self, block):
-        return getattr(block, "shared_experts", None)
+    @classmethod
+    def export_config(cls, config, num_experts):
+        super().export_config(config, num_experts)
+        if getattr(config, "topk_method", "greedy") != "greedy":
+            # Accepted group-limited settings select exactly the greedy top-k (see the module
+            # docstring), and greedy needs no equal-sized groups.
+            config.topk_method = "greedy"
 
     def _set_counts(self, block, num_experts):
         super()._set_counts(block, num_experts)

@@ -11,7 +11,6 @@ class MixtralAdapter(MoEAdapter):
     architecture = "MixtralForCausalLM"
     module_path = "transformers.models.mixtral.modeling_mixtral"
     block_class_name = "MixtralSparseMoeBlock"
-
-    def renormalize(self, block):
-        # MixtralTopKRouter divides the top-k probabilities by their sum unconditionally.
-        return True
+    expert_width_key = "intermediate_size"
+    renormalize_topk = True  # MixtralTopKRouter divides the top-k probabilities by their sum unconditionally
+    expert_count_keys = ("num_local_experts",)

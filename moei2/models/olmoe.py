@@ -11,3 +11,4 @@ class OlmoeAdapter(MoEAdapter):
     architecture = "OlmoeForCausalLM"
     module_path = "transformers.models.olmoe.modeling_olmoe"
     block_class_name = "OlmoeSparseMoeBlock"
+    expert_width_key = "intermediate_size"

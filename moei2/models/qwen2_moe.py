@@ -13,9 +13,5 @@ class Qwen2MoeAdapter(MoEAdapter):
     architecture = "Qwen2MoeForCausalLM"
     module_path = "transformers.models.qwen2_moe.modeling_qwen2_moe"
     block_class_name = "Qwen2MoeSparseMoeBlock"
-
-    def shared_experts(self, block):
-        return block.shared_expert
-
-    def shared_expert_gate(self, block):
-        return block.shared_expert_gate
+    shared_expert_attr = "shared_expert"
+    shared_expert_gate_attr = "shared_expert_gate"

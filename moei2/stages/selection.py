@@ -38,21 +38,23 @@ def search_layer(ctx, stats, view, r_max: int):
     """The search cache (:class:`moei2.search.Layer`) of one MoE layer from its statistics.
 
     On the CPU the C core computes the candidate outputs from the weights (``from_moe``). On a
-    device the candidate expert outputs are computed there in torch, in the layer's dtype, and
-    only the router logits and chunks of candidate outputs cross to the C core.
+    device, and for families whose experts are not the shared layout (biases, another gated
+    activation: gpt-oss), the candidate expert outputs are computed in torch with the family's own
+    expert forward, in the layer's dtype, and only the router logits (router bias included) and
+    chunks of candidate outputs cross to the C core.
     """
     from .. import search
 
     common = dict(top_k=int(view.top_k), renormalize=bool(view.renormalize),
                   scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=ctx.batch_sizes)
-    if not ctx.torch_candidates:
+    if not ctx.torch_candidates and view.adapter.standard_experts:
         return search.Layer.from_moe(
             to_numpy(stats.X), to_numpy(view.router_weight), to_numpy(view.gate_up_proj),
             to_numpy(view.down_proj), act=view.act, **common)
     X = stats.X
     with torch.no_grad():
         # Float64 logits, as from_moe computes them: the routing order decides which masks differ.
-        logits = (X.double() @ view.router_weight.to(device=X.device, dtype=torch.float64).T).cpu().numpy()
+        logits = view.router_logits(X).cpu().numpy()
     return search.Layer.from_candidate_outputs(logits, candidate_outputs(view, X), **common)
 
 
@@ -61,7 +63,10 @@ def candidate_outputs(view, X: torch.Tensor):
     :meth:`moei2.search.Layer.from_candidate_outputs`: each expert on the tokens that hold it among
     their candidates, in torch on X's device."""
     experts = view.experts_module
-    gate_up, down, act = experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn
+    standard = view.adapter.standard_experts
+    if standard:
+        gate_up, down, act = experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn
+    dtype = next(experts.parameters()).dtype
     inter = view.intermediate_size
     num_experts = view.num_experts
     device = X.device
@@ -69,7 +74,7 @@ def candidate_outputs(view, X: torch.Tensor):
     def compute(cand: np.ndarray, first: int) -> np.ndarray:
         n, C = cand.shape
         with torch.no_grad():
-            x = X[first:first + n].to(gate_up.dtype)
+            x = X[first:first + n].to(dtype)
             flat = torch.from_numpy(np.ascontiguousarray(cand)).to(device).reshape(-1)
             order = torch.argsort(flat, stable=True)
             counts = torch.bincount(flat, minlength=num_experts).tolist()
@@ -80,6 +85,9 @@ def candidate_outputs(view, X: torch.Tensor):
                     continue
                 pos = order[start:start + count]
                 start += count
+                if not standard:
+                    out[pos] = view.expert_output(j, x[pos // C]).float()
+                    continue
                 h = x[pos // C] @ gate_up[j].T
                 out[pos] = ((act(h[:, :inter]) * h[:, inter:]) @ down[j].T).float()
             return out.reshape(n, C, -1).cpu().numpy()
