@@ -10,22 +10,26 @@ _SAMPLE = "The quick brown fox jumps over the lazy dog. It was 1867, and 42 peop
 
 
 def check_tokenizer(tokenizer, argument: str = "tokenizer") -> None:
-    """Refuses a tokenizer that would turn text into nonsense without an error: one with no usable
-    vocabulary (transformers builds such a tokenizer from a directory without tokenizer files), no
-    end-of-sequence id, or that does not give a sample sentence back. ValueError naming ``argument``."""
+    """Refuses a tokenizer that would turn text into nonsense without an error: one that encodes a
+    sample sentence to nothing (transformers builds such a tokenizer from a directory without
+    tokenizer files), has no end-of-sequence id, or, where it has a vocabulary size and a decoder
+    (any object with ``__call__`` and ``eos_token_id`` is accepted), a vocabulary under 2 tokens,
+    ids outside it, or does not give the sample back. ValueError naming ``argument``."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     try:
-        size = len(tokenizer)
-        ids = list(tokenizer(_SAMPLE, add_special_tokens=False)["input_ids"])
-        text = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        ids = [int(i) for i in tokenizer(_SAMPLE, add_special_tokens=False)["input_ids"]]
+        text = tokenizer.decode(ids, skip_special_tokens=True) if ids and hasattr(tokenizer, "decode") else None
     except Exception as exc:  # any failure here means the tokenizer is unusable
         raise ValueError(f"{argument}: the tokenizer cannot encode and decode a sample sentence ({exc})") from None
-    if size < 2 or not ids:
-        raise ValueError(f"{argument}: the tokenizer has no usable vocabulary ({size} token(s); a sample sentence "
-                         f"gives {len(ids)} ids): are the tokenizer files missing?")
-    if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < size:
+    if not ids or (size is not None and size < 2):
+        raise ValueError(f"{argument}: the tokenizer has no usable vocabulary (a sample sentence gives {len(ids)} ids"
+                         f"{'' if size is None else f', {size} token(s)'}): are the tokenizer files missing?")
+    if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0 or (size is not None and eos >= size):
         raise ValueError(f"{argument}: the tokenizer has no end-of-sequence token id (eos_token_id={eos!r})")
-    if any(not 0 <= i < size for i in ids) or " ".join(text.split()) != " ".join(_SAMPLE.split()):
+    if min(ids) < 0 or (size is not None and max(ids) >= size):
+        raise ValueError(f"{argument}: the tokenizer gives ids outside its vocabulary of {size} tokens")
+    if text is not None and " ".join(text.split()) != " ".join(_SAMPLE.split()):
         raise ValueError(f"{argument}: the tokenizer does not give a sample sentence back: {_SAMPLE!r} became "
                          f"{text[:80]!r}")
 

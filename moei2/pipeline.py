@@ -96,9 +96,8 @@ def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: O
     import dataclasses
 
     from .io import load, save
-    from .streaming import StreamedSource
-
     from .paths import check_run_paths
+    from .streaming import StreamedSource
 
     config = _check_config(config)
     if output is None:

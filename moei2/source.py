@@ -41,7 +41,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict", "meta_skeleton", "resolve_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict",
+           "meta_skeleton", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}

@@ -67,11 +67,11 @@ class RunState:
                 stored = json.loads(path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ResumeError(f"work_dir {self.work_dir}: unreadable {STATE_FILE}: {exc}") from exc
-            if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
+            found = stored.get("fingerprint") if isinstance(stored, dict) else None
+            if found != fingerprint:
                 raise ResumeError(
                     f"work_dir {self.work_dir} holds a run with different settings, model or calibration "
-                    f"data (fingerprint {stored.get('fingerprint') if isinstance(stored, dict) else None} != {fingerprint}); use another "
-                    "directory or delete it"
+                    f"data (fingerprint {found} != {fingerprint}); use another directory or delete it"
                 )
             self.data = stored
 

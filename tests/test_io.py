@@ -369,7 +369,8 @@ def test_relabelled_dtype_is_refused(saved, tmp_path):
     relabelled = data[8:8 + n].replace(b'"model.norm.weight":{"dtype":"F32"', b'"model.norm.weight":{"dtype":"I32"')
     assert relabelled != data[8:8 + n]
     (old / "moei2_model.safetensors").write_bytes(data[:8] + relabelled + data[8 + n:])
-    with pytest.raises(ValueError, match="'model.norm.weight' is stored as int32, the recorded layout needs a floating"):
+    with pytest.raises(ValueError,
+                       match="'model.norm.weight' is stored as int32, the recorded layout needs a floating"):
         moei2.load(old)
 
 

@@ -138,8 +138,8 @@ def test_rank_budgets_refused_before_calibration(model_dir, tmp_path, capsys, no
     _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), "--rank-keep-ratio", "0.001",
               *QUICK], capsys, "rank_keep_ratio", "average rank")
     with pytest.raises(ValueError, match="avg_rank: 1e\\+06 is above the experts' full rank"):
-        moei2.compress(str(model_dir), None, "some text " * 200, moei2.CompressionConfig(avg_rank=1e6, rank_keep_ratio=None),
-                       output=tmp_path / "out")
+        moei2.compress(str(model_dir), None, "some text " * 200,
+                       moei2.CompressionConfig(avg_rank=1e6, rank_keep_ratio=None), output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
