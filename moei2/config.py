@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 PRUNE_RULES = ("inverse", "uniform")
-SELECTIONS = ("genetic", "greedy", "frequency", "random")
+SELECTIONS = ("genetic", "greedy", "frequency", "reap", "random")
 RANK_RULES = ("importance", "uniform")
 
 
@@ -79,7 +79,8 @@ class CompressionConfig:
         kt_candidates (K) and kt_block (T): the block-wise KT-reception field; kt_block=1 or
         kt_candidates=1 skips it. selection: how experts are chosen, "genetic" (the method),
         or the baselines "greedy" (drop the cheapest expert one at a time), "frequency" (drop
-        the least routed) and "random".
+        the least routed), "reap" (drop the lowest REAP saliency: mean router-weighted output norm,
+        arXiv 2510.13999) and "random".
     Intra-expert decomposition
         rank_keep_ratio: fraction of the surviving experts' parameters kept by low-rank factors
         (None disables decomposition), or avg_rank to give R_avg directly. alpha, eps: the rank

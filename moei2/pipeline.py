@@ -510,7 +510,7 @@ def _select_layer(ctx, index, module, hidden, r):
     if r == 0:
         selection = Selection.keep_all(view.num_experts)
     else:
-        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index)
+        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index, view)
     return selection, outputs
 
 
