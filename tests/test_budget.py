@@ -44,3 +44,112 @@ def test_reap_saliency_matches_numpy(family):
         expected[j] = np.mean(p[routed, j] * np.linalg.norm(out, axis=1))
     assert (expected > 0).sum() >= view.num_experts - 1
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-9)
+
+
+# ---- the allocator -----------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+
+from moei2.budget import LayerCosts, allocate  # noqa: E402
+
+
+def random_layer(rng, experts=3, max_rank=3, max_drop=2, dense=7, step=3, prune_scale=1.0, trunc_scale=1.0):
+    steps = np.sort(rng.exponential(1.0, size=(experts, max_rank)), axis=1)[:, ::-1]  # convex tails
+    truncation = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1] * trunc_scale
+    truncation = truncation - steps[:, -1:] * trunc_scale  # the last rank costs 0 only sometimes
+    truncation = np.maximum(truncation, 0.0)
+    prune = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0, size=max_drop))]) * prune_scale
+    return LayerCosts(prune_loss=prune, drop_order=rng.permutation(experts)[:max_drop], truncation=truncation,
+                      dense_params=dense, rank_params=step)
+
+
+def brute_force(layers, target):
+    """Every drop count, mode and rank vector of every layer: the exact optimum."""
+    per_layer = []
+    for c in layers:
+        options = []
+        for d in range(c.max_drop + 1):
+            survivors = c.survivors(d)
+            options.append((len(survivors) * c.dense_params, c.prune_loss[d]))
+            for ranks in itertools.product(range(1, c.max_rank + 1), repeat=len(survivors)):
+                options.append((sum(ranks) * c.rank_params,
+                                c.prune_loss[d] + sum(c.truncation[j, r - 1] for j, r in zip(survivors, ranks))))
+        per_layer.append(options)
+    best = np.inf
+    for combo in itertools.product(*per_layer):
+        if sum(p for p, _ in combo) <= target:
+            best = min(best, sum(c for _, c in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocator_is_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(3):
+        experts = int(rng.integers(2, 4))
+        layers.append(random_layer(rng, experts=experts, max_rank=int(rng.integers(2, 4)),
+                                   max_drop=int(rng.integers(1, experts)), dense=int(rng.integers(5, 9)),
+                                   step=int(rng.integers(2, 4))))
+    full = sum(c.num_experts * c.dense_params for c in layers)
+    least = sum(c.min_params() for c in layers)
+    target = int(rng.integers(least, full + 1))
+    plans = allocate(layers, target)
+    assert sum(p.params for p in plans) <= target
+    expected = brute_force(layers, target)
+    assert sum(p.cost for p in plans) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    for c, p in zip(layers, plans):  # the plan's figures are those of its choice
+        survivors = c.survivors(len(p.dropped))
+        assert p.dropped == [int(j) for j in c.drop_order[:len(p.dropped)]]
+        if p.ranks is None:
+            assert p.params == len(survivors) * c.dense_params
+        else:
+            assert sorted(p.ranks) == survivors.tolist()
+            assert p.params == sum(p.ranks.values()) * c.rank_params
+            cost = c.prune_loss[len(p.dropped)] + sum(c.truncation[j, r - 1] for j, r in p.ranks.items())
+            assert p.cost == pytest.approx(cost)
+
+
+def test_budget_is_met_within_one_rank_step_on_a_coarse_grid():
+    rng = np.random.default_rng(5)
+    # the shapes of the bundled model: H 64, I 96, rank cap floor(H I / (H + I)) = 38
+    layers = [random_layer(rng, experts=16, max_rank=38, max_drop=8, dense=3 * 64 * 96, step=3 * (64 + 96))
+              for _ in range(6)]
+    full = sum(c.num_experts * c.dense_params for c in layers)
+    for fraction in (0.3, 0.5, 0.7):
+        target = int((1 - fraction) * full)
+        plans = allocate(layers, target, max_grid=200)
+        used = sum(p.params for p in plans)
+        assert any(p.ranks is not None for p in plans)
+        assert target - 3 * (64 + 96) < used <= target
+        # the coarse grid is not worse than a finer one by more than what its rounding allows
+        finer = allocate(layers, target, max_grid=2000)
+        assert sum(p.cost for p in plans) <= 1.05 * sum(p.cost for p in finer) + 1e-9
+
+
+def test_free_pruning_gives_pure_pruning_and_free_low_rank_pure_low_rank():
+    rng = np.random.default_rng(1)
+    free_prune = [random_layer(rng, experts=8, max_rank=10, max_drop=6, dense=30, step=4, prune_scale=0.0)
+                  for _ in range(3)]
+    full = sum(c.num_experts * c.dense_params for c in free_prune)
+    plans = allocate(free_prune, int(0.5 * full))
+    assert all(p.ranks is None for p in plans) and sum(p.cost for p in plans) == 0.0
+    assert sum(len(p.dropped) for p in plans) == 12   # half of the 24 experts: exactly the budget
+    free_rank = [random_layer(rng, experts=8, max_rank=10, max_drop=6, dense=30, step=4, trunc_scale=0.0)
+                 for _ in range(3)]
+    plans = allocate(free_rank, int(0.5 * full))
+    assert all(p.ranks is not None and not p.dropped for p in plans) and sum(p.cost for p in plans) == 0.0
+    assert int(0.5 * full) - 4 < sum(p.params for p in plans) <= int(0.5 * full)
+
+
+def test_allocator_refuses_what_it_cannot_do():
+    rng = np.random.default_rng(0)
+    layers = [random_layer(rng) for _ in range(2)]
+    least = sum(c.min_params() for c in layers)
+    with pytest.raises(ValueError, match="fewer than"):
+        allocate(layers, least - 1)
+    with pytest.raises(ValueError, match="convex"):
+        LayerCosts(prune_loss=[0.0], drop_order=[], truncation=[[3.0, 2.5, 0.0]], dense_params=4, rank_params=1)
+    with pytest.raises(ValueError, match="drop_order"):
+        LayerCosts(prune_loss=[0.0, 1.0, 2.0], drop_order=[1, 1], truncation=[[1.0], [1.0], [1.0]],
+                   dense_params=4, rank_params=1)
