@@ -325,6 +325,14 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
         if config.prune_total > most:
             raise CLIError(f"prune_total: {config.prune_total} is more than the model can drop ({most}: "
                            f"{facts['layers']} layers x ({facts['experts']} experts - top_k {facts['top_k']}))")
+    if config.budget is not None and all(isinstance(facts.get(k), int)
+                                         for k in ("experts", "top_k", "hidden_size", "expert_width")):
+        from .stages.budget import budget_target
+
+        try:  # the share a budget can remove is the same for any number of equal layers
+            budget_target(config, [(facts["experts"], facts["top_k"], facts["hidden_size"], facts["expert_width"])])
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     top = full_rank(facts["hidden_size"], facts["expert_width"])
     if config.avg_rank is not None and config.avg_rank > top:
         raise CLIError(f"avg_rank: {config.avg_rank:g} is above the experts' full rank {top} "

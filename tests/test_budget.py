@@ -112,8 +112,8 @@ def test_allocator_is_the_brute_force_optimum(seed):
 
 def test_budget_is_met_within_one_rank_step_on_a_coarse_grid():
     rng = np.random.default_rng(5)
-    # the shapes of the bundled model: H 64, I 96, rank cap floor(H I / (H + I)) = 38
-    layers = [random_layer(rng, experts=16, max_rank=38, max_drop=8, dense=3 * 64 * 96, step=3 * (64 + 96))
+    # the shapes of the bundled model: H 128, I 96, rank cap floor(H I / (H + I)) = 54
+    layers = [random_layer(rng, experts=16, max_rank=54, max_drop=8, dense=3 * 128 * 96, step=3 * (128 + 96))
               for _ in range(6)]
     full = sum(c.num_experts * c.dense_params for c in layers)
     for fraction in (0.3, 0.5, 0.7):
@@ -121,7 +121,7 @@ def test_budget_is_met_within_one_rank_step_on_a_coarse_grid():
         plans = allocate(layers, target, max_grid=200)
         used = sum(p.params for p in plans)
         assert any(p.ranks is not None for p in plans)
-        assert target - 3 * (64 + 96) < used <= target
+        assert target - 3 * (128 + 96) < used <= target
         # the coarse grid is not worse than a finer one by more than what its rounding allows
         finer = allocate(layers, target, max_grid=2000)
         assert sum(p.cost for p in plans) <= 1.05 * sum(p.cost for p in finer) + 1e-9
@@ -153,3 +153,68 @@ def test_allocator_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="drop_order"):
         LayerCosts(prune_loss=[0.0, 1.0, 2.0], drop_order=[1, 1], truncation=[[1.0], [1.0], [1.0]],
                    dense_params=4, rank_params=1)
+
+
+# ---- budget mode end to end ------------------------------------------------------------------
+
+import moei2  # noqa: E402
+
+from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
+
+
+@pytest.mark.parametrize("family, budget", [("deepseek_v2", 0.5), ("qwen2_moe", 0.7)])
+def test_budget_run_removes_that_share_of_routed_expert_parameters(family, budget):
+    model = build_model(family, layers=4)
+    config = small_config(budget=budget)
+    model, report = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
+    views = get_adapter(model).moe_layers()
+    H, inter = views[0].hidden_size, views[0].intermediate_size
+    p = report["parameters"]
+    target = int((1 - budget) * p["routed_expert_before"])
+    assert target - 3 * (H + inter) < p["routed_expert_after"] <= target
+    assert report["budget"]["planned_params"] == p["routed_expert_after"]
+    for view in views:
+        info = report["layers"][str(view.layer_index)]
+        planned = report["budget"]["layers"][str(view.layer_index)]
+        assert len(info["dropped"]) == len(planned["dropped"]) == info["prune_count"]
+        assert view.num_experts == len(info["kept"])
+        if planned["mode"] == "dense":
+            assert not view.is_lowrank and "lowrank" not in info
+        else:  # the planned total rank, shared among the experts the search kept
+            assert sum(info["lowrank"]["ranks"]) == sum(planned["ranks"].values())
+            assert [r[0] for r in view.ranks] == info["lowrank"]["ranks"]
+
+
+def test_budget_bad_input():
+    for value in (0.0, 1.0, -0.1, 1.5, float("nan"), True, "half"):
+        with pytest.raises(ValueError, match="budget"):
+            moei2.CompressionConfig(budget=value)
+    for field, value in (("prune_ratio", 0.1), ("prune_total", 3), ("rank_keep_ratio", 0.5),
+                         ("rank_keep_ratio", None), ("avg_rank", 4.0)):
+        extra = {"rank_keep_ratio": None} if field == "avg_rank" else {}
+        with pytest.raises(ValueError, match=f"budget replaces .*{field}="):
+            moei2.CompressionConfig(budget=0.5, **{field: value}, **extra)
+    with pytest.raises(ValueError, match="budget_max_prune"):
+        moei2.CompressionConfig(budget=0.5, budget_max_prune=1.5)
+    # 8 experts, top-2, at most half dropped: 4 survivors at rank 1 keep 4 x 3 (32 + 16) of 8 x 3 x 32 x 16,
+    # so at most 95.3125 % can go; refused before calibration (the texts are never read)
+    model = build_model("deepseek_v2", layers=3)
+    with pytest.raises(ValueError, match=r"budget: 0.96 .*budget_max_prune=0.5.*95.31%"):
+        moei2.compress(model, CharTokenizer(), None, small_config(budget=0.96), progress=False)
+
+
+def test_budget_on_the_command_line(tmp_path, capsys, monkeypatch):
+    from moei2 import cli
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    for name in ("_load_model", "_load_tokenizer", "run_compression"):
+        monkeypatch.setattr(cli, name, load)
+    out = tmp_path / "out"
+    assert cli.main(["compress", "-o", str(out), "--budget", "0.5", "--prune-ratio", "0.1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "budget replaces" in err and "prune_ratio=0.1" in err
+    assert cli.main(["compress", "-o", str(out), "--budget", "0.995", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "budget: 0.995" in err and "budget_max_prune" in err
+    assert not out.exists()
