@@ -5,7 +5,9 @@ Rows: the original model, MoE-I2, and baselines at the same budget:
       routing-frequency pruning, random pruning;
   budget "~50% expert parameters removed": full MoE-I2 (25% pruned + importance-allocated
       whitened low-rank keeping 2/3), uniform-rank plain SVD and uniform-rank whitened SVD of all
-      experts keeping 1/2.
+      experts keeping 1/2;
+  at 50% and 70% of the expert parameters also budget mode (moei2 chooses the mix) and the hand
+      mixes prune_ratio 1/16, 1/8, 1/4 with the rest removed by uniform whitened ranks.
 Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice tasks, routed-expert
 parameters removed, compression time.
 
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +40,7 @@ def rows(quick: bool):
         ("MoE-I2 pruning (genetic + KT)", "25% experts pruned", dict(stage1, selection="genetic")),
         ("greedy search pruning", "25% experts pruned", dict(stage1, selection="greedy")),
         ("routing-frequency pruning", "25% experts pruned", dict(stage1, selection="frequency")),
+        ("REAP pruning", "25% experts pruned", dict(stage1, selection="reap")),
         ("random pruning", "25% experts pruned", dict(stage1, selection="random")),
         ("MoE-I2 (prune 25% + whitened low-rank 2/3)", "~50% expert params", dict(selection="genetic")),
         ("uniform-rank plain SVD (keep 1/2)", "~50% expert params",
@@ -52,7 +56,19 @@ def rows(quick: bool):
          dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=False)),
         ("uniform-rank whitened SVD (keep 0.3)", "70% expert params",
          dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=True)),
+        *budget_rows(0.5, "~50% expert params"),
+        *budget_rows(0.7, "70% expert params"),
     ]
+
+
+def budget_rows(removed: float, label: str):
+    """Budget mode at ``removed``, and the hand mixes it competes with: prune_ratio 1/16, 1/8, 1/4
+    with the rest removed by uniform whitened ranks (prune_ratio 0 is the uniform whitened SVD row)."""
+    mixes = [(f"hand mix (prune {p} + uniform whitened ranks) @{removed:g}", label,
+              dict(prune_ratio=float(Fraction(p)), rank_keep_ratio=(1 - removed) / (1 - float(Fraction(p))),
+                   rank_rule="uniform", whiten=True))
+             for p in ("1/16", "1/8", "1/4")]
+    return [(f"budget mode @{removed:g}", label, dict(budget=removed)), *mixes]
 
 
 def tradeoff_points(results):
@@ -61,9 +77,11 @@ def tradeoff_points(results):
     for r in results:
         name = r["method"]
         if name == "original":
-            families = ["MoE-I2", "plain SVD", "whitened SVD"]
+            families = ["MoE-I2", "plain SVD", "whitened SVD", "budget mode"]
         elif name.startswith("MoE-I2"):
             families = ["MoE-I2"]
+        elif name.startswith("budget mode"):
+            families = ["budget mode"]
         elif "plain SVD" in name:
             families = ["plain SVD"]
         elif "whitened SVD" in name:
@@ -121,7 +139,10 @@ def main(argv=None):
         ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
         zs = ({"average": float("nan"), "tasks": {}} if args.perplexity_only
               else ev.zero_shot(model, tokenizer, "local", limit=limit))
+        errors = [t.get("acc_stderr") for t in zs["tasks"].values()]
+        stderr = (sum(e * e for e in errors) ** 0.5 / len(errors)) if errors and None not in errors else float("nan")
         row = {"method": name, "budget": budget or "-", "perplexity": ppl, "accuracy": zs["average"],
+               "accuracy_stderr": stderr,
                "tasks": {k: v for k, v in zs["tasks"].items()}, "expert_params_removed": removed,
                "compress_seconds": elapsed if overrides is not None else 0.0}
         results.append(row)
@@ -145,10 +166,11 @@ def main(argv=None):
     except ImportError:
         if not wanted:
             print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
-    lines = ["| method | budget | held-out ppl | zero-shot acc | expert params removed | compress s |",
+    lines = ["| method | budget | held-out ppl | zero-shot acc (± s.e.) | expert params removed | compress s |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} | "
+        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} "
+                     f"± {r['accuracy_stderr']:.4f} | "
                      f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -342,6 +342,14 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
         check_rank_budget(config, facts["hidden_size"], facts["expert_width"])
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
+    if config.budget is not None and all(isinstance(facts.get(k), int)
+                                         for k in ("experts", "top_k", "hidden_size", "expert_width")):
+        from .stages.budget import budget_target
+
+        try:  # the share a budget can remove is the same for any number of equal layers
+            budget_target(config, [(facts["experts"], facts["top_k"], facts["hidden_size"], facts["expert_width"])])
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -444,9 +452,12 @@ def summary(report: dict) -> str:
     for l, info in report["layers"].items():
         kept = info.get("kept", [])
         ranks = info.get("lowrank", {}).get("ranks")
-        rank_text = f" ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})" if ranks else ""
+        rank_text = f" ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})" if ranks else " dense"
         lines.append(f"  layer {l:>3}: kept {len(kept):>3} experts{rank_text}")
     p = report["parameters"]
+    if "budget" in report:
+        lines.append(f"  budget mode: {100 * report['budget']['budget']:g}% of the routed-expert parameters to remove; "
+                     "the mix per layer above")
     lines.append(f"  routed expert parameters: {p['routed_expert_before']:,} -> {p['routed_expert_after']:,} "
                  f"({100 * p['routed_expert_reduction']:.1f}% removed)")
     lines.append(f"  model parameters: {p['model_before']:,} -> {p['model_after']:,} "

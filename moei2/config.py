@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 PRUNE_RULES = ("inverse", "uniform")
-SELECTIONS = ("genetic", "greedy", "frequency", "random")
+SELECTIONS = ("genetic", "greedy", "frequency", "reap", "random")
 RANK_RULES = ("importance", "uniform")
 
 
@@ -79,7 +79,8 @@ class CompressionConfig:
         kt_candidates (K) and kt_block (T): the block-wise KT-reception field; kt_block=1 or
         kt_candidates=1 skips it. selection: how experts are chosen, "genetic" (the method),
         or the baselines "greedy" (drop the cheapest expert one at a time), "frequency" (drop
-        the least routed) and "random".
+        the least routed), "reap" (drop the lowest REAP saliency: mean router-weighted output norm,
+        arXiv 2510.13999) and "random".
     Intra-expert decomposition
         rank_keep_ratio: fraction of the surviving experts' parameters kept by low-rank factors
         (None disables decomposition), or avg_rank to give R_avg directly. alpha, eps: the rank
@@ -88,6 +89,13 @@ class CompressionConfig:
         rank_rule: "importance" (the method) or "uniform" (every expert gets R_avg).
         whiten: truncation-aware factors from the calibration Grams (the method); False gives a
         plain truncated SVD of each weight.
+    Budget mode
+        budget: the fraction of routed-expert parameters to remove; moei2 then chooses, jointly over
+        the layers, how many experts each drops and the rank of every survivor (or keeps them
+        dense) to minimise the summed error of the layers' outputs (docs/method.md, "Budget
+        mode"). It replaces prune_ratio, prune_total, rank_keep_ratio and avg_rank, which must
+        keep their defaults; prune_rule, rank_rule, alpha, eps and importance_on_pruned are unused.
+        budget_max_prune: the most a layer may drop, as a fraction of its experts.
     Other
         seed: every random choice (calibration sampling, genetic search). device, dtype: where
         calibration and the block step run. lora: optional LoRA recovery.
@@ -120,6 +128,12 @@ class CompressionConfig:
     importance_on_pruned: bool = _field(True, "recompute expert importance on the pruned model before ranking")
     rank_rule: str = _field("importance", "rank allocation: by importance (the method) or uniform", choices=RANK_RULES)
     whiten: bool = _field(True, "truncation-aware (whitened) factors; off gives a plain truncated SVD")
+
+    budget: Optional[float] = _field(None, "budget mode: fraction of the routed-expert parameters to remove, in "
+                                           "(0, 1); moei2 chooses each layer's dropped experts and ranks (instead "
+                                           "of prune_ratio, prune_total, rank_keep_ratio and avg_rank)")
+    budget_max_prune: float = _field(0.5, "budget mode: the largest fraction of a layer's experts it may drop, in "
+                                          "[0, 1] (at most num_experts - top_k)")
 
     device: str = _field("cpu", "where calibration and the block step run (cpu, cuda, cuda:1, ...)",
                          metavar="DEVICE")
@@ -154,6 +168,14 @@ class CompressionConfig:
             _number(self, "rank_keep_ratio", 0.0, 1.0, low_open=True, none_ok=True)
         if self.avg_rank is not None:
             _number(self, "avg_rank", 1.0, math.inf, high_open=True, none_ok=True)
+        _number(self, "budget_max_prune", 0.0, 1.0)
+        if self.budget is not None:
+            _number(self, "budget", 0.0, 1.0, low_open=True, high_open=True, none_ok=True)
+            sized = [name for name in _BUDGET_REPLACES
+                     if getattr(self, name) != self.__dataclass_fields__[name].default]
+            if sized:
+                raise ValueError(f"budget replaces {', '.join(_BUDGET_REPLACES)}; give budget alone, not with "
+                                 f"{', '.join(f'{n}={getattr(self, n)!r}' for n in sized)}")
         _number(self, "alpha", 0.0, math.inf, high_open=True)
         _number(self, "eps", 0.0, math.inf, low_open=True, high_open=True)
         _bools(self, "importance_on_pruned", "whiten")
@@ -168,11 +190,14 @@ class CompressionConfig:
 
     @property
     def prunes(self) -> bool:
-        return (self.prune_total or 0) > 0 or (self.prune_total is None and self.prune_ratio > 0)
+        """Whether experts may be dropped (in budget mode the allocator decides how many)."""
+        return self.budget is not None or (self.prune_total or 0) > 0 or (self.prune_total is None and
+                                                                          self.prune_ratio > 0)
 
     @property
     def decomposes(self) -> bool:
-        return self.rank_keep_ratio is not None or self.avg_rank is not None
+        """Whether experts may be made low-rank (in budget mode the allocator decides which layers)."""
+        return self.budget is not None or self.rank_keep_ratio is not None or self.avg_rank is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,6 +216,10 @@ class CompressionConfig:
         """Hash of the settings that determine the result (used to refuse resuming a different run)."""
         payload = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# The fields budget mode chooses itself: given with budget they must keep their defaults.
+_BUDGET_REPLACES = ("prune_ratio", "prune_total", "rank_keep_ratio", "avg_rank")
 
 
 def _lora_from_dict(cls, data: dict) -> "LoRAConfig":

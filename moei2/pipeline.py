@@ -27,6 +27,7 @@ from .calibration_data import calibration_windows
 from .state import RunState
 from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
                      score_layer, search_layer, select)
+from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, pack_costs, unpack_costs
 from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
 
 __all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
@@ -182,6 +183,8 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
     _check_compressible(adapter, model, config)
+    budget_total = (budget_target(config, [layer_shape(v) for v in adapter.moe_layers()])
+                    if config.budget is not None else None)
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
@@ -231,10 +234,22 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
 
     with source.outer(), torch.no_grad():
         hidden = ctx.embed()
-    # ---- pass 1: importance and prune counts ----
+    # ---- pass 1: importance and prune counts (budget mode: the layers' costs and the plan) ----
     counts = {l: 0 for l in moe_layers}
     importance: dict = {}
-    if config.prunes:
+    plan = None
+    if config.budget is not None:
+        with ctx.timer("budget_costs"):
+            costs = _budget_pass(ctx, hidden, moe_layers)
+        with ctx.timer("budget_allocation"):
+            plan = BudgetPlan.make(config, {l: costs[l][0] for l in moe_layers}, budget_total)
+        importance = {str(l): costs[l][1] for l in moe_layers}
+        counts = plan.counts()
+        report["budget"] = plan.record()
+        for l in moe_layers:
+            report["layers"][str(l)].update(importance=importance[str(l)],
+                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
+    elif config.prunes:
         with ctx.timer("importance"):
             importance = _importance_pass(ctx, hidden, moe_layers)
         counts = prune_counts(config, {l: importance[str(l)] for l in moe_layers}, num_experts, top_k)
@@ -244,7 +259,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
 
     # ---- pass 2: search, KT choice, prune, low-rank, propagate, write ----
     writer = _Writer(source, sink if config.lora is None else None)
-    results = _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer)
+    results = _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan)
     del hidden
     selections, chosen, blocks, ranks, spectra = results
     for l in moe_layers:
@@ -336,20 +351,49 @@ def _check_compressible(adapter, model, config) -> None:
 
 def _importance_pass(ctx, hidden, moe_layers) -> dict:
     """Every MoE layer's expert importance on the original model, one layer resident at a time."""
-    state, source = ctx.state, ctx.source
+    state = ctx.state
     importance = dict(state.get("expert_importance", {}))
-    todo = [l for l in moe_layers if str(l) not in importance]
+
+    def measure(i, stats, view):
+        importance[str(i)] = score_layer(ctx, stats, view)
+        state.put("expert_importance", importance)
+
+    _first_pass(ctx, hidden, [l for l in moe_layers if str(l) not in importance], measure, "pass 1: importance")
+    return importance
+
+
+def _budget_pass(ctx, hidden, moe_layers) -> dict:
+    """Budget mode's pass 1: every MoE layer's costs and expert importance on the original model,
+    ``{layer: (LayerCosts, importance)}``."""
+    state = ctx.state
+    costs = {}
+    for l in moe_layers:
+        saved = state.load_arrays(f"budget_costs_layer{l}")
+        if saved is not None:
+            costs[l] = unpack_costs(saved)
+
+    def measure(i, stats, view):
+        costs[i] = layer_costs(ctx, stats, view)
+        state.save_arrays(f"budget_costs_layer{i}", pack_costs(*costs[i]))
+
+    _first_pass(ctx, hidden, [l for l in moe_layers if l not in costs], measure, "pass 1: budget costs")
+    return costs
+
+
+def _first_pass(ctx, hidden, todo, measure, desc) -> None:
+    """Runs the original model up to the last layer of ``todo``, calling ``measure(index, stats,
+    view)`` on each MoE layer of ``todo``."""
+    source = ctx.source
     if not todo:
-        return importance
-    bar = progress_bar(ctx, todo[-1] + 1, "pass 1: importance")
+        return
+    bar = progress_bar(ctx, todo[-1] + 1, desc)
     try:
         for i in range(todo[-1] + 1):
             with source.layer(i) as module:
                 if i in todo:
                     stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)
-                    importance[str(i)] = score_layer(ctx, stats, ctx.view(i, module))
+                    measure(i, stats, ctx.view(i, module))
                     del stats
-                    state.put("expert_importance", importance)
                 elif i < todo[-1]:
                     out = ctx.run(i, module, hidden)
                 else:
@@ -361,7 +405,6 @@ def _importance_pass(ctx, hidden, moe_layers) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    return importance
 
 
 # ---- pass 2 -----------------------------------------------------------------------------------
@@ -397,11 +440,11 @@ class _Writer:
                 self.layer(i, module)
 
 
-def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer):
+def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan=None):
     """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
     from .blockwise import make_blocks
 
-    walk = _Pass2(ctx, writer, hidden, moe_layers, counts, importance, search_hidden)
+    walk = _Pass2(ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan)
     blocks = make_blocks(moe_layers, ctx.config.kt_block if ctx.config.prunes else 1)
     walk.bar = progress_bar(ctx, ctx.adapter.num_hidden_layers, "pass 2: search, KT, low-rank")
     try:
@@ -423,11 +466,13 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
 class _Pass2:
     """Pass 2's walk over the decoder layers, in order: ``position`` is the next layer to handle,
     ``hidden`` its input in the compressed model, ``original`` its input in the unmodified model
-    (only when the search sees the original hidden state). Resumed choices come from the work_dir."""
+    (only when the search sees the original hidden state). Resumed choices come from the work_dir.
+    ``plan``: budget mode's :class:`moei2.stages.budget.BudgetPlan` (which layers are low-rank, and
+    the survivors' ranks), or None."""
 
-    def __init__(self, ctx, writer, hidden, moe_layers, counts, importance, search_hidden):
+    def __init__(self, ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan=None):
         state = ctx.state
-        self.ctx, self.writer, self.hidden = ctx, writer, hidden
+        self.ctx, self.writer, self.hidden, self.plan = ctx, writer, hidden, plan
         self.moe_layers, self.counts, self.importance = moe_layers, counts, importance
         self.selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
         self.chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
@@ -503,10 +548,11 @@ class _Pass2:
                     kept = [j for j, dropped in enumerate(mask) if not dropped]
                     if len(kept) < len(mask):
                         prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
-                if config.decomposes:
+                ranks = None if self.plan is None else self.plan.ranks(li, kept)
+                if config.decomposes and (self.plan is None or ranks is not None):
                     with ctx.timer("decomposition"):
                         factors = _factors(ctx, li, module, self.hidden, self.importance.get(str(li)), kept,
-                                           self.ranks, self.spectra, li in self.spectra_layers)
+                                           self.ranks, self.spectra, li in self.spectra_layers, ranks)
                         lowrank_experts(model, {li: factors})
                         del factors  # the module holds copies: free these before the next layer loads
             if li != self.moe_layers[-1]:
@@ -524,11 +570,11 @@ def _select_layer(ctx, index, module, hidden, r):
     if r == 0:
         selection = Selection.keep_all(view.num_experts)
     else:
-        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index)
+        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index, view)
     return selection, outputs
 
 
-def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, with_spectra) -> dict:
+def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, with_spectra, chosen_ranks=None) -> dict:
     """Low-rank factors of one pruned layer: from the work_dir if finished, else computed on the
     Grams of ``hidden`` (the compressed model's hidden state) and recorded."""
     config, state = ctx.config, ctx.state
@@ -539,7 +585,7 @@ def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, 
     # Grams are computed by the decomposition a group of experts at a time (from the captured X).
     stats, _ = ctx.capture(index, module, hidden, grams=False, keep_outputs=False)
     decomposition = decompose_layer(ctx, stats, view, full_importance=full_importance, kept=kept,
-                                    spectra=spectra if with_spectra else None)
+                                    spectra=spectra if with_spectra else None, ranks=chosen_ranks)
     del stats
     state.save_arrays(f"factors_layer{index}", pack_factors(decomposition.factors))
     ranks[str(index)] = decomposition.record()

@@ -248,7 +248,7 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(selection="greedy"), dict(selection="frequency"), dict(selection="random"),
+    dict(selection="greedy"), dict(selection="frequency"), dict(selection="reap"), dict(selection="random"),
     dict(rank_rule="uniform", whiten=False), dict(prune_ratio=0.0), dict(rank_keep_ratio=None, kt_block=1),
 ])
 def test_baseline_options_run_at_the_same_budget(overrides):

@@ -5,6 +5,7 @@ selection      the search cache of one layer and its K candidate masks
 kt             the block-wise KT-reception field, candidates applied through the routing
 decomposition  survivor importance, ranks and whitened low-rank factors of one layer
 recovery       optional LoRA fine-tuning of the compressed model
+budget         budget mode: each layer's measured costs and the allocator's plan
 """
 from .common import Context
 from .decomposition import Decomposition, decompose_layer

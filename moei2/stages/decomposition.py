@@ -30,7 +30,7 @@ class Decomposition:
 GROUP_GRAM_BYTES = 512 << 20
 
 
-def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectra=None) -> Decomposition:
+def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectra=None, ranks=None) -> Decomposition:
     """Factors of MoE layer ``view`` (already pruned) from its statistics ``stats``.
 
     full_importance / kept: the layer's pass-1 importance and surviving experts, used when the
@@ -38,7 +38,8 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
     whitened singular values of expert 0's gate (report figure). When whitening, the Grams are
     ``stats.gram_in``/``stats.gram_down`` if the capture collected them, else computed a group of
     experts at a time from ``stats.X`` (:class:`moei2.calibrate.ExpertGrams`), so that one layer's
-    Grams are never all in memory.
+    Grams are never all in memory. ranks: the experts' ranks, chosen by the caller (budget mode),
+    instead of allocated from importance.
     """
     from ..calibrate import ExpertGrams
     from ..lowrank import allocate_ranks, decompose_many
@@ -46,7 +47,7 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
 
     config = ctx.config
     M = int(view.num_experts)
-    if config.rank_rule == "uniform" or M <= view.top_k:
+    if ranks is not None or config.rank_rule == "uniform" or M <= view.top_k:
         imp = np.ones(M)  # ranks do not depend on it: skip the removal losses
     elif config.importance_on_pruned:
         imp = search_layer(ctx, stats, view, 1).expert_importance()
@@ -55,8 +56,11 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
     inter, hidden = int(view.intermediate_size), int(view.hidden_size)
     # alpha = 0 makes every (I + eps)^alpha equal: the uniform-rank baseline.
     alpha = config.alpha if config.rank_rule == "importance" else 0.0
-    ranks = allocate_ranks(np.asarray(imp, dtype=np.float64), [(inter, hidden)] * M, avg_rank=config.avg_rank,
-                           keep_ratio=config.rank_keep_ratio, alpha=alpha, eps=config.eps)
+    if ranks is None:
+        ranks = allocate_ranks(np.asarray(imp, dtype=np.float64), [(inter, hidden)] * M, avg_rank=config.avg_rank,
+                               keep_ratio=config.rank_keep_ratio, alpha=alpha, eps=config.eps)
+    elif len(ranks) != M:
+        raise ValueError(f"ranks: {len(ranks)} given for the layer's {M} experts")
     if not config.whiten:
         grams = None
     elif stats.gram_in is not None:

@@ -95,9 +95,36 @@ def candidate_outputs(view, X: torch.Tensor):
     return compute
 
 
-def select(config, layer, stats, r: int, layer_index: int) -> Selection:
+def reap_saliency(stats, view) -> np.ndarray:
+    """REAP's saliency of every expert of one layer (arXiv 2510.13999; CerebrasResearch/reap,
+    ``observer.py``): ``S_j = mean over the tokens x routed to j of p_j(x) ||f_j(x)||_2``, with
+    ``p = softmax(router logits)`` over all the layer's experts (not renormalised over the top-k:
+    REAP's default) and ``f_j(x)`` expert j's output without routing weight. "Routed to j": j is
+    among the model's own top-k choices for x (``stats.top_k_index``). An expert no token reaches
+    scores 0. Returns float64 [E]."""
+    from ..calibrate import _tokens_by_expert
+
+    E = int(view.num_experts)
+    probs = torch.softmax(stats.router_logits.double(), dim=-1)
+    tokens, bounds = _tokens_by_expert(stats.top_k_index, E)
+    weight = next(view.experts_module.parameters())
+    saliency = np.zeros(E, dtype=np.float64)
+    with torch.no_grad():
+        for j in range(E):
+            rows = tokens[bounds[j]:bounds[j + 1]]
+            if rows.numel() == 0:
+                continue
+            x = stats.X[rows.to(stats.X.device)].to(device=weight.device, dtype=weight.dtype)
+            out = torch.nn.functional.linear(view.intermediate(j, x), view.expert(j)[2])
+            norms = torch.linalg.vector_norm(out.double(), dim=-1).cpu()
+            saliency[j] = float((probs[rows, j] * norms).mean())
+    return saliency
+
+
+def select(config, layer, stats, r: int, layer_index: int, view=None) -> Selection:
     """Candidate masks by the configured selection rule: K best of the genetic search (the
-    method), or one mask of a baseline (greedy, routing frequency, random)."""
+    method), or one mask of a baseline (greedy, routing frequency, REAP saliency, random).
+    ``view``: the layer, needed by REAP (it runs the experts)."""
     E = layer.num_experts
     if config.selection == "genetic":
         result = layer.genetic(r, k_best=config.kt_candidates, seed=config.seed + layer_index,
@@ -114,6 +141,10 @@ def select(config, layer, stats, r: int, layer_index: int) -> Selection:
             top = np.argsort(-logits, axis=1, kind="stable")[:, : layer.top_k]
             frequency = np.bincount(top.ravel(), minlength=E)
             mask[np.argsort(frequency, kind="stable")[:r]] = True
+        elif config.selection == "reap":
+            if view is None:
+                raise ValueError("selection 'reap' needs the layer (view) to run its experts")
+            mask[np.argsort(reap_saliency(stats, view), kind="stable")[:r]] = True
         else:  # random
             rng = np.random.default_rng(config.seed + layer_index)
             mask[rng.choice(E, size=r, replace=False)] = True

@@ -1,0 +1,200 @@
+"""Budget mode: each MoE layer's measured costs (pass 1) and the allocator's plan over them.
+
+Costs are squared Frobenius norms of the error of the layer's routed output over all calibration
+tokens (docs/method.md, "Budget mode"):
+- dropping d experts: L(S_d)^2 from the search cache built over the tokens as one batch, with S_d
+  the first d experts of a greedy order (each step drops the expert whose removal, with those
+  already dropped, costs least): exact for that set;
+- expert j at rank r: the whitened spectra of its three matrices on the unpruned layer's Grams.
+  For the down projection the tail sum of the spectrum of W G W^T is the exact squared error of
+  its output over the routed tokens, weighted here by the mean squared routing weight; for gate
+  and up the relative tail is carried to the expert's output at the same relative size (a proxy,
+  measured in benchmarks/budget_proxy.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..budget import LayerCosts, LayerPlan, allocate, survivor_ranks
+from ..config import full_rank
+from .common import to_numpy
+
+
+def max_drop(config, num_experts: int, top_k: int) -> int:
+    """The most experts budget mode may drop from a layer."""
+    return max(0, min(num_experts - top_k, math.floor(config.budget_max_prune * num_experts)))
+
+
+def dense_params(hidden_size: int, inter: int) -> int:
+    return 3 * hidden_size * inter
+
+
+def rank_params(hidden_size: int, inter: int) -> int:
+    return 3 * (hidden_size + inter)
+
+
+def budget_target(config, shapes) -> int:
+    """The routed-expert parameters budget mode may keep; ``shapes``: (experts, top_k, hidden
+    size, expert width) of every MoE layer. Refused, naming the fields, when even every allowed
+    expert dropped and rank 1 everywhere keep more."""
+    total = least = 0
+    for E, k, H, inter in shapes:
+        total += E * dense_params(H, inter)
+        least += (E - max_drop(config, E, k)) * min(rank_params(H, inter), dense_params(H, inter))
+    target = math.floor((1.0 - config.budget) * total)
+    if least > target:
+        most = 1.0 - least / total
+        raise ValueError(f"budget: {config.budget:g} removes more than this model can lose: with budget_max_prune="
+                         f"{config.budget_max_prune:g} of each layer's experts dropped (at most num_experts - "
+                         f"top_k) and rank 1 everywhere, {100 * most:.2f}% of the routed-expert parameters go; "
+                         "lower budget or raise budget_max_prune")
+    return target
+
+
+def layer_shape(view) -> tuple:
+    return int(view.num_experts), int(view.top_k), int(view.hidden_size), int(view.intermediate_size)
+
+
+def layer_costs(ctx, stats, view) -> tuple[LayerCosts, list]:
+    """One layer's costs for the allocator, and its expert importance (the loss of dropping each
+    expert alone, as in pass 1 of the method)."""
+    from .selection import search_layer
+
+    E, k = int(view.num_experts), int(view.top_k)
+    H, inter = int(view.hidden_size), int(view.intermediate_size)
+    D = max_drop(ctx.config, E, k)
+    tokens = int(stats.X.shape[0])
+    layer = search_layer(dataclasses.replace(ctx, batch_sizes=[tokens]), stats, view, max(D, 1)) if E > k else None
+    importance = layer.expert_importance().tolist() if layer is not None else [0.0] * E
+    order, losses = greedy_order(layer, D) if D else ([], [0.0])
+    costs = LayerCosts(prune_loss=np.square(losses), drop_order=order, truncation=truncation_costs(ctx, stats, view),
+                       dense_params=dense_params(H, inter), rank_params=rank_params(H, inter))
+    return costs, importance
+
+
+def greedy_order(layer, steps: int) -> tuple[list, list]:
+    """Experts dropped one at a time, each the cheapest given those before, and the loss L after
+    each step (the first entry, nothing dropped, is 0)."""
+    E = layer.num_experts
+    mask = np.zeros(E, dtype=bool)
+    order, losses = [], [0.0]
+    for _ in range(steps):
+        left = np.flatnonzero(~mask)
+        masks = np.repeat(mask[None, :], left.size, axis=0)
+        masks[np.arange(left.size), left] = True
+        scores = np.asarray(layer.loss(masks))
+        best = int(np.argmin(scores))
+        mask[left[best]] = True
+        order.append(int(left[best]))
+        losses.append(float(scores[best]))
+    return order, losses
+
+
+def routing_weight_squares(stats, view) -> np.ndarray:
+    """Mean squared routing weight of each expert over the tokens the model routes to it."""
+    probs = torch.softmax(stats.router_logits.double(), dim=-1)
+    w = probs.gather(1, stats.top_k_index)
+    if view.renormalize:
+        w = w / w.sum(dim=1, keepdim=True)
+    w = w * float(view.scaling_factor)
+    E = int(view.num_experts)
+    flat = stats.top_k_index.reshape(-1)
+    sums = torch.zeros(E, dtype=torch.float64).index_add_(0, flat, w.reshape(-1).square())
+    counts = torch.bincount(flat, minlength=E).double()
+    return (sums / counts.clamp(min=1)).numpy()
+
+
+def whitened_eigenvalues(weight: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Eigenvalues of W G W^T, decreasing, min(m, n) of them (the smaller side, as the report's
+    spectra): their tail sums are the squared errors of the whitened truncations."""
+    w = weight.astype(np.float64)
+    side = np.linalg.qr(w, mode="r") if w.shape[0] > w.shape[1] else w
+    return np.clip(np.linalg.eigvalsh(side @ gram @ side.T)[::-1], 0.0, None)
+
+
+def _tails(eigenvalues: np.ndarray, max_rank: int) -> np.ndarray:
+    """Tail sums: [sum over i > r of eigenvalue i] for r = 1..max_rank."""
+    kept = np.cumsum(eigenvalues)
+    return np.clip(kept[-1] - kept[:max_rank], 0.0, None)
+
+
+def expert_truncation_parts(view, j: int, gram_in: np.ndarray, gram_down: np.ndarray, max_rank: int) -> dict:
+    """Expert j's squared output error at ranks 1..max_rank from each matrix, unweighted by
+    routing: ``down`` exact (tail of its whitened spectrum), ``gate`` and ``up`` the proxy (the
+    relative tail of their spectra times the expert's output energy)."""
+    gate, up, down = (to_numpy(w, np.float64) for w in view.expert(j))
+    eig_down = whitened_eigenvalues(down, gram_down)
+    energy = float(eig_down.sum())
+    parts = {"down": _tails(eig_down, max_rank)}
+    for name, matrix in (("gate", gate), ("up", up)):
+        eig = whitened_eigenvalues(matrix, gram_in)
+        parts[name] = energy * _tails(eig, max_rank) / eig.sum() if eig.sum() > 0 else np.zeros(max_rank)
+    return parts
+
+
+def truncation_costs(ctx, stats, view) -> np.ndarray:
+    """[E, R_cap] cost of each expert at each rank 1..R_cap (module docstring)."""
+    from ..calibrate import ExpertGrams
+
+    E, H, inter = int(view.num_experts), int(view.hidden_size), int(view.intermediate_size)
+    cap = full_rank(H, inter)
+    grams = ExpertGrams(view, stats.X, stats.top_k_index, ctx.row_slices)
+    weights = routing_weight_squares(stats, view)
+    costs = np.zeros((E, cap))
+    for j in range(E):
+        gram_in, gram_down = (to_numpy(g, np.float64) for g in grams(j))
+        parts = expert_truncation_parts(view, j, gram_in, gram_down, cap)
+        costs[j] = weights[j] * (parts["down"] + parts["gate"] + parts["up"])
+    return costs
+
+
+@dataclass
+class BudgetPlan:
+    """The allocator's choice for every MoE layer, and the costs it was made from."""
+
+    budget: float
+    target: int
+    costs: dict      # {layer: LayerCosts}
+    plans: dict      # {layer: LayerPlan}
+
+    @classmethod
+    def make(cls, config, costs: dict, target: int) -> "BudgetPlan":
+        layers = sorted(costs)
+        plans = allocate([costs[l] for l in layers], target)
+        return cls(budget=config.budget, target=target, costs=costs, plans=dict(zip(layers, plans)))
+
+    def counts(self) -> dict:
+        return {l: len(p.dropped) for l, p in self.plans.items()}
+
+    def ranks(self, layer: int, kept) -> list | None:
+        """Ranks of the experts ``kept`` (original numbering) with the planned total rank, or None
+        when the layer stays dense. The search may keep other experts than the plan's greedy order."""
+        plan: LayerPlan = self.plans[layer]
+        if plan.ranks is None:
+            return None
+        ranks = survivor_ranks(self.costs[layer], kept, sum(plan.ranks.values()))
+        return [ranks[int(j)] for j in kept]
+
+    def record(self) -> dict:
+        return {"budget": self.budget, "target_params": self.target,
+                "planned_params": sum(p.params for p in self.plans.values()),
+                "planned_cost": sum(p.cost for p in self.plans.values()),
+                "layers": {str(l): p.to_dict() for l, p in self.plans.items()}}
+
+
+def pack_costs(costs: LayerCosts, importance) -> dict:
+    """Arrays of a layer's costs for the run state (resume)."""
+    return {"prune_loss": costs.prune_loss, "drop_order": costs.drop_order, "truncation": costs.truncation,
+            "params": np.array([costs.dense_params, costs.rank_params]), "importance": np.asarray(importance)}
+
+
+def unpack_costs(arrays: dict) -> tuple[LayerCosts, list]:
+    dense, step = (int(v) for v in arrays["params"])
+    return (LayerCosts(prune_loss=arrays["prune_loss"], drop_order=arrays["drop_order"],
+                       truncation=arrays["truncation"], dense_params=dense, rank_params=step),
+            arrays["importance"].tolist())
