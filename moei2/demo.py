@@ -1,7 +1,7 @@
 """The bundled demo model and its text, installed as package data.
 
 The model is a small Qwen2-MoE (``Qwen2MoeForCausalLM``) trained from scratch on Jane Austen's
-novels by ``python -m moei2.train_demo``; ``training_report.json`` next to its weights records the
+novels by ``tools/train_demo.py`` (in the source tree); ``training_report.json`` next to its weights records the
 run. Everything loads from the installed package, with no network access.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def demo_model_path() -> Path:
     path = DATA_DIR / "demo_model"
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"the bundled demo model is missing from {path}; rebuild it with "
-                                "`python -m moei2.train_demo` or reinstall moei2")
+                                "tools/train_demo.py from the source tree or reinstall moei2")
     return path
 
 
