@@ -162,12 +162,14 @@ def test_r_unserializer_reads_named_list():
     assert demo_corpus._RUnserializer(data).read() == {"x": ["a", "b"], "y": [2.5]}
 
 
-def test_builder_defaults_are_the_shipped_run():
+@pytest.mark.parametrize("name, builder_model", [("default", "demo"), ("fine", "fine")])
+def test_builder_defaults_are_the_shipped_runs(name, builder_model):
     """docs/api.md's rebuild command (the defaults, --steps N --time-budget 0) repeats the shipped run."""
     train_demo = _load_tool("train_demo")
-    recorded = demo.demo_training_report()["training"]
-    settings = train_demo.settings_of("demo")
+    recorded = demo.demo_training_report(name)["training"]
+    settings = train_demo.settings_of(builder_model)
     for key in ("steps", "time_budget"):  # the command line fixes these two
         settings.pop(key)
         recorded["hyperparameters"].pop(key)
     assert recorded["hyperparameters"] == settings
+    assert train_demo.MODELS[builder_model].directory == demo.DEMO_MODELS[name]
