@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class DemoModel:
     """One bundled model: where it lives under data/, its architecture and its own defaults."""
     directory: str
     model_class: str          # a transformers class name
-    build_config: object      # (args, vocab_size, eos_token_id) -> config
+    build_config: Callable    # (args, vocab_size, eos_token_id) -> a transformers config
     defaults: dict            # architecture and the training settings that differ between models
     stages: tuple             # what a bare run rebuilds
     report_fields: tuple      # config attributes the report's "architecture" lists
