@@ -1,4 +1,4 @@
-"""Fidelity of MoE-I2 against baselines at equal budget, on the bundled demo model.
+"""Fidelity of MoE-I2 against baselines at equal budget, on a bundled demo model.
 
 Rows: the original model, MoE-I2, and baselines at the same budget:
   budget "25% experts pruned" (pruning only): genetic search + KT (MoE-I2 stage 1), greedy search,
@@ -11,8 +11,10 @@ Rows: the original model, MoE-I2, and baselines at the same budget:
 Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice tasks, routed-expert
 parameters removed, compression time.
 
-    python benchmarks/fidelity.py [--quick] [--out benchmarks/results]
+    python benchmarks/fidelity.py [--quick] [--out benchmarks/results] [--model demo|demo-fine]
         [--search-hidden compressed|original] [--rows SUBSTRING,...] [--seed N]
+
+--model picks the bundled model: demo (the Qwen2-MoE, the default) or demo-fine (64 experts).
 
 --search-hidden picks which hidden state the search and the KT step see (docs/method.md); the
 default is the method's. --rows keeps only the rows whose method name contains one of the
@@ -102,6 +104,7 @@ def main(argv=None):
     parser.add_argument("--rows", default=None, help="comma-separated substrings of the method names to run")
     parser.add_argument("--perplexity-only", action="store_true", help="skip the zero-shot tasks")
     parser.add_argument("--name", default="fidelity", help="base name of the result files")
+    parser.add_argument("--model", choices=("demo", "demo-fine"), default="demo", help="which bundled model")
     args = parser.parse_args(argv)
 
     import torch
@@ -109,6 +112,7 @@ def main(argv=None):
     import moei2
     from moei2 import CompressionConfig
     from moei2 import evaluate as ev
+    from moei2.cli import BUNDLED_MODELS
     from moei2.pipeline import SEARCH_HIDDEN, compress_source
     from moei2.source import InMemorySource
 
@@ -116,7 +120,8 @@ def main(argv=None):
     wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    base_model, tokenizer = moei2.demo_model()
+    demo_name = BUNDLED_MODELS[args.model]
+    base_model, tokenizer = moei2.demo_model(name=demo_name)
     calibration = moei2.demo_texts("calibration")
     heldout = moei2.demo_texts("heldout")
     limit = 100 if args.quick else None
@@ -153,7 +158,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
                "search_hidden": search_hidden,
-               "model": str(moei2.demo_model_path()), "rows": results}
+               "model": str(moei2.demo_model_path(demo_name)), "rows": results}
     payload["tradeoff"] = tradeoff_points(results)
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
     try:

@@ -42,14 +42,19 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- model facts, read from config.json before any weight is loaded -----------------------------
 
+# What --model accepts besides a directory: the bundled models, by their moei2.demo_model name.
+BUNDLED_MODELS = {"demo": "default", "demo-fine": "fine"}
+
+
 def _model_dir(spec: str, option: str = "--model") -> Path:
-    if spec == "demo":
+    if spec in BUNDLED_MODELS:
         from .demo import demo_model_path
 
-        return demo_model_path()
+        return demo_model_path(BUNDLED_MODELS[spec])
     path = Path(spec)
     if not path.exists():
-        raise CLIError(f"{option}: {spec!r} is neither 'demo' nor an existing directory")
+        raise CLIError(f"{option}: {spec!r} is neither one of {', '.join(map(repr, BUNDLED_MODELS))} "
+                       "nor an existing directory")
     if not path.is_dir():
         raise CLIError(f"{option}: {spec!r} is a file; give the model's directory")
     return path
@@ -110,15 +115,15 @@ def _load_tokenizer(spec: str):
 
 
 def _load_model(spec: str, dtype: str | None = None):
-    """'demo' for the bundled model, a moei2 checkpoint, or a Hugging Face model directory."""
+    """'demo' or 'demo-fine' for a bundled model, a moei2 checkpoint, or a Hugging Face model directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if spec == "demo":
+    if spec in BUNDLED_MODELS:
         from .demo import demo_model
 
-        return demo_model(dtype=torch_dtype or torch.float32)
+        return demo_model(dtype=torch_dtype or torch.float32, name=BUNDLED_MODELS[spec])
     path = _model_dir(spec)
     model_facts(spec)
     tokenizer = _load_tokenizer(spec)
@@ -289,7 +294,7 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
     """The CompressionConfig of a ``compress`` command line: preset, then ``--config``, then options."""
     name = args.preset
     if name == "auto":
-        name = "quick" if args.model == "demo" else "defaults"
+        name = "quick" if args.model in BUNDLED_MODELS else "defaults"
     settings: dict = {}
     if name == "paper":
         if facts is None or facts.get("family") not in supported_families():
@@ -391,7 +396,7 @@ def cmd_compress(args) -> int:
     from .paths import check_run_paths
 
     try:
-        check_run_paths(None if args.model == "demo" else args.model, out, args.work_dir, args.report,
+        check_run_paths(None if args.model in BUNDLED_MODELS else args.model, out, args.work_dir, args.report,
                         names=("--model", "--output", "--work-dir", "--report"))
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
@@ -434,7 +439,7 @@ def _library_bars(enabled: bool):
 def _compress(args, config, texts, out) -> dict:
     from .io import save
 
-    if args.model == "demo":
+    if args.model in BUNDLED_MODELS:
         model, tokenizer = _load_model(args.model, config.dtype)
         model, report = run_compression(model, tokenizer, texts, config, work_dir=args.work_dir,
                                         progress=not args.quiet)
@@ -471,7 +476,7 @@ def summary(report: dict) -> str:
 def cmd_evaluate(args) -> int:
     from . import evaluate as ev
 
-    if args.model != "demo":
+    if args.model not in BUNDLED_MODELS:
         facts = model_facts(args.model, "model")
         if facts["family"] is None:
             raise CLIError(f"model: {args.model!r} has no model_type in its config.json")
@@ -489,7 +494,7 @@ def cmd_evaluate(args) -> int:
         value = getattr(args, option)
         if value:
             check_writable(Path(value).absolute().parent, f"--{option}")
-    if args.report and args.model != "demo":
+    if args.report and args.model not in BUNDLED_MODELS:
         from .paths import check_run_paths
 
         try:
@@ -611,13 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Settings are layered: --preset, then --config FILE, then the options "
                                    "given. Each option is a field of CompressionConfig (LoRAConfig for --lora-*); "
                                    "the defaults shown are those fields' defaults, which a preset may change.")
-    c.add_argument("--model", default="demo", help="'demo' (bundled model, the default) or a model directory")
+    c.add_argument("--model", default="demo",
+                   help="'demo' (the bundled Qwen2-MoE, the default), 'demo-fine' (the bundled 64-expert "
+                        "DeepSeek-V2 style model) or a model directory")
     c.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
     c.add_argument("--calibration", nargs="*", help="text files for calibration (default: bundled text)")
     c.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
                    help="named settings: quick (64 x 256 calibration), paper (128 x 2048, the average rank "
                         "matching the paper's expert-parameter reduction for the model's family, LoRA on), "
-                        "defaults (CompressionConfig's); auto (the default) is quick for the demo model, defaults otherwise")
+                        "defaults (CompressionConfig's); auto (the default) is quick for the bundled models, defaults otherwise")
     c.add_argument("--config", metavar="FILE", help="JSON or YAML mapping of CompressionConfig fields")
     c.add_argument("--no-decompose", action="store_true", help="prune only (rank_keep_ratio and avg_rank none)")
     c.add_argument("--work-dir", help="directory for resumable progress")
@@ -633,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("evaluate", help="zero-shot accuracy, perplexity, throughput")
-    e.add_argument("model", help="'demo', a moei2 checkpoint or a model directory")
+    e.add_argument("model", help="'demo', 'demo-fine', a moei2 checkpoint or a model directory")
     e.add_argument("--tasks", default="local",
                    help="comma-separated lm-eval tasks; 'local' (bundled tasks), 'paper' (the paper's seven); "
                         "'' for none (default: local)")

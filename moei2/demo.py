@@ -1,8 +1,14 @@
-"""The bundled demo model and its text, installed as package data.
+"""The bundled demo models and their text, installed as package data.
 
-The model is a small Qwen2-MoE (``Qwen2MoeForCausalLM``) trained from scratch on Jane Austen's
-novels by ``python -m moei2.train_demo``; ``training_report.json`` next to its weights records the
-run. Everything loads from the installed package, with no network access.
+Two small MoE models trained from scratch on Jane Austen's novels, with the same tokenizer, split
+and training loop (``tools/train_demo.py`` in the source tree rebuilds them):
+
+``"default"``  a Qwen2-MoE (``Qwen2MoeForCausalLM``): 16 routed experts, top-4, one gated shared expert.
+``"fine"``     a miniature DeepSeek-V2-Lite (``DeepseekV2ForCausalLM``): 64 routed experts, top-6,
+               2 shared experts, first layer dense; the fine-grained structure expert pruning targets.
+
+``training_report.json`` next to each model's weights records its run. Everything loads from the
+installed package, with no network access.
 """
 from __future__ import annotations
 
@@ -12,22 +18,26 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "calibration", "heldout")
+DEMO_MODELS = {"default": "demo_model", "fine": "demo_fine"}  # name -> directory under data/
 
 
-def demo_model_path() -> Path:
-    """Directory of the bundled model (config, float32 safetensors, tokenizer, training report)."""
-    path = DATA_DIR / "demo_model"
+def demo_model_path(name: str = "default") -> Path:
+    """Directory of a bundled model (config, float32 safetensors, tokenizer, training report)."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"name: expected one of {sorted(DEMO_MODELS)}, got {name!r}")
+    path = DATA_DIR / DEMO_MODELS[name]
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the bundled demo model is missing from {path}; rebuild it with "
-                                "`python -m moei2.train_demo` or reinstall moei2")
+        raise FileNotFoundError(f"the bundled demo model {name!r} is missing from {path}; rebuild it with "
+                                "tools/train_demo.py from the source tree or reinstall moei2")
     return path
 
 
-def demo_model(dtype=None):
-    """Loads the bundled demo MoE and its tokenizer offline: returns ``(model, tokenizer)``.
+def demo_model(dtype=None, name: str = "default"):
+    """Loads a bundled demo MoE and its tokenizer offline: returns ``(model, tokenizer)``.
 
-    ``dtype`` is a ``torch.dtype`` (default ``torch.float32``, the stored precision). The model is
-    returned in eval mode on the CPU.
+    ``name`` is ``"default"`` (the Qwen2-MoE) or ``"fine"`` (the 64-expert DeepSeek-V2 style
+    model). ``dtype`` is a ``torch.dtype`` (default ``torch.float32``, the stored precision). The
+    model is returned in eval mode on the CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,7 +46,7 @@ def demo_model(dtype=None):
         dtype = torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    path = demo_model_path()
+    path = demo_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.eval(), tokenizer
@@ -56,6 +66,6 @@ def demo_texts(split: str = "calibration") -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def demo_training_report() -> dict:
-    """The bundled ``training_report.json``: held-out perplexity vs unigram, expert utilisation."""
-    return json.loads((demo_model_path() / "training_report.json").read_text())
+def demo_training_report(name: str = "default") -> dict:
+    """A bundled model's ``training_report.json``: held-out perplexity vs unigram, expert utilisation."""
+    return json.loads((demo_model_path(name) / "training_report.json").read_text())

@@ -1,5 +1,6 @@
 """The bundled demo model, its text and tasks load from the installed package and are what they claim."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,19 @@ pytest.importorskip("transformers")
 
 import moei2  # noqa: E402
 from moei2 import demo  # noqa: E402
-from moei2 import train_demo  # noqa: E402
+
+
+def _load_tool(name: str):
+    """A module of the source tree's tools/ (the demo builder is not part of the installed package)."""
+    import importlib
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    if str(tools) not in sys.path:
+        sys.path.insert(0, str(tools))  # as running a script from tools/ does
+    return importlib.import_module(name)
+
+
+demo_corpus = _load_tool("demo_corpus")
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +128,14 @@ def test_local_task_files():
 
 def test_sentence_split_keeps_titles():
     text = 'It suited Mr. Woodhouse. "It is not," he said. Mrs. Elton laughed! Yes.\n\nNew paragraph?'
-    assert train_demo.sentences_of(text) == [
+    assert demo_corpus.sentences_of(text) == [
         "It suited Mr. Woodhouse.", '"It is not," he said.', "Mrs. Elton laughed!", "Yes.", "New paragraph?"]
 
 
 def test_chapter_split_is_seeded_and_disjoint():
     chapters = [{"book": "B", "chapter": i, "text": str(i)} for i in range(100)]
-    a = train_demo.split_chapters(chapters, 7, 0.1, 0.05)
-    b = train_demo.split_chapters(chapters, 7, 0.1, 0.05)
+    a = demo_corpus.split_chapters(chapters, 7, 0.1, 0.05)
+    b = demo_corpus.split_chapters(chapters, 7, 0.1, 0.05)
     assert a == b
     ids = [c["chapter"] for part in a.values() for c in part]
     assert sorted(ids) == list(range(100))
@@ -146,4 +159,17 @@ def test_r_unserializer_reads_named_list():
     attr = i(0x402) + i(1) + charsxp("names") + names + i(254)  # pairlist, tag = symbol "names"
     vecsxp = i(0x213, 2) + strsxp + realsxp + attr
     data = b"X\n" + i(2, 0x30000, 0x20300) + vecsxp
-    assert train_demo._RUnserializer(data).read() == {"x": ["a", "b"], "y": [2.5]}
+    assert demo_corpus._RUnserializer(data).read() == {"x": ["a", "b"], "y": [2.5]}
+
+
+@pytest.mark.parametrize("name, builder_model", [("default", "demo"), ("fine", "fine")])
+def test_builder_defaults_are_the_shipped_runs(name, builder_model):
+    """docs/api.md's rebuild command (the defaults, --steps N --time-budget 0) repeats the shipped run."""
+    train_demo = _load_tool("train_demo")
+    recorded = demo.demo_training_report(name)["training"]
+    settings = train_demo.settings_of(builder_model)
+    for key in ("steps", "time_budget"):  # the command line fixes these two
+        settings.pop(key)
+        recorded["hyperparameters"].pop(key)
+    assert recorded["hyperparameters"] == settings
+    assert train_demo.MODELS[builder_model].directory == demo.DEMO_MODELS[name]
