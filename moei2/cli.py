@@ -83,11 +83,11 @@ def model_facts(spec: str, option: str = "--model") -> dict:
              "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
              "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
              "top_k": config.get(adapter.top_k_key if adapter else "num_experts_per_tok"),
-             "experts": next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
+             "experts": next((config[k] for k in (adapter.expert_count_keys if adapter else ("num_experts",))
                               if isinstance(config.get(k), int)), None)}
     if adapter is not None and not all(isinstance(v, int) and v > 0 for v in (hidden, width)):
         raise CLIError(f"{option}: {config_file} lacks a positive hidden_size or expert width")
-    if family in SUPPORTED_FAMILIES:
+    if adapter is not None:
         # transformers' own validation (layer_types against the layer count, ...), which would
         # otherwise first run inside the tokenizer's loading and end in a traceback.
         from transformers import CONFIG_MAPPING
