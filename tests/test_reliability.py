@@ -164,7 +164,7 @@ def test_colliding_paths_refused_before_work(case, model_dir, tmp_path, capsys, 
 
 def test_top_k_above_expert_count_refused(model_dir, tmp_path, capsys, no_calibration):
     _edit_config(model_dir, num_experts_per_tok=9)  # of 8 experts
-    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), *QUICK], capsys, "top-k 9 of 8")
+    _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), *QUICK], capsys, "top_k=9", "router has 8")
 
 
 def test_layer_types_disagreeing_with_layer_count_refused(model_dir, tmp_path, capsys, no_calibration):
