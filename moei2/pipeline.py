@@ -68,9 +68,10 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     layer, ranks, parameter and size reductions, each stage's loss and time, and the seed; for a
     directory also the written checkpoint's sizes under ``checkpoint``.
     """
-    from .source import InMemorySource
+    from .source import InMemorySource, check_device
 
     config = _check_config(config)
+    check_device(config.device, config.dtype)
     if isinstance(model, (str, os.PathLike)):
         return compress_checkpoint(model, output, tokenizer, texts, config, overwrite=overwrite,
                                    work_dir=work_dir, progress=progress)
@@ -98,7 +99,10 @@ def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: O
     from .io import load, save
     from .streaming import StreamedSource
 
+    from .source import check_device
+
     config = _check_config(config)
+    check_device(config.device, config.dtype)
     if output is None:
         raise ValueError("output: compressing a checkpoint directory writes the result to a directory; "
                          "give output=")
@@ -162,15 +166,14 @@ def _checkpoint_sizes(parameters: dict) -> dict:
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
-                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None,
-                    torch_candidates: Optional[bool] = None) -> dict:
+                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None) -> dict:
     """Compresses the model of ``source`` (a :class:`moei2.source.ModelSource`) and returns the report.
 
     sink: optional object with ``add(tensors)``, given every finished decoder layer's tensors
     (full state-dict keys, in the source's storage dtype, on the CPU) once, inside the layer's
     scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
-    :data:`SEARCH_HIDDEN`) or ``"original"``. torch_candidates: compute the search caches'
-    candidate outputs in torch on the device (default: when the device is not the CPU).
+    :data:`SEARCH_HIDDEN`) or ``"original"``. Where the heavy stages compute follows
+    ``config.kernels`` on the source's device.
     """
     config = _check_config(config)
     search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
@@ -189,7 +192,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     model.eval()
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
-                  torch_candidates=(source.device.type != "cpu") if torch_candidates is None else bool(torch_candidates),
+                  torch_kernels=config.kernels == "torch" or (config.kernels == "auto" and source.device.type != "cpu"),
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)

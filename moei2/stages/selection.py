@@ -45,15 +45,29 @@ def search_layer(ctx, stats, view, r_max: int):
 
     common = dict(top_k=int(view.top_k), renormalize=bool(view.renormalize),
                   scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=ctx.batch_sizes)
-    if not ctx.torch_candidates:
+    if not ctx.torch_kernels:
         return search.Layer.from_moe(
             to_numpy(stats.X), to_numpy(view.router_weight), to_numpy(view.gate_up_proj),
             to_numpy(view.down_proj), act=view.act, **common)
     X = stats.X
+    return search.Layer.from_candidate_outputs(router_logits_float64(view, X), candidate_outputs(view, X), **common)
+
+
+# Rows of X widened to float64 at a time for the router logits: 64 MiB of a 2048-wide X.
+_LOGIT_ROWS = 4096
+
+
+def router_logits_float64(view, X: torch.Tensor) -> np.ndarray:
+    """[N, E] float64 logits X @ router_weight^T on X's device, as from_moe computes them (the
+    routing order decides which masks differ), widened a block of rows at a time instead of a
+    float64 copy of the whole layer input."""
+    weight = view.router_weight.detach().to(device=X.device, dtype=torch.float64)
+    out = np.empty((X.shape[0], weight.shape[0]), dtype=np.float64)
     with torch.no_grad():
-        # Float64 logits, as from_moe computes them: the routing order decides which masks differ.
-        logits = (X.double() @ view.router_weight.to(device=X.device, dtype=torch.float64).T).cpu().numpy()
-    return search.Layer.from_candidate_outputs(logits, candidate_outputs(view, X), **common)
+        for start in range(0, X.shape[0], _LOGIT_ROWS):
+            block = X[start:start + _LOGIT_ROWS].to(torch.float64)
+            out[start:start + block.shape[0]] = (block @ weight.T).cpu().numpy()
+    return out
 
 
 def candidate_outputs(view, X: torch.Tensor):
