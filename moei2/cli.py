@@ -634,8 +634,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"{prog}: error: out of memory", file=sys.stderr)
+    except MemoryError as exc:
+        print(f"{prog}: error: {_first_line(exc) if str(exc).strip() else 'out of memory'}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, EOFError) as exc:
         reason = "the disk is full: " if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""

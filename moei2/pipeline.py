@@ -29,7 +29,8 @@ from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer,
                      score_layer, search_layer, select)
 from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
 
-__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
+__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "DeviceOutOfMemory",
+           "SEARCH_HIDDEN"]
 
 # Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
 # state each stage sees"): "compressed", the hidden state propagated through the layers already
@@ -321,8 +322,35 @@ def _check_compressible(adapter, model) -> None:
             "by moei2); compressing low-rank experts again is not supported: start from the original model")
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The device ran out of memory; the message names the layer and what was asked for. Every
+    layer finished before it is recorded in the work_dir, so a rerun resumes there."""
+
+
+def _names_device_oom(run_pass):
+    """Turns the device's out-of-memory error inside a pass into :class:`DeviceOutOfMemory` naming
+    where it happened (``ctx.where``) and how much the failed allocation asked for."""
+    import functools
+    import re
+
+    @functools.wraps(run_pass)
+    def wrapper(ctx, *args, **kwargs):
+        try:
+            return run_pass(ctx, *args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            text = str(exc)
+            asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)", text)
+            needed = f"it needed {asked.group(1)} more" if asked else text.strip().splitlines()[0]
+            resume = ("; every finished layer is in the work_dir: rerun with the same settings to resume (a smaller "
+                      "calib_batch_size needs less)" if ctx.state.work_dir is not None else
+                      "; with a work_dir a rerun would resume after the finished layers")
+            raise DeviceOutOfMemory(f"device {ctx.device}: out of memory at {ctx.where} ({needed}){resume}") from None
+    return wrapper
+
+
 # ---- pass 1 -----------------------------------------------------------------------------------
 
+@_names_device_oom
 def _importance_pass(ctx, hidden, moe_layers) -> dict:
     """Every MoE layer's expert importance on the original model, one layer resident at a time."""
     state, source = ctx.state, ctx.source
@@ -333,6 +361,7 @@ def _importance_pass(ctx, hidden, moe_layers) -> dict:
     bar = progress_bar(ctx, todo[-1] + 1, "pass 1: importance")
     try:
         for i in range(todo[-1] + 1):
+            ctx.where = f"layer {i} (importance)"
             with source.layer(i) as module:
                 if i in todo:
                     stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)
@@ -386,6 +415,7 @@ class _Writer:
                 self.layer(i, module)
 
 
+@_names_device_oom
 def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer):
     """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
     from .blockwise import make_blocks
@@ -441,6 +471,7 @@ class _Pass2:
         ctx = self.ctx
         while self.position < until:
             index = self.position
+            ctx.where = f"layer {index}"
             with ctx.source.layer(index) as module:
                 if index < self.moe_layers[-1]:
                     self.hidden = ctx.run(index, module, self.hidden)
@@ -462,6 +493,7 @@ class _Pass2:
             start = self.original if self.original is not None else self.hidden
             current = start
             for li in span:
+                ctx.where = f"layer {li} (search)"
                 with ctx.computing(modules[li]) as module, ctx.timer("search"):
                     if li in self.counts and li not in self.selections and not resumed:
                         self.selections[li], current = _select_layer(ctx, li, module, current, self.counts[li])
@@ -469,6 +501,7 @@ class _Pass2:
                     else:
                         current = ctx.run(li, module, current)
             if not resumed:
+                ctx.where = f"the KT walk over layers {span[0]} to {span[-1]}"
                 with ctx.timer("kt_block"):
                     self.kt_done[bi] = choose_block(ctx, block, modules, self.selections, start, current)
                 self.chosen.update(zip(block, self.kt_done[bi].choice))
@@ -484,6 +517,7 @@ class _Pass2:
 
         ctx, config = self.ctx, self.ctx.config
         model = ctx.source.model
+        ctx.where = f"layer {li} (prune, decomposition)"
         with ctx.source.layer(li) as module:
             if li in self.counts:
                 kept = None

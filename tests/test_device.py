@@ -151,3 +151,37 @@ def test_lora_on_a_bfloat16_model_trains_float32_masters_and_keeps_the_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("lowrank" in n for n in changed) and any("q_proj" in n for n in changed)
+
+
+def test_device_out_of_memory_names_the_layer_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """The device running out of memory in layer 1's decomposition: one line naming the layer and
+    what was asked for; the work_dir then resumes to the uninterrupted result."""
+    import moei2
+    from moei2 import lowrank
+    from moei2.pipeline import DeviceOutOfMemory
+
+    from .test_pipeline import CharTokenizer, calibration_texts, small_config
+
+    config = small_config()
+    whole, _ = moei2.compress(build_model("qwen2_moe"), CharTokenizer(), calibration_texts(), config, progress=False)
+    real = lowrank.decompose_many
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total "
+                                         "capacity of 79.10 GiB of which 1.20 GiB is free.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank, "decompose_many", failing)
+    model = build_model("qwen2_moe")
+    with pytest.raises(DeviceOutOfMemory, match=r"device cpu: out of memory at layer 1 \(prune, decomposition\) "
+                                                r"\(it needed 2.50 GiB more\); every finished layer is in the work_dir"):
+        moei2.compress(model, CharTokenizer(), calibration_texts(), config, work_dir=tmp_path / "work", progress=False)
+    monkeypatch.setattr(lowrank, "decompose_many", real)
+    resumed, report = moei2.compress(build_model("qwen2_moe"), CharTokenizer(), calibration_texts(), config,
+                                     work_dir=tmp_path / "work", progress=False)
+    assert report["resumed"]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key

@@ -81,6 +81,7 @@ class Context:
     torch_kernels: bool = False
     progress: bool = True
     park_dtype: Optional[torch.dtype] = None
+    where: str = "the start"  # the work in progress, for an error message
 
     def park(self, module) -> None:
         """Puts a resident, unmodified layer in ``park_dtype`` until it computes."""
