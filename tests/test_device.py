@@ -10,6 +10,7 @@ from moei2.calibrate import ExpertGrams, LayerRunner, iter_layer_stats  # noqa: 
 from moei2.models import get_adapter  # noqa: E402
 from moei2.source import as_device, check_device  # noqa: E402
 
+from .test_cli import never_load  # noqa: E402,F401  (a fixture)
 from .tiny_models import EXPERTS, build_model, input_ids  # noqa: E402
 
 
@@ -57,15 +58,6 @@ def test_devices_this_machine_lacks_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="dtype: Old GPU .* cannot compute in bfloat16"):
         check_device("cuda", "bfloat16")
     assert check_device("cpu", "bfloat16") == torch.device("cpu")
-
-
-@pytest.fixture
-def never_load(monkeypatch):
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the device was checked")
-    monkeypatch.setattr(cli, "_load_model", load)
-    monkeypatch.setattr(cli, "_load_tokenizer", load)
-    monkeypatch.setattr(cli, "run_compression", load)
 
 
 @pytest.mark.parametrize("command", [["compress", "-o", "OUT"], ["evaluate", "demo"]])
@@ -134,7 +126,9 @@ def test_master_weights_keep_steps_below_bfloat16_spacing():
     torch.testing.assert_close(wide.detach(), torch.full((4,), 0.98), rtol=0, atol=1e-4)
 
 
-def test_lora_on_a_bfloat16_model_trains_float32_masters_and_keeps_the_dtype():
+def lora_on_a_bfloat16_model(device: str) -> None:
+    """LoRA on ``device`` of a compressed bfloat16 model kept on the CPU: it trains (through float32
+    masters, or every step of the factors would round away), and the model comes back home in bfloat16."""
     pytest.importorskip("peft")
     import moei2
     from moei2.config import LoRAConfig
@@ -146,11 +140,16 @@ def test_lora_on_a_bfloat16_model_trains_float32_masters_and_keeps_the_dtype():
                               calibration_texts(), small_config(dtype="bfloat16"), progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = lora_finetune(model, CharTokenizer(), calibration_texts(),
-                           LoRAConfig(steps=3, batch_size=2, seq_len=16, target_modules=("q_proj",)), device="cpu")
+                           LoRAConfig(steps=3, batch_size=2, seq_len=16, target_modules=("q_proj",)), device=device)
     assert report["steps"] == 3 and torch.isfinite(torch.tensor(report["loss_last"]))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("lowrank" in n for n in changed) and any("q_proj" in n for n in changed)
+
+
+def test_lora_on_a_bfloat16_model_trains_float32_masters_and_keeps_the_dtype():
+    lora_on_a_bfloat16_model("cpu")
 
 
 def test_device_out_of_memory_names_the_layer_and_the_run_resumes(tmp_path, monkeypatch, capsys):

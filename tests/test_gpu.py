@@ -15,6 +15,7 @@ from moei2.calibrate import ExpertGrams, iter_layer_stats  # noqa: E402
 from moei2.device_kernels import decompose_torch  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
 
+from .test_device import lora_on_a_bfloat16_model  # noqa: E402
 from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
 from .test_torch_kernels import _factors, _same_factorisation  # noqa: E402
 from .tiny_models import EXPERTS, build_model, input_ids  # noqa: E402
@@ -92,17 +93,4 @@ def test_cuda_reruns_are_identical(tmp_path):
 
 
 def test_lora_trains_on_the_device_and_returns_the_model_home():
-    pytest.importorskip("peft")
-    from moei2.config import LoRAConfig
-    from moei2.recovery import lora_finetune
-
-    model, _ = moei2.compress(build_model("qwen2_moe", layers=2, dtype=torch.bfloat16), CharTokenizer(),
-                              calibration_texts(), small_config(dtype="bfloat16"), progress=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    report = lora_finetune(model, CharTokenizer(), calibration_texts(),
-                           LoRAConfig(steps=4, batch_size=2, seq_len=16, target_modules=("q_proj",)), device="cuda")
-    assert report["steps"] == 4 and np.isfinite(report["loss_last"])
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert any("lowrank" in n for n in changed) and any("q_proj" in n for n in changed)
+    lora_on_a_bfloat16_model("cuda")

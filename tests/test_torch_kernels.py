@@ -123,3 +123,39 @@ def test_kernels_setting():
     assert moei2.CompressionConfig(kernels="torch").torch_kernels
     with pytest.raises(ValueError, match="kernels must be one of"):
         moei2.CompressionConfig(kernels="cuda")
+
+
+@pytest.mark.parametrize("duplicate", [False, True], ids=["distinct", "two-equal-experts"])
+def test_search_cache_from_gram_factors_equals_from_moe(duplicate):
+    """Only each token's C x C Gram factor crosses from the device: the cache built from it
+    equals the C core's from the weights, also when two experts are equal (every token holding
+    both has a singular Gram: the eigendecomposition route)."""
+    from moei2.calibrate import iter_layer_stats
+    from moei2.models import get_adapter
+    from moei2.search import Layer
+    from moei2.stages.selection import candidate_output_factors, router_logits_float64
+
+    model = build_model("qwen3_moe", layers=1)
+    view = get_adapter(model).moe_layers()[0]
+    if duplicate:
+        with torch.no_grad():
+            view.experts_module.gate_up_proj[3] = view.experts_module.gate_up_proj[5]
+            view.experts_module.down_proj[3] = view.experts_module.down_proj[5]
+    ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    stats = next(iter(iter_layer_stats(model, ids, batch_size=2, progress=False)))
+    common = dict(top_k=int(view.top_k), renormalize=bool(view.renormalize), scaling_factor=float(view.scaling_factor),
+                  r_max=4, batch_sizes=[32, 32])
+    reference = Layer.from_moe(stats.X.numpy(), view.router_weight.detach().numpy(),
+                               view.gate_up_proj.detach().numpy(), view.down_proj.detach().numpy(), act="silu",
+                               **common)
+    factors = candidate_output_factors(view, stats.X)
+    cand = reference._cache.candidates(0, 64)
+    L = factors(cand, 0)
+    assert L.shape == (64, cand.shape[1], cand.shape[1]) and L.dtype == np.float64
+    layer = Layer.from_candidate_outputs(router_logits_float64(view, stats.X), factors, **common)
+    rng = np.random.default_rng(3)
+    masks = np.zeros((30, view.num_experts), dtype=bool)
+    for m in masks:
+        m[rng.choice(view.num_experts, size=rng.integers(1, 5), replace=False)] = True
+    np.testing.assert_allclose(layer.loss(masks), reference.loss(masks), rtol=1e-6)
+    np.testing.assert_allclose(layer.expert_importance(), reference.expert_importance(), rtol=1e-6)

@@ -39,7 +39,8 @@ def search_layer(ctx, stats, view, r_max: int):
 
     On the CPU the C core computes the candidate outputs from the weights (``from_moe``). On a
     device the candidate expert outputs are computed there in torch, in the layer's dtype, and
-    only the router logits and chunks of candidate outputs cross to the C core.
+    only the router logits and each token's C x C factor of their Gram cross to the C core
+    (:func:`candidate_output_factors`).
     """
     from .. import search
 
@@ -50,7 +51,8 @@ def search_layer(ctx, stats, view, r_max: int):
             to_numpy(stats.X), to_numpy(view.router_weight), to_numpy(view.gate_up_proj),
             to_numpy(view.down_proj), act=view.act, **common)
     X = stats.X
-    return search.Layer.from_candidate_outputs(router_logits_float64(view, X), candidate_outputs(view, X), **common)
+    return search.Layer.from_candidate_outputs(router_logits_float64(view, X), candidate_output_factors(view, X),
+                                               **common)
 
 
 # Rows of X widened to float64 at a time for the router logits: 64 MiB of a 2048-wide X.
@@ -70,17 +72,62 @@ def router_logits_float64(view, X: torch.Tensor) -> np.ndarray:
     return out
 
 
+# Tokens whose candidate outputs are held on the device at once by candidate_output_factors:
+# 4096 x 19 x 2048 float32 is 0.6 GiB for Qwen widths.
+_FACTOR_TOKENS = 4096
+
+
+def candidate_output_factors(view, X: torch.Tensor):
+    """candidate_outputs(candidates [n, C], first_token) -> [n, C, C] float64 for
+    :meth:`moei2.search.Layer.from_candidate_outputs`: per token, a factor L of the Gram
+    G = O O^T of its candidate outputs O [C, H] (L L^T = G), computed on X's device.
+
+    The search cache keeps only the triangular factor of each token's Gram, so L carries all it
+    needs (its Gram is G, and the routed output's norm w^T G w) in C^2 numbers instead of C H:
+    about 3 KB a token instead of 156 KB at Qwen widths, and the C core's factor step reads L.
+    G is formed in float64 from the float32 outputs (products exact, as in the C core's Gram
+    route); L is its Cholesky factor, or V sqrt(max(lambda, 0)) from its eigendecomposition
+    where the Cholesky fails (rank-deficient O)."""
+    outputs = _candidate_outputs_torch(view, X)
+
+    def compute(cand: np.ndarray, first: int) -> np.ndarray:
+        n = cand.shape[0]
+        factors = []
+        with torch.no_grad():
+            for start in range(0, n, _FACTOR_TOKENS):
+                o = outputs(cand[start:start + _FACTOR_TOKENS], first + start).double()
+                gram = o @ o.transpose(1, 2)
+                del o
+                if not bool(torch.isfinite(gram).all()):
+                    raise ValueError("candidate outputs contains NaN or Inf")
+                L, info = torch.linalg.cholesky_ex(gram)
+                failed = info != 0
+                if bool(failed.any()):
+                    values, vectors = torch.linalg.eigh(gram[failed])
+                    L[failed] = vectors * values.clamp_min(0.0).sqrt()[:, None, :]
+                factors.append(L.cpu().numpy())
+        return np.concatenate(factors) if len(factors) > 1 else factors[0]
+
+    return compute
+
+
 def candidate_outputs(view, X: torch.Tensor):
     """candidate_outputs(candidates [n, C], first_token) -> [n, C, H] float32 for
     :meth:`moei2.search.Layer.from_candidate_outputs`: each expert on the tokens that hold it among
     their candidates, in torch on X's device."""
+    outputs = _candidate_outputs_torch(view, X)
+    return lambda cand, first: outputs(cand, first).cpu().numpy()
+
+
+def _candidate_outputs_torch(view, X: torch.Tensor):
+    """As :func:`candidate_outputs`, the [n, C, H] float32 tensor left on X's device."""
     experts = view.experts_module
     gate_up, down, act = experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn
     inter = view.intermediate_size
     num_experts = view.num_experts
     device = X.device
 
-    def compute(cand: np.ndarray, first: int) -> np.ndarray:
+    def compute(cand: np.ndarray, first: int) -> torch.Tensor:
         n, C = cand.shape
         with torch.no_grad():
             x = X[first:first + n].to(gate_up.dtype)
@@ -96,7 +143,7 @@ def candidate_outputs(view, X: torch.Tensor):
                 start += count
                 h = x[pos // C] @ gate_up[j].T
                 out[pos] = ((act(h[:, :inter]) * h[:, inter:]) @ down[j].T).float()
-            return out.reshape(n, C, -1).cpu().numpy()
+            return out.reshape(n, C, -1)
 
     return compute
 
