@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="calibration sequences per forward pass")
     ap.add_argument("--population", type=int, default=100)
     ap.add_argument("--generations", type=int, default=50)
-    ap.add_argument("--scale-timeout", type=int, default=330, help="seconds the scale step may take")
+    ap.add_argument("--scale-timeout", type=int, default=300, help="seconds the scale step may take")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, narrow widths, torch kernels on the CPU")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     ap.add_argument("--json", type=Path, required=True)
@@ -203,7 +203,9 @@ def main(argv=None) -> int:
 
     check_device(args.device, args.dtype)
     work = args.work or Path(tempfile.mkdtemp(prefix="moei2-device-check-"))
+    gpu_tests = os.environ.get("MOEI2_GPU_TESTS_RC")
     result = {"layers": args.layers, "dry_run": args.dry_run, "machine": machine(args.device),
+              "gpu_tests_exit_status": None if gpu_tests is None else int(gpu_tests),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     started = time.perf_counter()
     result["same_choices"] = step_same_choices(args, work)
