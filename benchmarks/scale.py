@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -96,12 +97,14 @@ SPEC_FILE = "scale_spec.json"
 
 # ---- the checkpoint ---------------------------------------------------------------------------
 
-def config_for(family: str, layers: int) -> dict:
+def config_for(family: str, layers: int, overrides: Optional[dict] = None) -> dict:
+    """The real model's config.json with ``layers`` layers (and ``overrides``: narrow widths for
+    checks that only need the layout)."""
     if family not in REAL_CONFIGS:
         raise SystemExit(f"family must be one of {', '.join(REAL_CONFIGS)}, got {family!r}")
     if layers < 1:
         raise SystemExit(f"layers must be >= 1, got {layers}")
-    return dict(REAL_CONFIGS[family], num_hidden_layers=layers)
+    return dict(REAL_CONFIGS[family], num_hidden_layers=layers, **(overrides or {}))
 
 
 def checkpoint_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -164,10 +167,10 @@ def _fill(f, key: str, shape: tuple, rng) -> None:
 
 
 def write_checkpoint(directory: Path, family: str, layers: int, *, seed: int = 0,
-                     shard_bytes: int = SHARD_BYTES) -> dict:
+                     shard_bytes: int = SHARD_BYTES, overrides: Optional[dict] = None) -> dict:
     """Writes the synthetic checkpoint; returns ``{"bytes", "files", "tensors", "seconds"}``."""
     start = time.perf_counter()
-    config = config_for(family, layers)
+    config = config_for(family, layers, overrides)
     tensors = checkpoint_tensors(config)
     shards, current, size = [], [], 0
     for key, shape in tensors:

@@ -111,7 +111,7 @@ class LayerRunner:
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self._fixed_layers = list(decoder_layers) if decoder_layers is not None else None
-        self.device = torch.device(device) if device is not None else None
+        self.device = as_device(device) if device is not None else None
         # Layers may compute in another dtype than the model stores (float32 on the CPU): the
         # captured masks and rotary tables then follow the hidden state's dtype.
         self.dtype = dtype
@@ -141,7 +141,8 @@ class LayerRunner:
         return record
 
     def _layer_kwargs(self, batch: int, seq_len: int, device, input_ids: Optional[torch.Tensor] = None):
-        key = (batch, seq_len, str(device))
+        device = as_device(device)
+        key = (batch, seq_len, device)
         if key not in self._kwargs:
             if input_ids is None:
                 input_ids = torch.zeros((batch, seq_len), dtype=torch.long)
@@ -152,8 +153,8 @@ class LayerRunner:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The hidden state entering the first decoder layer, on the runner's device."""
         record = self._capture(input_ids)
-        device = self.device or record["embeddings"].device
-        key = (input_ids.shape[0], input_ids.shape[1], str(device))
+        device = self.device or as_device(record["embeddings"].device)
+        key = (input_ids.shape[0], input_ids.shape[1], device)
         if key not in self._kwargs:
             self._kwargs[key] = [_to_device(record[i], device, self.dtype) for i in range(len(self.adapter.layers_module))]
         return record["embeddings"].to(device=device, dtype=self.dtype)
@@ -162,7 +163,7 @@ class LayerRunner:
     def placed(self, index: int, device=None):
         """Keeps decoder layer ``index`` on ``device`` (default: the runner's) for the block's duration."""
         module = self.layers[index]
-        device = torch.device(device) if device is not None else self.device
+        device = as_device(device) if device is not None else self.device
         home = _module_device(module)
         moved = device is not None and home != device
         if moved:
@@ -404,8 +405,12 @@ def _tokens_by_expert(index: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     return order // index.shape[-1], bounds
 
 
+@torch.no_grad()
 def _add_expert_grams(view, j, rows, gram_in_j, gram_down_j, weight_dtype) -> None:
-    """gram_in_j += x^T x and gram_down_j += h^T h over ``rows`` (the inputs routed to expert j)."""
+    """gram_in_j += x^T x and gram_down_j += h^T h over ``rows`` (the inputs routed to expert j).
+
+    Without autograd: the expert weights require grad, and a graph through them would keep every
+    batch's activations alive for as long as the Gram (gigabytes per expert at full calibration)."""
     x64 = rows.to(torch.float64)
     gram_in_j.addmm_(x64.T, x64)
     # The down projection's input as the model computes it, in the experts' own dtype.
@@ -434,7 +439,9 @@ class ExpertGrams:
         self._batches = []
         for rows in row_slices:
             tokens, bounds = _tokens_by_expert(top_k_index[rows], self.num_experts)
-            self._batches.append((rows.start, tokens, bounds))
+            # The token indices live where X does: a gather from a device tensor with host indices
+            # copies them to the device on every call, for every expert and batch.
+            self._batches.append((rows.start, tokens.to(X.device), bounds))
 
     def __call__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gram_in [H, H], gram_down [I, I]) of expert ``j``, float64 on the experts' device."""

@@ -324,6 +324,16 @@ def build_config(args, facts: dict | None = None) -> CompressionConfig:
         raise CLIError(str(exc)) from exc
 
 
+def _check_device(device, dtype):
+    """The device, once it exists here and computes in ``dtype``: refused before the model loads."""
+    from .source import check_device
+
+    try:
+        return check_device(device, dtype)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def check_fit(config: CompressionConfig, facts: dict) -> None:
     """Refuses settings that cannot work on this model, from its config.json alone."""
     if facts["moei2"]:
@@ -385,6 +395,7 @@ def cmd_compress(args) -> int:
     facts = model_facts(args.model)
     config = build_config(args, facts)
     check_fit(config, facts)
+    _check_device(config.device, config.dtype)
     texts = _read_texts(args.calibration)
     if config.lora is not None and config.lora.data is not None:
         from .lora import read_recovery_data
@@ -501,7 +512,9 @@ def cmd_evaluate(args) -> int:
             check_run_paths(args.model, report=args.report, names=("model", "--output", "--work-dir", "--report"))
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
+    device = _check_device(args.device, args.dtype)
     model, tokenizer = _load_model(args.model, args.dtype)
+    model.to(device)
     result = {}
     if names:
         result["zero_shot"] = ev.zero_shot(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size)
@@ -654,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-perplexity", action="store_true")
     e.add_argument("--throughput", action="store_true", help="also measure generation tokens/s")
     e.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="load the model in this dtype")
+    e.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the model runs (cpu, cuda, cuda:1, ...; default: cpu)")
     e.add_argument("--report", help="write the full JSON result (lm-eval's included) here")
     e.set_defaults(func=cmd_evaluate)
 
@@ -700,8 +715,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(f"{prog}: error: out of memory", file=sys.stderr)
+    except MemoryError as exc:
+        print(f"{prog}: error: {_first_line(exc) if str(exc).strip() else 'out of memory'}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, EOFError) as exc:
         reason = "the disk is full: " if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""

@@ -12,6 +12,7 @@ from typing import Optional
 PRUNE_RULES = ("inverse", "uniform")
 SELECTIONS = ("genetic", "greedy", "frequency", "reap", "random")
 RANK_RULES = ("importance", "uniform")
+KERNELS = ("auto", "c", "torch")
 
 
 # Upper bounds on the search sizes: beyond them the genetic search's memory or the KT walk's
@@ -98,7 +99,9 @@ class CompressionConfig:
         budget_max_prune: the most a layer may drop, as a fraction of its experts.
     Other
         seed: every random choice (calibration sampling, genetic search). device, dtype: where
-        calibration and the block step run. lora: optional LoRA recovery.
+        calibration and the block step run. kernels: "c" (the C core on the host), "torch"
+        (torch on ``device``) or "auto" (C on the CPU, torch elsewhere) for the candidate outputs,
+        Grams and factors. lora: optional LoRA recovery.
 
     Every field is checked on construction; a bad value raises ValueError or TypeError naming it.
     """
@@ -139,6 +142,10 @@ class CompressionConfig:
                          metavar="DEVICE")
     dtype: Optional[str] = _field(None, "dtype the model is loaded in; none keeps the checkpoint's",
                                   choices=DTYPES[1:])
+    kernels: str = _field("auto", "how the heavy stages compute: c, the C core on the host; torch, torch on "
+                                  "the device (candidate outputs, Grams, factors: what an accelerator runs; on cpu "
+                                  "it checks that path against the C core); auto, c on cpu and torch elsewhere",
+                          choices=KERNELS)
     lora: Optional[LoRAConfig] = _field(None, "LoRA recovery after compression (a LoRAConfig, or None)")
 
     def __post_init__(self):
@@ -181,6 +188,7 @@ class CompressionConfig:
         _bools(self, "importance_on_pruned", "whiten")
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps', ..., got {self.device!r}")
+        _choice(self, "kernels", KERNELS)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be None, float32, float64, bfloat16 or float16, got {self.dtype!r}")
         if isinstance(self.lora, dict):
@@ -193,6 +201,11 @@ class CompressionConfig:
         """Whether experts may be dropped (in budget mode the allocator decides how many)."""
         return self.budget is not None or (self.prune_total or 0) > 0 or (self.prune_total is None and
                                                                           self.prune_ratio > 0)
+
+    @property
+    def torch_kernels(self) -> bool:
+        """True when the heavy stages compute in torch on ``device`` (see ``kernels``)."""
+        return self.kernels == "torch" or (self.kernels == "auto" and self.device != "cpu")
 
     @property
     def decomposes(self) -> bool:

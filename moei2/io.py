@@ -1132,7 +1132,7 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
     import torch
 
     from .models import ADAPTERS, apply_structure
-    from .source import as_device, config_from_dict, meta_skeleton
+    from .source import check_device, config_from_dict, meta_skeleton
 
     directory, meta, config_dict = snapshot.directory, snapshot.meta, snapshot.config
     architecture = meta["architecture"]
@@ -1140,7 +1140,7 @@ def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):
         raise ValueError(f"{directory / META_NAME}: architecture {architecture!r} is not supported; supported: "
                          f"{', '.join(sorted(ADAPTERS))}")
     dtype = _resolve_dtype(dtype, meta["dtype"])
-    device = as_device(device)
+    device = check_device(device)  # a missing accelerator is refused before any tensor is read
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
 

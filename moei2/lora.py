@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LoRAConfig
+from .source import as_device
 
 # The Alpaca prompt (Taori et al. 2023), with and without an input field; the loss is taken on the
 # response that follows it, not on the prompt.
@@ -93,6 +94,33 @@ def instruction_examples(tokenizer, records, seq_len: int) -> list[tuple[list[in
     return examples
 
 
+class MasterWeights:
+    """Float32 copies of the trained parameters that are stored narrower: the optimizer steps the
+    copies (``parameters``) and each step is written back rounded once. Float32 parameters are
+    their own masters, so a float32 model trains exactly as without this."""
+
+    def __init__(self, params):
+        import torch
+
+        self.pairs = [(p, p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True))
+                      for p in params]
+        self.parameters = [m for _, m in self.pairs]
+
+    def gather_grads(self) -> None:
+        for p, m in self.pairs:
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    def scatter(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, m in self.pairs:
+                if m is not p:
+                    p.copy_(m)
+
+
 def lowrank_factor_parameters(model) -> list:
     """The factor parameters (``gate_A``, ``gate_B``, ...) of every low-rank expert in ``model``."""
     from .modules import LowRankExpert
@@ -101,7 +129,7 @@ def lowrank_factor_parameters(model) -> list:
 
 
 def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, seed: int = 0,
-                  data=None) -> dict:
+                  data=None, device=None) -> dict:
     """Recovery fine-tuning: LoRA adapters on ``config.target_modules`` and (with
     ``config.train_factors``) the low-rank experts' factors themselves, then (by default) merges.
 
@@ -113,6 +141,11 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
     (instruction, input, output: the loss is taken on the response only), a path to a plain-text
     file, or a list of Alpaca records; without it, ``texts`` (plain text, causal-LM loss on
     ``seq_len`` windows).
+
+    device: where training runs (default: where the model is); the model is moved there for the
+    training and back afterwards. The optimizer keeps float32 master copies of trained weights
+    stored in bfloat16 or float16: AdamW's steps are often below a bfloat16 weight's spacing, and
+    applied to the weight directly they would round away.
 
     The model is changed in place: with ``config.merge`` the adapters are folded into the base
     weights, so the result is a plain model of the same structure. Returns a small report: steps,
@@ -134,6 +167,7 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
                          "and it has no low-rank experts to train")
 
     kind, source = "text", texts
+    examples = None
     if isinstance(data, (str, Path)):
         kind, source = read_recovery_data(data)
     elif data is not None:
@@ -145,7 +179,8 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
         windows = None
     else:
         windows = calibration_windows(tokenizer, source, num_sequences=10**9, seq_len=config.seq_len, seed=seed)
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = home if device is None else as_device(device)
     # Only instruction batches are padded; a plain tokenizer object need not have a pad token.
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -171,6 +206,20 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
         return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
     previous = [(p, p.requires_grad) for p in model.parameters()]
+    if device != home:
+        model.to(device)
+    try:
+        return _train(model, config, targets, factors, batch_at, kind, examples, windows)
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+        if device != home:
+            model.to(home)
+
+
+def _train(model, config, targets, factors, batch_at, kind, examples, windows) -> dict:
+    import torch
+
     if targets:
         try:
             from peft import LoraConfig, get_peft_model
@@ -187,7 +236,8 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
     for p in factors:
         p.requires_grad_(True)
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    masters = MasterWeights(params)
+    optimizer = torch.optim.AdamW(masters.parameters, lr=config.learning_rate)
     trained.train()
     losses = []
     started = time.perf_counter()
@@ -197,14 +247,16 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"LoRA loss became {loss.item()} at step {step}; lower lora.learning_rate")
             optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            masters.gather_grads()
+            torch.nn.utils.clip_grad_norm_(masters.parameters, 1.0)
             optimizer.step()
+            masters.scatter()
             losses.append(float(loss.item()))
     finally:
         trained.eval()
-        for p, flag in previous:
-            p.requires_grad_(flag)
     if targets and config.merge:
         trained.merge_and_unload()
     head = losses[: max(1, len(losses) // 10)]

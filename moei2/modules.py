@@ -124,7 +124,10 @@ class LowRankExperts(nn.Module):
             rows = tokens[start:start + count]
             out = self.lowrank[expert_index](hidden_states[rows], self.act_fn)
             out = out * weights[start:start + count, None]
-            final.index_add_(0, rows, out.to(final.dtype))
+            # A token holds an expert once, so ``rows`` has no repeats: one add per element, written
+            # with index_put_ rather than index_add_, whose device kernel adds atomically and is
+            # refused by torch.use_deterministic_algorithms(True).
+            final.index_put_((rows,), final[rows] + out.to(final.dtype))
             start += count
         return final
 

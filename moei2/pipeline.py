@@ -30,7 +30,8 @@ from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer,
 from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, pack_costs, unpack_costs
 from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
 
-__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "SEARCH_HIDDEN"]
+__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "DeviceOutOfMemory",
+           "SEARCH_HIDDEN"]
 
 # Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
 # state each stage sees"): "compressed", the hidden state propagated through the layers already
@@ -69,9 +70,10 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     layer, ranks, parameter and size reductions, each stage's loss and time, and the seed; for a
     directory also the written checkpoint's sizes under ``checkpoint``.
     """
-    from .source import InMemorySource
+    from .source import InMemorySource, check_device
 
     config = _check_config(config)
+    check_device(config.device, config.dtype)
     if isinstance(model, (str, os.PathLike)):
         return compress_checkpoint(model, output, tokenizer, texts, config, overwrite=overwrite,
                                    work_dir=work_dir, progress=progress)
@@ -100,7 +102,10 @@ def compress_checkpoint(directory, output, tokenizer=None, texts=None, config: O
     from .paths import check_run_paths
     from .streaming import StreamedSource
 
+    from .source import check_device
+
     config = _check_config(config)
+    check_device(config.device, config.dtype)
     if output is None:
         raise ValueError("output: compressing a checkpoint directory writes the result to a directory; "
                          "give output=")
@@ -165,15 +170,14 @@ def _checkpoint_sizes(parameters: dict) -> dict:
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
-                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None,
-                    torch_candidates: Optional[bool] = None) -> dict:
+                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None) -> dict:
     """Compresses the model of ``source`` (a :class:`moei2.source.ModelSource`) and returns the report.
 
     sink: optional object with ``add(tensors)``, given every finished decoder layer's tensors
     (full state-dict keys, in the source's storage dtype, on the CPU) once, inside the layer's
     scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
-    :data:`SEARCH_HIDDEN`) or ``"original"``. torch_candidates: compute the search caches'
-    candidate outputs in torch on the device (default: when the device is not the CPU).
+    :data:`SEARCH_HIDDEN`) or ``"original"``. Where the heavy stages compute follows
+    ``config.kernels`` on the source's device.
     """
     config = _check_config(config)
     search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
@@ -194,7 +198,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     model.eval()
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
-                  torch_candidates=(source.device.type != "cpu") if torch_candidates is None else bool(torch_candidates),
+                  torch_kernels=config.kernels == "torch" or (config.kernels == "auto" and source.device.type != "cpu"),
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
@@ -344,8 +348,35 @@ def _check_compressible(adapter, model, config) -> None:
             "by moei2); compressing low-rank experts again is not supported: start from the original model")
 
 
+class DeviceOutOfMemory(MemoryError):
+    """The device ran out of memory; the message names the layer and what was asked for. Every
+    layer finished before it is recorded in the work_dir, so a rerun resumes there."""
+
+
+def _names_device_oom(run_pass):
+    """Turns the device's out-of-memory error inside a pass into :class:`DeviceOutOfMemory` naming
+    where it happened (``ctx.where``) and how much the failed allocation asked for."""
+    import functools
+    import re
+
+    @functools.wraps(run_pass)
+    def wrapper(ctx, *args, **kwargs):
+        try:
+            return run_pass(ctx, *args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            text = str(exc)
+            asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)", text)
+            needed = f"it needed {asked.group(1)} more" if asked else text.strip().splitlines()[0]
+            resume = ("; every finished layer is in the work_dir: rerun with the same settings to resume (a smaller "
+                      "calib_batch_size needs less)" if ctx.state.work_dir is not None else
+                      "; with a work_dir a rerun would resume after the finished layers")
+            raise DeviceOutOfMemory(f"device {ctx.device}: out of memory at {ctx.where} ({needed}){resume}") from None
+    return wrapper
+
+
 # ---- pass 1 -----------------------------------------------------------------------------------
 
+@_names_device_oom
 def _importance_pass(ctx, hidden, moe_layers) -> dict:
     """Every MoE layer's expert importance on the original model, one layer resident at a time."""
     state = ctx.state
@@ -386,6 +417,7 @@ def _first_pass(ctx, hidden, todo, measure, desc) -> None:
     bar = progress_bar(ctx, todo[-1] + 1, desc)
     try:
         for i in range(todo[-1] + 1):
+            ctx.where = f"layer {i} (importance)"
             with source.layer(i) as module:
                 if i in todo:
                     stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)
@@ -437,6 +469,7 @@ class _Writer:
                 self.layer(i, module)
 
 
+@_names_device_oom
 def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan=None):
     """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
     from .blockwise import make_blocks
@@ -494,6 +527,7 @@ class _Pass2:
         ctx = self.ctx
         while self.position < until:
             index = self.position
+            ctx.where = f"layer {index}"
             with ctx.source.layer(index) as module:
                 if index < self.moe_layers[-1]:
                     self.hidden = ctx.run(index, module, self.hidden)
@@ -515,6 +549,7 @@ class _Pass2:
             start = self.original if self.original is not None else self.hidden
             current = start
             for li in span:
+                ctx.where = f"layer {li} (search)"
                 with ctx.computing(modules[li]) as module, ctx.timer("search"):
                     if li in self.counts and li not in self.selections and not resumed:
                         self.selections[li], current = _select_layer(ctx, li, module, current, self.counts[li])
@@ -522,6 +557,7 @@ class _Pass2:
                     else:
                         current = ctx.run(li, module, current)
             if not resumed:
+                ctx.where = f"the KT walk over layers {span[0]} to {span[-1]}"
                 with ctx.timer("kt_block"):
                     self.kt_done[bi] = choose_block(ctx, block, modules, self.selections, start, current)
                 self.chosen.update(zip(block, self.kt_done[bi].choice))
@@ -537,6 +573,7 @@ class _Pass2:
 
         ctx, config = self.ctx, self.ctx.config
         model = ctx.source.model
+        ctx.where = f"layer {li} (prune, decomposition)"
         with ctx.source.layer(li) as module:
             if li in self.counts:
                 kept = None

@@ -41,26 +41,60 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "compute_dtype", "read_config", "config_from_dict",
-           "meta_skeleton", "resolve_dtype"]
+__all__ = ["ModelSource", "InMemorySource", "as_device", "check_device", "compute_dtype", "read_config",
+           "config_from_dict", "meta_skeleton", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
 
 def as_device(device) -> torch.device:
-    """``device`` as a torch device; a ValueError naming the argument otherwise."""
+    """``device`` as a torch device with its index made explicit; a ValueError naming the argument
+    otherwise.
+
+    ``torch.device("cuda")`` and the ``cuda:0`` that every tensor on it reports compare unequal,
+    so a value stored under one and looked up under the other is missed. Every device the package
+    keeps is normalised here: an accelerator without an index gets the current one (0 when the
+    backend is not available, so the result does not depend on the machine for the default)."""
     try:
         device = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
-    # Refused here, before any work, rather than by the first tensor moved there.
+    if device.index is None and device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        current = 0
+        try:
+            if backend is not None and backend.is_available():
+                current = backend.current_device()
+        except (AttributeError, RuntimeError):
+            pass
+        device = torch.device(device.type, current)
+    return device
+
+
+def check_device(device, dtype=None) -> torch.device:
+    """The normalised ``device`` once it is known to exist on this machine and to compute in
+    ``dtype``; a ValueError naming what is missing otherwise. Called before a model loads, so that
+    a typo or a machine without the accelerator fails in a second, not after the load."""
+    device = as_device(device)
+    dtype = resolve_dtype(dtype)
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and callable(getattr(backend, "is_available", None)) and backend.is_available()
+    if not available:
+        raise ValueError(f"device: {device.type!r} was asked for, but this machine (torch {torch.__version__}) has "
+                         f"no {device.type} device available")
+    count = backend.device_count()
+    if device.index >= count:
+        raise ValueError(f"device: {device} does not exist: this machine has {count} {device.type} device(s) "
+                         f"(indices 0 to {count - 1})")
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ValueError(f"device: {str(device)!r} is not available (this machine has {count} CUDA device(s))")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device: 'mps' is not available on this machine")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device.index)
+            raise ValueError(f"dtype: {name} ({device}) cannot compute in bfloat16; use float16 or float32")
+    if device.type == "mps" and dtype == torch.float64:
+        raise ValueError("dtype: the mps device cannot compute in float64; use float32")
     return device
 
 

@@ -1,6 +1,7 @@
 """The staged driver: model sources, the sink, KT through the routing, the torch candidate path."""
 import contextlib
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_torch_candidate_outputs_equal_from_moe(family):
     ctx = Context(source=InMemorySource(model, adapter=adapter), config=None, runner=None, input_ids=ids,
                   batches=[], batch_sizes=[48, 48], state=None)
     reference = search_layer(ctx, stats, view, 4)
-    ctx.torch_candidates = True
+    ctx.torch_kernels = True
     torch_layer = search_layer(ctx, stats, view, 4)
     np.testing.assert_allclose(torch_layer.expert_importance(), reference.expert_importance(), rtol=1e-5)
     masks = np.zeros((20, EXPERTS), dtype=bool)
@@ -173,8 +174,8 @@ def test_torch_candidate_path_makes_the_same_choices():
     config = small_config()
     model_a, model_b = build_model("qwen3_moe", layers=3), build_model("qwen3_moe", layers=3)
     a = compress_source(InMemorySource(model_a), CharTokenizer(), calibration_texts(), config, progress=False)
-    b = compress_source(InMemorySource(model_b), CharTokenizer(), calibration_texts(), config, progress=False,
-                        torch_candidates=True)
+    b = compress_source(InMemorySource(model_b), CharTokenizer(), calibration_texts(),
+                        dataclasses.replace(config, kernels="torch"), progress=False)
     for l, info in a["layers"].items():
         assert b["layers"][l]["dropped"] == info["dropped"]
         assert b["layers"][l]["lowrank"]["ranks"] == info["lowrank"]["ranks"]

@@ -132,7 +132,7 @@ def test_search_loss_equals_pruned_hf_block(family):
     view = adapter.view(stats.layer_index)
     # The pipeline's own construction: the C core from the weights, or the family's expert forward
     # in torch where the experts are not the shared layout (gpt-oss).
-    ctx = SimpleNamespace(torch_candidates=False, batch_sizes=[batch * 16, batch * 16])
+    ctx = SimpleNamespace(torch_kernels=False, batch_sizes=[batch * 16, batch * 16])
     layer = search_layer(ctx, stats, view, 3)
     rng = np.random.default_rng(1)
     for r in (1, 2, 3):

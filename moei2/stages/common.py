@@ -66,8 +66,8 @@ class Timer:
 class Context:
     """One compression run: the source, its adapter (built once), the settings and the runner.
 
-    ``torch_candidates``: build search caches from candidate outputs computed in torch on the
-    source's device (the GPU path); otherwise the C core computes them from the weights.
+    ``torch_kernels``: candidate outputs, Grams and factors are computed in torch on the source's
+    device (the accelerator path, ``config.kernels``); otherwise the C core computes them on the host.
     """
 
     source: object
@@ -78,9 +78,10 @@ class Context:
     batch_sizes: list
     state: object
     timer: Timer = field(default_factory=Timer)
-    torch_candidates: bool = False
+    torch_kernels: bool = False
     progress: bool = True
     park_dtype: Optional[torch.dtype] = None
+    where: str = "the start"  # the work in progress, for an error message
 
     def park(self, module) -> None:
         """Puts a resident, unmodified layer in ``park_dtype`` until it computes."""
@@ -147,15 +148,36 @@ class Context:
         with torch.no_grad():
             return _capture_layer(self.runner, self.adapter, index, hidden, self.batches, grams, keep_outputs,
                                   module=module, keep_y=False,
-                                  x_device=self.device if self.torch_candidates else "cpu")
+                                  x_device=self.device if self.torch_kernels else "cpu")
+
+
+class LayerProgress:
+    """A pass's bar over its decoder layers, counted in calibration tokens: tqdm then shows the
+    tokens per second through the layers (on the device, where they compute) and the time left,
+    which at 262,144 tokens a layer is what a long run needs to show."""
+
+    def __init__(self, layers: int, tokens_per_layer: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.tokens_per_layer = tokens_per_layer
+        self.layers = layers
+        self.done = 0
+        self.bar = tqdm(total=layers * tokens_per_layer, desc=desc, unit="tok", unit_scale=True,
+                        postfix=f"layer 0/{layers}")
+
+    def update(self, layers: int = 1) -> None:
+        self.done += layers
+        self.bar.set_postfix_str(f"layer {self.done}/{self.layers}", refresh=False)
+        self.bar.update(layers * self.tokens_per_layer)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def progress_bar(ctx: Context, total: int, desc: str):
     if not ctx.progress:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer")
+    return LayerProgress(total, int(ctx.input_ids.numel()), desc)
 
 
 def pack_factors(factors: dict) -> dict:

@@ -67,6 +67,10 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
         grams = lambda j: (stats.gram_in[j], stats.gram_down[j])  # noqa: E731
     else:
         grams = ExpertGrams(view, stats.X, stats.top_k_index, ctx.row_slices)
+    if ctx.torch_kernels:
+        factors, losses, fallbacks = _factors_torch(view, grams, ranks, spectra if config.whiten else None)
+        return Decomposition(ranks=[int(r) for r in ranks], importance=np.asarray(imp).tolist(), losses=losses,
+                             fallbacks=fallbacks, factors=factors)
     group = max(1, GROUP_GRAM_BYTES // (8 * (hidden * hidden + inter * inter)))
     factors, losses, fallbacks = {}, [], []
     for first in range(0, M, group):
@@ -93,6 +97,28 @@ def decompose_layer(ctx, stats, view, *, full_importance=None, kept=None, spectr
         del results
     return Decomposition(ranks=[int(r) for r in ranks], importance=np.asarray(imp).tolist(), losses=losses,
                          fallbacks=fallbacks, factors=factors)
+
+
+def _factors_torch(view, grams, ranks, spectra) -> tuple[dict, list, list]:
+    """The factors of every expert in torch on the layer's device (:func:`moei2.device_kernels.decompose_torch`),
+    one expert's Grams at a time; only the factors cross to the host."""
+    from ..device_kernels import decompose_torch
+
+    factors, losses = {}, []
+    for j in range(int(view.num_experts)):
+        gate, up, down = view.expert(j)
+        gram_in, gram_down = grams(j) if grams is not None else (None, None)
+        if j == 0 and spectra is not None:
+            spectra.extend(_spectra(view.layer_index, to_numpy(gate), to_numpy(gram_in, np.float64), "gate", 0))
+        r = int(ranks[j])
+        factors[j], losses_j = {}, []
+        for name, weight, gram in (("gate", gate, gram_in), ("up", up, gram_in), ("down", down, gram_down)):
+            A, B, info = decompose_torch(weight, gram, r)
+            factors[j][name] = (to_numpy(A, np.float32), to_numpy(B, np.float32))
+            losses_j.append(info["loss"])
+        losses.append(losses_j)
+        del gram_in, gram_down
+    return factors, losses, []
 
 
 def _spectra(layer: int, weight: np.ndarray, gram: np.ndarray, matrix: str, expert: int) -> list:

@@ -51,10 +51,15 @@ def masked_routing(view, mask):
         yield
         return
     top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
+    # Moved to the router's device once: a host-to-device copy on every router call is a sync
+    # per layer and batch of the K^T walk.
+    placed = {drop.device: drop}
 
     def hook(module, args, output):
         logits, weights = output[0], output[1]
-        z = logits.masked_fill(drop.to(logits.device), float("-inf"))
+        if logits.device not in placed:
+            placed[logits.device] = drop.to(logits.device)
+        z = logits.masked_fill(placed[logits.device], float("-inf"))
         w, index = torch.topk(torch.softmax(z, dim=-1, dtype=torch.float32), top_k, dim=-1)
         if renormalize:
             w = w / w.sum(dim=-1, keepdim=True)

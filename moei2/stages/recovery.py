@@ -14,4 +14,5 @@ class Recovery:
 def recover(model, tokenizer, texts, config) -> Recovery:
     from ..lora import lora_finetune
 
-    return Recovery(report=lora_finetune(model, tokenizer, texts, config.lora, seed=config.seed))
+    return Recovery(report=lora_finetune(model, tokenizer, texts, config.lora, seed=config.seed,
+                                           device=config.device))

@@ -41,27 +41,86 @@ def search_layer(ctx, stats, view, r_max: int):
     device, and for families whose experts are not the shared layout (biases, another gated
     activation: gpt-oss), the candidate expert outputs are computed in torch with the family's own
     expert forward, in the layer's dtype, and only the router logits (router bias included) and
-    chunks of candidate outputs cross to the C core.
+    each token's C x C factor of their Gram cross to the C core (:func:`candidate_output_factors`).
     """
     from .. import search
 
     common = dict(top_k=int(view.top_k), renormalize=bool(view.renormalize),
                   scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=ctx.batch_sizes)
-    if not ctx.torch_candidates and view.adapter.standard_experts:
+    if not ctx.torch_kernels and view.adapter.standard_experts:
         return search.Layer.from_moe(
             to_numpy(stats.X), to_numpy(view.router_weight), to_numpy(view.gate_up_proj),
             to_numpy(view.down_proj), act=view.act, **common)
     X = stats.X
+    return search.Layer.from_candidate_outputs(router_logits_float64(view, X), candidate_output_factors(view, X),
+                                               **common)
+
+
+# Rows of X widened to float64 at a time for the router logits: 64 MiB of a 2048-wide X.
+_LOGIT_ROWS = 4096
+
+
+def router_logits_float64(view, X: torch.Tensor) -> np.ndarray:
+    """[N, E] float64 router logits (router bias included) on X's device, as from_moe computes
+    them (the routing order decides which masks differ), widened a block of rows at a time instead
+    of a float64 copy of the whole layer input."""
+    out = np.empty((X.shape[0], view.num_experts), dtype=np.float64)
     with torch.no_grad():
-        # Float64 logits, as from_moe computes them: the routing order decides which masks differ.
-        logits = view.router_logits(X).cpu().numpy()
-    return search.Layer.from_candidate_outputs(logits, candidate_outputs(view, X), **common)
+        for start in range(0, X.shape[0], _LOGIT_ROWS):
+            block = view.router_logits(X[start:start + _LOGIT_ROWS])
+            out[start:start + block.shape[0]] = block.cpu().numpy()
+    return out
+
+
+# Tokens whose candidate outputs are held on the device at once by candidate_output_factors:
+# 4096 x 19 x 2048 float32 is 0.6 GiB for Qwen widths.
+_FACTOR_TOKENS = 4096
+
+
+def candidate_output_factors(view, X: torch.Tensor):
+    """candidate_outputs(candidates [n, C], first_token) -> [n, C, C] float64 for
+    :meth:`moei2.search.Layer.from_candidate_outputs`: per token, a factor L of the Gram
+    G = O O^T of its candidate outputs O [C, H] (L L^T = G), computed on X's device.
+
+    The search cache keeps only the triangular factor of each token's Gram, so L carries all it
+    needs (its Gram is G, and the routed output's norm w^T G w) in C^2 numbers instead of C H:
+    about 3 KB a token instead of 156 KB at Qwen widths, and the C core's factor step reads L.
+    G is formed in float64 from the float32 outputs (products exact, as in the C core's Gram
+    route); L is its Cholesky factor, or V sqrt(max(lambda, 0)) from its eigendecomposition
+    where the Cholesky fails (rank-deficient O)."""
+    outputs = _candidate_outputs_torch(view, X)
+
+    def compute(cand: np.ndarray, first: int) -> np.ndarray:
+        n = cand.shape[0]
+        factors = []
+        with torch.no_grad():
+            for start in range(0, n, _FACTOR_TOKENS):
+                o = outputs(cand[start:start + _FACTOR_TOKENS], first + start).double()
+                gram = o @ o.transpose(1, 2)
+                del o
+                if not bool(torch.isfinite(gram).all()):
+                    raise ValueError("candidate outputs contains NaN or Inf")
+                L, info = torch.linalg.cholesky_ex(gram)
+                failed = info != 0
+                if bool(failed.any()):
+                    values, vectors = torch.linalg.eigh(gram[failed])
+                    L[failed] = vectors * values.clamp_min(0.0).sqrt()[:, None, :]
+                factors.append(L.cpu().numpy())
+        return np.concatenate(factors) if len(factors) > 1 else factors[0]
+
+    return compute
 
 
 def candidate_outputs(view, X: torch.Tensor):
     """candidate_outputs(candidates [n, C], first_token) -> [n, C, H] float32 for
     :meth:`moei2.search.Layer.from_candidate_outputs`: each expert on the tokens that hold it among
     their candidates, in torch on X's device."""
+    outputs = _candidate_outputs_torch(view, X)
+    return lambda cand, first: outputs(cand, first).cpu().numpy()
+
+
+def _candidate_outputs_torch(view, X: torch.Tensor):
+    """As :func:`candidate_outputs`, the [n, C, H] float32 tensor left on X's device."""
     experts = view.experts_module
     standard = view.adapter.standard_experts
     if standard:
@@ -71,7 +130,7 @@ def candidate_outputs(view, X: torch.Tensor):
     num_experts = view.num_experts
     device = X.device
 
-    def compute(cand: np.ndarray, first: int) -> np.ndarray:
+    def compute(cand: np.ndarray, first: int) -> torch.Tensor:
         n, C = cand.shape
         with torch.no_grad():
             x = X[first:first + n].to(dtype)
@@ -90,7 +149,7 @@ def candidate_outputs(view, X: torch.Tensor):
                     continue
                 h = x[pos // C] @ gate_up[j].T
                 out[pos] = ((act(h[:, :inter]) * h[:, inter:]) @ down[j].T).float()
-            return out.reshape(n, C, -1).cpu().numpy()
+            return out.reshape(n, C, -1)
 
     return compute
 
