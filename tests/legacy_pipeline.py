@@ -135,6 +135,13 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                                 device=config.device, progress=progress, desc=desc, propagate=propagate)
 
     def layer_for(stats, view, r_max):
+        if not view.adapter.standard_experts:  # gpt-oss: the family's expert forward, in torch
+            from moei2.stages.selection import candidate_outputs
+
+            return search_mod.Layer.from_candidate_outputs(
+                view.router_logits(stats.X).numpy(), candidate_outputs(view, stats.X), top_k=int(view.top_k),
+                renormalize=bool(view.renormalize), scaling_factor=float(view.scaling_factor), r_max=r_max,
+                batch_sizes=batch_sizes)
         return search_mod.Layer.from_moe(
             _to_numpy(stats.X), _to_numpy(view.router_weight), _to_numpy(view.gate_up_proj),
             _to_numpy(view.down_proj), top_k=int(view.top_k), renormalize=bool(view.renormalize),
@@ -240,7 +247,7 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
                         full = report["layers"][str(l)].get("importance")
                         kept = report["layers"][str(l)]["kept"]
                         imp = np.asarray(full)[kept] if full is not None else np.ones(M)
-                    inter, hidden = int(view.down_proj.shape[2]), int(view.down_proj.shape[1])
+                    inter, hidden = int(view.intermediate_size), int(view.hidden_size)
                     # alpha = 0 makes every (I + eps)^alpha equal: the uniform-rank baseline.
                     alpha = config.alpha if config.rank_rule == "importance" else 0.0
                     ranks = allocate_ranks(np.asarray(imp, dtype=np.float64), [(inter, hidden)] * M,
