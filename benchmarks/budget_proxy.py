@@ -59,10 +59,10 @@ def measure_layer(view, stats, ranks, act):
     for j in range(view.num_experts):
         gram_in, gram_down = (g.double().numpy() for g in grams(j))
         dense = [t.double() for t in view.expert(j)]
-        parts = expert_truncation_parts(view, j, gram_in, gram_down, cap)
         rows, slots = (stats.top_k_index == j).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
+        parts = expert_truncation_parts(view, j, gram_in, gram_down, stats.X[rows], cap)
         x, weight = X[rows], w[rows, slots][:, None]
         base = expert_output(x, *dense, act)
         for r in ranks:

@@ -142,6 +142,18 @@ def test_free_pruning_gives_pure_pruning_and_free_low_rank_pure_low_rank():
     assert int(0.5 * full) - 4 < sum(p.params for p in plans) <= int(0.5 * full)
 
 
+def test_convex_minorant():
+    from moei2.stages.budget import convex_minorant
+
+    costs = np.array([10.0, 9.0, 4.0, 3.5, 1.0, 0.9, 0.0])
+    hull = convex_minorant(costs)
+    assert (hull <= costs + 1e-12).all() and (np.diff(hull, 2) >= -1e-12).all()
+    np.testing.assert_allclose(hull[[0, 2, 4, 6]], costs[[0, 2, 4, 6]])
+    np.testing.assert_allclose(hull[1], 7.0)
+    smooth = np.array([5.0, 3.0, 2.0, 1.5, 1.25])
+    np.testing.assert_array_equal(convex_minorant(smooth), smooth)
+
+
 def test_allocator_refuses_what_it_cannot_do():
     rng = np.random.default_rng(0)
     layers = [random_layer(rng) for _ in range(2)]

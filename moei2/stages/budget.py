@@ -8,8 +8,9 @@ tokens (docs/method.md, "Budget mode"):
 - expert j at rank r: the whitened spectra of its three matrices on the unpruned layer's Grams.
   For the down projection the tail sum of the spectrum of W G W^T is the exact squared error of
   its output over the routed tokens, weighted here by the mean squared routing weight; for gate
-  and up the relative tail is carried to the expert's output at the same relative size (a proxy,
-  measured in benchmarks/budget_proxy.py).
+  and up each discarded direction is carried to the expert's output to first order, through the
+  root-mean-square channel scales and the down projection (a proxy, measured in
+  benchmarks/budget_proxy.py).
 """
 from __future__ import annotations
 
@@ -123,33 +124,87 @@ def _tails(eigenvalues: np.ndarray, max_rank: int) -> np.ndarray:
     return np.clip(kept[-1] - kept[:max_rank], 0.0, None)
 
 
-def expert_truncation_parts(view, j: int, gram_in: np.ndarray, gram_down: np.ndarray, max_rank: int) -> dict:
+def channel_scales(view, j: int, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Root mean square over ``rows`` (expert j's routed inputs) of what multiplies a change of
+    each gate and up channel on its way to the down projection: ``act'(gate x) * (up x)`` for gate
+    (the derivative by central difference, so any activation works) and ``act(gate x)`` for up."""
+    experts = view.experts_module
+    weight = next(experts.parameters())
+    gate, up, _ = view.expert(j)
+    x = rows.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        h_gate, h_up = (torch.nn.functional.linear(x, w).double() for w in (gate, up))
+        act = experts.act_fn  # in float64: a central difference in bfloat16 would be noise
+        step = 1e-3
+        slope = (act(h_gate + step) - act(h_gate - step)) / (2 * step)
+        rms = lambda t: t.square().mean(dim=0).sqrt().cpu().numpy()  # noqa: E731
+        return rms(slope * h_up), rms(act(h_gate))
+
+
+def convex_minorant(costs: np.ndarray) -> np.ndarray:
+    """The greatest convex function of the rank below ``costs`` (its lower convex hull)."""
+    hull = []
+    for r, c in enumerate(costs):
+        while len(hull) >= 2:
+            (r1, c1), (r2, c2) = hull[-2], hull[-1]
+            if (c2 - c1) * (r - r1) >= (c - c1) * (r2 - r1):  # the middle point is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append((r, c))
+    xs, ys = zip(*hull)
+    return np.interp(np.arange(costs.size), xs, ys)
+
+
+def _propagated_tails(weight: np.ndarray, gram: np.ndarray, through: np.ndarray, max_rank: int) -> np.ndarray:
+    """Squared output error of the whitened rank-r truncation of ``weight`` (gate or up), carried
+    to the expert's output through ``through`` = down @ diag(channel scale): each discarded
+    direction u_i of W G W^T (eigenvalue l_i) costs l_i ||through @ u_i||^2."""
+    w = weight.astype(np.float64)
+    if w.shape[0] > w.shape[1]:  # the smaller side: W G W^T = Q (R G R^T) Q^T
+        q, side = np.linalg.qr(w)
+    else:
+        q, side = None, w
+    eig, vec = np.linalg.eigh(side @ gram @ side.T)
+    eig, vec = np.clip(eig[::-1], 0.0, None), vec[:, ::-1]
+    directions = vec if q is None else q @ vec
+    cost = eig * np.square(through @ directions).sum(axis=0)
+    return _tails(cost, max_rank)
+
+
+def expert_truncation_parts(view, j: int, gram_in: np.ndarray, gram_down: np.ndarray, rows: torch.Tensor,
+                            max_rank: int) -> dict:
     """Expert j's squared output error at ranks 1..max_rank from each matrix, unweighted by
-    routing: ``down`` exact (tail of its whitened spectrum), ``gate`` and ``up`` the proxy (the
-    relative tail of their spectra times the expert's output energy)."""
+    routing: ``down`` exact (tail of its whitened spectrum); ``gate`` and ``up`` a first-order
+    proxy: each discarded direction carried through the channel scales (:func:`channel_scales`,
+    ``rows`` the expert's routed inputs) and the down projection."""
     gate, up, down = (to_numpy(w, np.float64) for w in view.expert(j))
-    eig_down = whitened_eigenvalues(down, gram_down)
-    energy = float(eig_down.sum())
-    parts = {"down": _tails(eig_down, max_rank)}
-    for name, matrix in (("gate", gate), ("up", up)):
-        eig = whitened_eigenvalues(matrix, gram_in)
-        parts[name] = energy * _tails(eig, max_rank) / eig.sum() if eig.sum() > 0 else np.zeros(max_rank)
+    parts = {"down": _tails(whitened_eigenvalues(down, gram_down), max_rank)}
+    if rows.shape[0] == 0:
+        return {**parts, "gate": np.zeros(max_rank), "up": np.zeros(max_rank)}
+    scale_gate, scale_up = channel_scales(view, j, rows)
+    parts["gate"] = _propagated_tails(gate, gram_in, down * scale_gate[None, :], max_rank)
+    parts["up"] = _propagated_tails(up, gram_in, down * scale_up[None, :], max_rank)
     return parts
 
 
 def truncation_costs(ctx, stats, view) -> np.ndarray:
-    """[E, R_cap] cost of each expert at each rank 1..R_cap (module docstring)."""
-    from ..calibrate import ExpertGrams
+    """[E, R_cap] cost of each expert at each rank 1..R_cap (module docstring), each expert's made
+    convex in the rank (the allocator's merge of marginal gains needs it; the gate/up proxy's
+    steps need not decrease) by taking its convex minorant."""
+    from ..calibrate import ExpertGrams, _tokens_by_expert
 
     E, H, inter = int(view.num_experts), int(view.hidden_size), int(view.intermediate_size)
     cap = full_rank(H, inter)
     grams = ExpertGrams(view, stats.X, stats.top_k_index, ctx.row_slices)
+    tokens, bounds = _tokens_by_expert(stats.top_k_index, E)
     weights = routing_weight_squares(stats, view)
     costs = np.zeros((E, cap))
     for j in range(E):
         gram_in, gram_down = (to_numpy(g, np.float64) for g in grams(j))
-        parts = expert_truncation_parts(view, j, gram_in, gram_down, cap)
-        costs[j] = weights[j] * (parts["down"] + parts["gate"] + parts["up"])
+        rows = stats.X[tokens[bounds[j]:bounds[j + 1]].to(stats.X.device)]
+        parts = expert_truncation_parts(view, j, gram_in, gram_down, rows, cap)
+        costs[j] = convex_minorant(weights[j] * (parts["down"] + parts["gate"] + parts["up"]))
     return costs
 
 
