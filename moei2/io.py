@@ -32,7 +32,9 @@ configuration on the meta device, reshapes it to the recorded layout
 (:func:`moei2.models.apply_structure`), checks every tensor's name, shape and dtype against the
 files and the record before allocating, verifies the checksums (``verify=False`` skips them),
 refuses non-finite weights, and then loads strictly, so the rebuilt model computes exactly what the
-saved one did. See docs/checkpoints.md.
+saved one did. It reads one checkpoint or fails: every file is opened relative to one handle on
+the directory before anything is parsed (:class:`_Snapshot`), so a save replacing the checkpoint
+meanwhile is wholly before or wholly after the load. See docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -1121,7 +1123,8 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     low-rank experts as recorded in ``config.json``, and every tensor is matched against the files
     (a missing, unexpected, mis-shaped or non-floating tensor raises ValueError naming it) before
     anything is allocated; then the weights are read and loaded strictly. A missing file raises
-    FileNotFoundError, a corrupt one ValueError.
+    FileNotFoundError, a corrupt one ValueError. Every file comes from one checkpoint, even while
+    a save replaces the one at ``path`` (the old or the new one, never a mix).
     """
     with _read_checkpoint(path) as snapshot:
         model = _load_snapshot(snapshot, dtype, device, verify)
