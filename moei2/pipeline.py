@@ -180,6 +180,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
     _check_compressible(adapter, model)
+    _check_prunable(adapter, config)
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
@@ -316,6 +317,18 @@ def _check_compressible(adapter, model) -> None:
         raise ValueError(
             f"model: the routed experts of layer(s) {sorted(lowrank)} are already low-rank (a model compressed "
             "by moei2); compressing low-rank experts again is not supported: start from the original model")
+
+
+def _check_prunable(adapter, config) -> None:
+    """Refuses, before any work, pruning layers with group-limited routing: the search drops any
+    experts, and a group-limited router only holds equal groups (docs/method.md, "Routing rules")."""
+    if not (config.prune_total or config.prune_ratio):
+        return
+    grouped = [v.layer_index for v in adapter.moe_layers() if v.rule.grouped]
+    if grouped:
+        raise ValueError(f"model: layer(s) {grouped} use group-limited routing (n_group > topk_group), whose groups "
+                         "must stay equal, which the search does not ensure; compress it with prune_ratio=0 "
+                         "(low rank only)")
 
 
 # ---- pass 1 -----------------------------------------------------------------------------------

@@ -134,14 +134,6 @@ class RoutingRule:
         if self.num_groups > 1 and num_experts % self.num_groups:
             raise ValueError(f"num_groups={self.num_groups} does not divide the {num_experts} experts")
 
-    def kept(self, kept) -> "RoutingRule":
-        """The rule of the layer that keeps experts ``kept`` (in order): the bias sliced, groups of
-        the surviving size (their sizes must stay equal, which the caller checks)."""
-        from dataclasses import replace
-
-        bias = None if self.choice_bias is None else self.choice_bias[np.asarray(kept, dtype=np.int64)]
-        return replace(self, choice_bias=bias)
-
     def route(self, router_logits, dropped=None):
         """Routes tokens with some experts removed, as the layer that lost them routes.
 
@@ -378,12 +370,13 @@ class Layer:
         expert ``candidates[t, c]`` (int64 [n, C], C = top_k + r_max) on token ``first_token + t``,
         without routing weight. It is called on consecutive chunks in token order; a chunk may
         return fewer rows than asked, the next call then starts after the rows it returned.
+        rule: a :class:`RoutingRule` instead of top_k, renormalize and scaling_factor (candidates
+        are then ranked by its choice key; C = E for a rule that reranks).
         """
-        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
-            router_logits, top_k, r_max, renormalize, scaling_factor)
+        logits, N, E, rule, r_max = cls._validate_routing(router_logits, top_k, r_max, renormalize, scaling_factor, rule)
         if not callable(candidate_outputs):
             raise ValueError(f"candidate_outputs must be a callable, got {type(candidate_outputs).__name__}")
-        return cls._build(logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, candidate_outputs)
+        return cls._build(logits, N, rule, r_max, batch_sizes, candidate_outputs)
 
     @classmethod
     def from_dense(cls, router_logits, expert_outputs, top_k: Optional[int] = None, renormalize: Optional[bool] = None,

@@ -95,8 +95,3 @@ def test_rule_validation():
         Layer.from_dense(logits, outputs, rule=RoutingRule(2, True, weights="sigmoid", choice_bias=[0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="not both"):
         Layer.from_dense(logits, outputs, 2, True, rule=RULES["unit-top1"])
-
-
-def test_kept_slices_the_bias():
-    rule = RULES["sigmoid-bias-renorm-eps"].kept([0, 3, 5])
-    np.testing.assert_array_equal(rule.choice_bias, BIAS[[0, 3, 5]])

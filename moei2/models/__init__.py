@@ -22,6 +22,12 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     cls.architecture: cls
     for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter)
 }
+# Families whose routers choose with a score-correction bias, group-limited top-k or sigmoid
+# scores (moei2.search.RoutingRule; moei2/models/scored.py).
+from .deepseek_v3 import DeepseekV3Adapter, DeepseekV32Adapter  # noqa: E402
+
+ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter)})
+
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1
 MATRICES = ("gate", "up", "down")
@@ -83,8 +89,8 @@ def _per_layer_plan(adapter: MoEAdapter, requests, what: str, shape: str, check)
 
 def adapter_class_of_layer(decoder_layer) -> type[MoEAdapter]:
     """The adapter class whose MoE block a (possibly copied) decoder layer holds."""
-    block = getattr(decoder_layer, "mlp", None)
     for cls in ADAPTERS.values():
+        block = getattr(decoder_layer, cls.block_attr, None)
         if block is not None and type(block).__module__ == cls.module_path and isinstance(block, cls.block_class()):
             return cls
     raise ValueError(f"model: {type(decoder_layer).__name__} is not a decoder layer with routed experts of a supported "

@@ -40,9 +40,10 @@ class MoEView:
     ``top_k``, ``renormalize``, ``scaling_factor``, ``hidden_size``, ``intermediate_size``,
     ``shared_experts``, ``shared_expert_gate``, ``act``, ``ranks``.
 
-    Routing rule of every supported family: ``p = softmax(x @ router_weight.T)`` over the layer's
-    experts, the ``top_k`` largest are chosen, divided by their sum if ``renormalize``, then multiplied
-    by ``scaling_factor``; the output is ``sum_j w_j expert_j(x)`` plus the shared experts' output.
+    Routing rule: ``rule`` (a :class:`moei2.search.RoutingRule`). For the softmax families it is
+    ``p = softmax(x @ router_weight.T)`` over the layer's experts, the ``top_k`` largest are chosen,
+    divided by their sum if ``renormalize``, then multiplied by ``scaling_factor``; the output is
+    ``sum_j w_j expert_j(x)`` plus the shared experts' output.
     """
 
     def __init__(self, adapter: "MoEAdapter", layer_index: int, decoder_layer: nn.Module):
@@ -122,6 +123,11 @@ class MoEView:
         return float(self.adapter.scaling_factor(self.moe_module))
 
     @property
+    def rule(self):
+        """The layer's :class:`moei2.search.RoutingRule` (what the search and the block step route by)."""
+        return self.adapter.routing_rule(self.moe_module)
+
+    @property
     def hidden_size(self) -> int:
         return int(self.router.weight.shape[1])
 
@@ -139,7 +145,7 @@ class MoEView:
 
     @property
     def act(self) -> str:
-        return str(self.adapter.config.hidden_act)
+        return self.adapter.hidden_act()
 
     @property
     def ranks(self) -> Optional[list[tuple[int, int, int]]]:
@@ -163,6 +169,7 @@ class MoEAdapter:
     architecture: str = ""  # the causal-LM class name in transformers
     module_path: str = ""  # transformers.models.<family>.modeling_<family>
     block_class_name: str = ""
+    block_attr: str = "mlp"  # the decoder layer's attribute that holds the MoE block
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -192,6 +199,16 @@ class MoEAdapter:
 
     def scaling_factor(self, block: nn.Module) -> float:
         return 1.0
+
+    def hidden_act(self) -> str:
+        """The routed experts' activation."""
+        return str(self.config.hidden_act)
+
+    def routing_rule(self, block: nn.Module):
+        """The block's routing rule; families beyond softmax-then-top-k override this."""
+        from ..search import RoutingRule
+
+        return RoutingRule(int(self.router_of(block).top_k), self.renormalize(block), self.scaling_factor(block))
 
     def shared_experts(self, block: nn.Module) -> Optional[nn.Module]:
         return None
@@ -231,7 +248,7 @@ class MoEAdapter:
         return len(self.layers_module)
 
     def moe_block(self, decoder_layer: nn.Module) -> Optional[nn.Module]:
-        block = getattr(decoder_layer, "mlp", None)
+        block = getattr(decoder_layer, self.block_attr, None)
         return block if isinstance(block, self.block_class()) else None
 
     @property
