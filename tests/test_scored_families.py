@@ -20,6 +20,7 @@ from .tiny_models import EXPERTS, HIDDEN, SCORED_FAMILIES, build_scored_model, i
 # of 2 groups and can only lose equally from every group.
 CASES = [(f, {}, [[1, 4, 6], [7], [0, 5]]) for f in SCORED_FAMILIES] + [
     ("deepseek_v3", {"n_group": 2, "topk_group": 1}, [[0, 5], [2, 7]]),
+    ("glm4_moe", {"norm_topk_prob": False}, [[0, 1, 2], [3]]),
 ]
 IDS = [f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" if o else f for f, o, _ in CASES]
 

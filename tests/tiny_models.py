@@ -70,7 +70,7 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
 
 # ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
@@ -90,6 +90,10 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
     elif family == "deepseek_v32":
         cfg = tf.DeepseekV32Config(**{**common, "num_key_value_heads": 4}, **v3, **{**mla, "q_lora_rank": 16},
                                    index_n_heads=2, index_head_dim=8, index_topk=4)
+    elif family == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5})
+    elif family == "dots1":
+        cfg = tf.Dots1Config(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0})
     else:
         raise ValueError(family)
     for key, value in overrides.items():

@@ -25,8 +25,10 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
 # Families whose routers choose with a score-correction bias, group-limited top-k or sigmoid
 # scores (moei2.search.RoutingRule; moei2/models/scored.py).
 from .deepseek_v3 import DeepseekV3Adapter, DeepseekV32Adapter  # noqa: E402
+from .dots1 import Dots1Adapter  # noqa: E402
+from .glm4_moe import Glm4MoeAdapter  # noqa: E402
 
-ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter)})
+ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter)})
 
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1
