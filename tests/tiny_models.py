@@ -70,7 +70,7 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
 
 # ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
@@ -94,6 +94,8 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
         cfg = tf.Glm4MoeConfig(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5})
     elif family == "dots1":
         cfg = tf.Dots1Config(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0})
+    elif family == "minimax_m2":
+        cfg = tf.MiniMaxM2Config(**common, intermediate_size=16, num_local_experts=EXPERTS, head_dim=8)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
