@@ -109,6 +109,7 @@ def test_search_loss_is_the_error_of_the_pruned_layer(family, overrides, drops):
 
 @pytest.mark.parametrize("family, overrides", [
     ("deepseek_v3", {"n_group": 2, "topk_group": 1}),
+    ("ernie4_5_moe", {}),
     ("minimax_m2", {}),
 ])
 def test_torch_candidate_outputs_equal_from_moe(family, overrides):
@@ -193,6 +194,7 @@ def test_group_limited_pruning_is_refused_before_calibration():
     ("deepseek_v3", "n_routed_experts", 10, "config n_routed_experts=10 but the router has 8 rows"),
     ("deepseek_v3", "num_experts_per_tok", 9, r"num_experts_per_tok=9 must be in \[1, 8\]"),
     ("minimax_m2", "num_local_experts", 6, "config num_local_experts=6"),
+    ("ernie4_5_moe", "moe_k", 0, "moe_k=0"),
 ])
 def test_config_contradicting_weights_is_refused(family, field, value, message):
     model = build_scored_model(family)

@@ -70,7 +70,7 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
 
 # ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
@@ -96,6 +96,9 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
         cfg = tf.Dots1Config(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0})
     elif family == "minimax_m2":
         cfg = tf.MiniMaxM2Config(**common, intermediate_size=16, num_local_experts=EXPERTS, head_dim=8)
+    elif family == "ernie4_5_moe":
+        cfg = tf.Ernie4_5_MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=EXPERTS,
+                                    moe_k=TOP_K, moe_num_shared_experts=1, moe_layer_start_index=1)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
