@@ -20,6 +20,7 @@ from .tiny_models import EXPERTS, HIDDEN, SCORED_FAMILIES, build_scored_model, i
 # of 2 groups and can only lose equally from every group.
 CASES = [(f, {}, [[1, 4, 6], [7], [0, 5]]) for f in SCORED_FAMILIES] + [
     ("deepseek_v3", {"n_group": 2, "topk_group": 1}, [[0, 5], [2, 7]]),
+    ("lfm2_moe", {"use_expert_bias": False, "norm_topk_prob": False}, [[2, 3], [6]]),
     ("glm4_moe", {"norm_topk_prob": False}, [[0, 1, 2], [3]]),
 ]
 IDS = [f"{f}-{'-'.join(f'{k}={v}' for k, v in o.items())}" if o else f for f, o, _ in CASES]
@@ -195,6 +196,7 @@ def test_group_limited_pruning_is_refused_before_calibration():
     ("deepseek_v3", "num_experts_per_tok", 9, r"num_experts_per_tok=9 must be in \[1, 8\]"),
     ("minimax_m2", "num_local_experts", 6, "config num_local_experts=6"),
     ("ernie4_5_moe", "moe_k", 0, "moe_k=0"),
+    ("lfm2_moe", "num_experts", 4, "config num_experts=4"),
 ])
 def test_config_contradicting_weights_is_refused(family, field, value, message):
     model = build_scored_model(family)

@@ -70,7 +70,7 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
 
 # ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
@@ -99,6 +99,10 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
     elif family == "ernie4_5_moe":
         cfg = tf.Ernie4_5_MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=EXPERTS,
                                     moe_k=TOP_K, moe_num_shared_experts=1, moe_layer_start_index=1)
+    elif family == "lfm2_moe":
+        cfg = tf.Lfm2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, num_experts=EXPERTS,
+                               num_dense_layers=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                               layer_types=["full_attention", "conv", "full_attention", "conv"][:layers])
     else:
         raise ValueError(family)
     for key, value in overrides.items():
