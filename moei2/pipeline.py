@@ -324,7 +324,7 @@ def _check_prunable(adapter, config) -> None:
     experts, and a group-limited router only holds equal groups (docs/method.md, "Routing rules")."""
     if not (config.prune_total or config.prune_ratio):
         return
-    grouped = [v.layer_index for v in adapter.moe_layers() if v.rule.grouped]
+    grouped = [v.layer_index for v in adapter.moe_layers() if adapter.group_limited(v.moe_module)]
     if grouped:
         raise ValueError(f"model: layer(s) {grouped} use group-limited routing (n_group > topk_group), whose groups "
                          "must stay equal, which the search does not ensure; compress it with prune_ratio=0 "

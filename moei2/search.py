@@ -6,12 +6,15 @@ router logits of dropped experts become -inf, the softmax runs over the survivor
 takes its top-k survivors (ties to the lower expert index), the k weights are divided by their
 sum if the model renormalises, then multiplied by the scaling factor. Removing those experts'
 rows from a Hugging Face router (Mixtral, Qwen2-MoE, DeepSeek-V2 greedy) routes identically.
+Other families' rules (sigmoid scores, a score-correction bias for choosing, group-limited top-k)
+are :class:`RoutingRule`s; the same rule is used by the search, the block step and the model.
 
 L(S) = sum over calibration batches b of ||Y_b - Y_b,S||_F, with Y the routed part of the MoE
 output (shared experts excluded: they do not depend on S), accumulated in float64.
 
-A :class:`Layer` caches, per token, only its C = k + r_max best experts by router score (the
-only experts it can be re-routed to when at most r_max are dropped) as the triangular QR factor
+A :class:`Layer` caches, per token, only its C = k + r_max best experts by choice key (the
+only experts it can be re-routed to when at most r_max are dropped; every expert under a rule
+whose order depends on the mask, docs/method.md) as the triangular QR factor
 of their output vectors, so scoring a mask never touches the hidden size. The kernels are in
 C (csrc/fitness.c, importance.c, genetic.c); moei2._reference holds the float64 oracle.
 """
@@ -31,32 +34,14 @@ __all__ = ["route", "RoutingRule", "Layer", "SearchResult", "prune_counts"]
 # ---- routing ---------------------------------------------------------------------------------
 
 def route(router_logits, top_k: int, renormalize: bool, scaling_factor: float = 1.0, dropped=None):
-    """Routes tokens with some experts removed.
+    """Routes tokens with some experts removed, by the softmax rule above (a :class:`RoutingRule`
+    with its defaults).
 
     router_logits: [N, E] finite logits. dropped: None, a bool mask [E] (True = dropped) or a
     sequence of expert indices. Returns ``(indices [N, k] int64, weights [N, k] float64)``, the
     experts in order of decreasing probability (ties to the lower index).
     """
-    z = np.asarray(router_logits, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"router_logits must be 2-dimensional [tokens, experts], got shape {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("router_logits contains NaN or Inf")
-    N, E = z.shape
-    drop = _dropped_mask(dropped, E)
-    top_k = int(top_k)
-    if not 1 <= top_k <= E - int(drop.sum()):
-        raise ValueError(f"top_k must be in [1, {E - int(drop.sum())}] (experts left), got {top_k}")
-    z = z.copy()
-    z[:, drop] = -np.inf
-    order = np.argsort(-z, axis=1, kind="stable")[:, :top_k]
-    m = z.max(axis=1, keepdims=True)
-    e = np.exp(z - m)
-    p = e / e.sum(axis=1, keepdims=True)
-    w = np.take_along_axis(p, order, axis=1)
-    if renormalize:
-        w = w / w.sum(axis=1, keepdims=True)
-    return order.astype(np.int64), w * float(scaling_factor)
+    return RoutingRule(top_k, renormalize, scaling_factor).route(router_logits, dropped)
 
 
 _WEIGHTS = ("softmax", "sigmoid", "unit")
@@ -316,8 +301,10 @@ class Layer:
         if N < 1 or E < 2:
             raise ValueError(f"router_logits must be [tokens >= 1, experts >= 2], got shape {logits.shape}")
         if rule is None:
-            if top_k is None or renormalize is None:
-                raise ValueError("give either rule or top_k and renormalize")
+            if top_k is None:
+                raise ValueError("top_k must be an integer (or give rule=), got None")
+            if renormalize is None:
+                raise ValueError("renormalize must be a bool (or give rule=), got None")
             rule = RoutingRule(top_k, renormalize, 1.0 if scaling_factor is None else scaling_factor)
         elif not isinstance(rule, RoutingRule):
             raise ValueError(f"rule must be a moei2.search.RoutingRule, got {type(rule).__name__}")

@@ -98,10 +98,13 @@ _FUSED_SOURCES = {
 
 
 def _candidates(key: str) -> list[str]:
-    """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``)."""
+    """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``;
+    ERNIE 4.5's keep the router's correction bias beside the router, not in it)."""
     out = [key]
     if ".mlp." in key:
         out.append(key.replace(".mlp.", ".block_sparse_moe."))
+    if ".gate.moe_statics." in key:
+        out.append(key.replace(".gate.moe_statics.", ".moe_statics."))
     return out
 
 

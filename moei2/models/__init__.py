@@ -31,7 +31,8 @@ from .glm4_moe import Glm4MoeAdapter  # noqa: E402
 from .lfm2_moe import Lfm2MoeAdapter  # noqa: E402
 from .minimax_m2 import MiniMaxM2Adapter  # noqa: E402
 
-ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter, MiniMaxM2Adapter, Ernie45MoeAdapter, Lfm2MoeAdapter)})
+ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter,
+                                                   MiniMaxM2Adapter, Ernie45MoeAdapter, Lfm2MoeAdapter)})
 
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1

@@ -200,6 +200,11 @@ class MoEAdapter:
     def scaling_factor(self, block: nn.Module) -> float:
         return 1.0
 
+    def group_limited(self, block: nn.Module) -> bool:
+        """Whether the router limits each token to its best groups of experts (read from the
+        router's settings, never its weights, so it works on a streamed model's empty layers)."""
+        return False
+
     def hidden_act(self) -> str:
         """The routed experts' activation."""
         return str(self.config.hidden_act)
