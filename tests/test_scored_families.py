@@ -181,6 +181,28 @@ def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
             np.testing.assert_array_equal(bias_a, bias_b)
 
 
+STREAMED = [pytest.param(f, marks=pytest.mark.xfail(
+    strict=True, reason="the streamed model rebuilds only a rotary embedding named rotary_emb; LFM2's is pos_emb"))
+    if f == "lfm2_moe" else f for f in SCORED_FAMILIES]
+
+
+@pytest.mark.parametrize("family", STREAMED)
+def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
+    source = tmp_path / "hf"
+    build_scored_model(family, layers=4).save_pretrained(str(source), max_shard_size="20KB")
+    config = small_config(kt_block=2)
+    reference, ref_report = moei2.compress(build_scored_model(family, layers=4), CharTokenizer(),
+                                           calibration_texts(), config, progress=False)
+    _, report = moei2.compress(source, CharTokenizer(), calibration_texts(), config, output=tmp_path / "out",
+                               progress=False)
+    for l, info in ref_report["layers"].items():
+        assert report["layers"][l]["dropped"] == info["dropped"]
+    ids = input_ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(moei2.load(tmp_path / "out")(ids).logits, reference(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_group_limited_pruning_is_refused_before_calibration():
     model = build_scored_model("deepseek_v3", n_group=2, topk_group=1)
     texts = calibration_texts()
