@@ -30,54 +30,206 @@
 #include "moei2_internal.h"
 #include "search_internal.h"
 
-/* ---- preparation: ranking and softmax --------------------------------------------------- */
+/* ---- preparation: ranking and scores ---------------------------------------------------- */
 
-moei2_status moei2_search_prepare(int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                                  int64_t num_candidates, const double *logits, int32_t *candidates,
-                                  double *candidate_probs, double *probs, uint64_t *topk_bits) {
-    const int64_t N = num_tokens, E = num_experts, k = top_k, C = num_candidates;
-    if (N < 0 || k < 1 || C <= k || C > E || E > INT32_MAX) return MOEI2_ERR_ARG;
+int moei2_rule_reranks(const moei2_routing_rule *rule, int64_t num_experts) {
+    const int64_t E = num_experts, G = rule->num_groups;
+    if (rule->weights != MOEI2_WEIGHTS_SOFTMAX && rule->weights != MOEI2_WEIGHTS_SIGMOID &&
+        rule->weights != MOEI2_WEIGHTS_UNIT)
+        return -1;
+    if (rule->top_k < 1 || rule->top_k > E || !(rule->scaling > 0.0) || !isfinite(rule->scaling) ||
+        !(rule->norm_eps >= 0.0) || !isfinite(rule->norm_eps))
+        return -1;
+    if (rule->weights == MOEI2_WEIGHTS_UNIT && rule->choice_bias) return -1;
+    if (rule->choice_bias)
+        for (int64_t j = 0; j < E; j++)
+            if (!isfinite(rule->choice_bias[j])) return -1;
+    const int grouped = G > 1 && rule->top_groups < G;
+    if (G > 1) {
+        /* Group scores are sums of keys, which only the sigmoid rules define as scores. */
+        if (E % G || rule->top_groups < 1 || rule->top_groups > G || rule->weights != MOEI2_WEIGHTS_SIGMOID) return -1;
+    }
+    return grouped || (rule->weights == MOEI2_WEIGHTS_SOFTMAX && rule->choice_bias != NULL);
+}
+
+static inline double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+/* The experts a token chooses under a reranking rule, as positions in its candidate list (all E
+ * experts), and its weights: see the rule in moei2_core.h. drop: [E] bytes or NULL. Scratch:
+ * key [E], group_score, group_count [G], taken [G]. chosen [k], weight [k]. */
+typedef struct {
+    double *key, *group_score;
+    int64_t *group_count;
+    unsigned char *taken;
+} rerank_scratch;
+
+static void rerank_choose(const moei2_search_cache *c, const int32_t *cand, const double *cp,
+                          const unsigned char *drop, rerank_scratch *w, int64_t *chosen, double *weight) {
+    const int64_t E = c->num_experts, k = c->top_k, G = c->num_groups;
+    const int softmax = c->weights == MOEI2_WEIGHTS_SOFTMAX;
+    double z = 1.0;
+    if (softmax) {
+        /* The survivors' softmax is p / Z with Z their share of the full softmax. */
+        z = 0.0;
+        for (int64_t q = 0; q < E; q++)
+            if (!drop || !drop[cand[q]]) z += cp[q];
+    }
+    for (int64_t q = 0; q < E; q++) {
+        const int32_t j = cand[q];
+        w->key[j] = (drop && drop[j]) ? -INFINITY : (softmax ? cp[q] / z : cp[q]) + (c->choice_bias ? c->choice_bias[j] : 0.0);
+    }
+    const int grouped = G > 1 && c->top_groups < G;
+    const int64_t size = grouped ? E / G : E;
+    if (grouped) {
+        for (int64_t g = 0; g < G; g++) {
+            double first = -INFINITY, second = -INFINITY;
+            int64_t alive = 0;
+            for (int64_t j = g * size; j < (g + 1) * size; j++) {
+                if (drop && drop[j]) continue;
+                alive++;
+                const double x = w->key[j];
+                if (x > first) { second = first; first = x; }
+                else if (x > second) second = x;
+            }
+            w->group_score[g] = alive >= 2 ? first + second : -INFINITY;
+            w->group_count[g] = alive;
+            w->taken[g] = 0;
+        }
+        int64_t taken = 0, held = 0;
+        while (taken < G && (taken < c->top_groups || held < k)) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < G; g++)
+                if (!w->taken[g] && (best < 0 || w->group_score[g] > w->group_score[best])) best = g;
+            w->taken[best] = 1;
+            taken++;
+            held += w->group_count[best];
+        }
+    }
+    /* Top-k by key among the eligible survivors, ties to the lower expert index. The candidate
+     * list maps an expert back to its position. */
+    double sum = 0.0;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t q = 0; q < E; q++) {
+            const int32_t j = cand[q];
+            if ((drop && drop[j]) || (grouped && !w->taken[j / size])) continue;
+            int used = 0;
+            for (int64_t t = 0; t < i; t++) used |= chosen[t] == q;
+            if (used) continue;
+            if (best < 0 || w->key[j] > w->key[cand[best]] || (w->key[j] == w->key[cand[best]] && j < cand[best]))
+                best = q;
+        }
+        chosen[i] = best;
+        weight[i] = softmax ? cp[best] / z : cp[best];
+        sum += weight[i];
+    }
+    const double scale = c->renormalize ? c->scaling / (sum + c->norm_eps) : c->scaling;
+    for (int64_t i = 0; i < k; i++) weight[i] *= scale;
+}
+
+static void rerank_scratch_free(rerank_scratch *w) {
+    free(w->key); free(w->group_score); free(w->group_count); free(w->taken);
+    memset(w, 0, sizeof *w);
+}
+
+static moei2_status rerank_scratch_alloc(rerank_scratch *w, int64_t E) {
+    w->key = malloc((size_t)E * sizeof(double));
+    w->group_score = malloc((size_t)E * sizeof(double));
+    w->group_count = malloc((size_t)E * sizeof(int64_t));
+    w->taken = malloc((size_t)E);
+    if (!w->key || !w->group_score || !w->group_count || !w->taken) {
+        rerank_scratch_free(w);
+        return MOEI2_ERR_NOMEM;
+    }
+    return MOEI2_OK;
+}
+
+moei2_status moei2_search_prepare_rule(int64_t num_tokens, int64_t num_experts, const moei2_routing_rule *rule,
+                                       int64_t num_candidates, const double *logits, int32_t *candidates,
+                                       double *candidate_probs, double *probs, uint64_t *topk_bits) {
+    const int64_t N = num_tokens, E = num_experts, k = rule ? rule->top_k : 0, C = num_candidates;
+    if (!rule || N < 0 || k < 1 || C <= k || C > E || E > INT32_MAX) return MOEI2_ERR_ARG;
+    const int reranks = moei2_rule_reranks(rule, E);
+    if (reranks < 0 || (reranks && C != E)) return MOEI2_ERR_ARG;
+    const int softmax = rule->weights == MOEI2_WEIGHTS_SOFTMAX;
     const int64_t W = MOEI2_MASK_WORDS(E);
     double *p = malloc((size_t)E * sizeof(double));
-    if (!p) return MOEI2_ERR_NOMEM;
-    moei2_status status = MOEI2_OK;
+    double *key = malloc((size_t)E * sizeof(double));
+    int64_t *chosen = malloc((size_t)k * sizeof(int64_t));
+    double *weight = malloc((size_t)k * sizeof(double));
+    rerank_scratch scratch = {0};
+    moei2_status status = (p && key && chosen && weight) ? rerank_scratch_alloc(&scratch, E) : MOEI2_ERR_NOMEM;
+    if (status != MOEI2_OK) goto done;
+    /* The cache fields rerank_choose reads. */
+    moei2_search_cache view = {0};
+    view.num_experts = E; view.top_k = k; view.renormalize = rule->renormalize; view.scaling = rule->scaling;
+    view.weights = rule->weights; view.norm_eps = rule->norm_eps; view.choice_bias = rule->choice_bias;
+    view.num_groups = rule->num_groups; view.top_groups = rule->top_groups;
     for (int64_t n = 0; n < N; n++) {
         const double *z = logits + n * E;
         int32_t *cand = candidates + n * C;
-        /* Insertion into a sorted prefix; a strict comparison keeps the lower index first on
-         * equal logits, the tie rule used everywhere. */
-        int64_t filled = 0;
+        double top = -INFINITY;
         for (int64_t j = 0; j < E; j++) {
             if (!isfinite(z[j])) { status = MOEI2_ERR_NONFINITE; goto done; }
-            if (filled == C && !(z[j] > z[cand[C - 1]])) continue;
+            if (z[j] > top) top = z[j];
+        }
+        if (softmax) {
+            double total = 0.0;
+            for (int64_t j = 0; j < E; j++) {
+                p[j] = exp(z[j] - top);
+                total += p[j];
+            }
+            for (int64_t j = 0; j < E; j++) p[j] /= total;
+        } else {
+            for (int64_t j = 0; j < E; j++) p[j] = rule->weights == MOEI2_WEIGHTS_SIGMOID ? sigmoid(z[j]) : 1.0;
+        }
+        const int by_logit = rule->weights == MOEI2_WEIGHTS_UNIT || (softmax && !rule->choice_bias);
+        for (int64_t j = 0; j < E; j++)
+            key[j] = by_logit ? z[j] : p[j] + (rule->choice_bias ? rule->choice_bias[j] : 0.0);
+        /* Insertion into a sorted prefix; a strict comparison keeps the lower index first on
+         * equal keys, the tie rule used everywhere. */
+        int64_t filled = 0;
+        for (int64_t j = 0; j < E; j++) {
+            if (filled == C && !(key[j] > key[cand[C - 1]])) continue;
             int64_t pos = filled < C ? filled : C - 1;
-            while (pos > 0 && z[j] > z[cand[pos - 1]]) {
+            while (pos > 0 && key[j] > key[cand[pos - 1]]) {
                 cand[pos] = cand[pos - 1];
                 pos--;
             }
             cand[pos] = (int32_t)j;
             if (filled < C) filled++;
         }
-        const double top = z[cand[0]];
-        double total = 0.0;
-        for (int64_t j = 0; j < E; j++) {
-            p[j] = exp(z[j] - top);
-            total += p[j];
-        }
-        for (int64_t j = 0; j < E; j++) p[j] /= total;
         for (int64_t q = 0; q < C; q++) {
             candidate_probs[n * C + q] = p[cand[q]];
-            /* A zero probability would make a re-routed token's weights 0/0. */
+            /* A zero weight would make a re-routed token's weights 0/0. */
             if (!(p[cand[q]] > 0.0)) { status = MOEI2_ERR_NONFINITE; goto done; }
         }
-        if (probs) memcpy(probs + n * E, p, (size_t)E * sizeof(double));
+        if (probs && softmax) memcpy(probs + n * E, p, (size_t)E * sizeof(double));
         uint64_t *bits = topk_bits + n * W;
         memset(bits, 0, (size_t)W * sizeof(uint64_t));
-        for (int64_t q = 0; q < k; q++) mask_set(bits, cand[q]);
+        if (reranks) {
+            rerank_choose(&view, cand, candidate_probs + n * C, NULL, &scratch, chosen, weight);
+            for (int64_t q = 0; q < k; q++) mask_set(bits, cand[chosen[q]]);
+        } else {
+            for (int64_t q = 0; q < k; q++) mask_set(bits, cand[q]);
+        }
     }
 done:
     free(p);
+    free(key);
+    free(chosen);
+    free(weight);
+    rerank_scratch_free(&scratch);
     return status;
+}
+
+moei2_status moei2_search_prepare(int64_t num_tokens, int64_t num_experts, int64_t top_k,
+                                  int64_t num_candidates, const double *logits, int32_t *candidates,
+                                  double *candidate_probs, double *probs, uint64_t *topk_bits) {
+    /* Renormalisation and scaling do not change the ranking or the scores. */
+    const moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, top_k, 1, 0.0, 1.0, NULL, 1, 1};
+    return moei2_search_prepare_rule(num_tokens, num_experts, &rule, num_candidates, logits, candidates,
+                                     candidate_probs, probs, topk_bits);
 }
 
 /* ---- the loss of a batch of masks ------------------------------------------------------- */
@@ -220,7 +372,10 @@ static inline double token_error2(const moei2_search_cache *cache, const loss_jo
         lost += cp[q] * (double)d;
     }
     double zs = 1.0;
-    if (!renorm) {
+    if (!renorm && cache->weights != MOEI2_WEIGHTS_SOFTMAX) {
+        /* Fixed weights: only a token that lost one of its experts changes. */
+        if (!outs) return 0.0;
+    } else if (!renorm) {
         if (ps <= 0.5) {
             zs = 1.0 - ps;
         } else {
@@ -304,7 +459,8 @@ static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last
     const moei2_search_cache *cache = job->cache;
     const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates;
     const int64_t P = MOEI2_PACKED_SIZE(C), M = last - first;
-    const int renorm = cache->renormalize;
+    /* Without renormalisation a softmax rule reweights every token by the surviving mass P_S. */
+    const int softmax_all = !cache->renormalize && cache->weights == MOEI2_WEIGHTS_SOFTMAX;
     if (M <= 0) return MOEI2_OK;
     slice_scratch w;
     if (scratch_alloc(&w, M, E, k, C) != MOEI2_OK) return MOEI2_ERR_NOMEM;
@@ -320,19 +476,19 @@ static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last
                 const double *r = cache->factor + (n0 + t) * P;
                 double *a = w.top_out + t * w.top_len;
                 double A = 1.0;
-                if (renorm) {
-                    A = 0.0;
+                if (cache->renormalize) {
+                    A = cache->norm_eps;
                     for (int64_t q = 0; q < k; q++) A += cp[q];
                 }
                 w.top_sum[t] = A;
                 for (int64_t i = 0; i < w.top_len; i++) a[i] = 0.0;
                 for (int64_t j = 0; j < k; j++) axpy(a, r + MOEI2_PACKED_SIZE(j), j + 1, cp[j]);
                 pad_columns(r, C, w.padded + t * w.padded_cols * FAST_WIDTH);
-                if (!renorm)
+                if (softmax_all)
                     for (int64_t j = 0; j < E; j++) w.probs_t[j * TOKEN_BLOCK + t] = cache->probs[(n0 + t) * E + j];
             }
             for (int64_t m = first; m < last; m++) {
-                if (!renorm) {
+                if (softmax_all) {
                     /* P_S summed over the dropped experts in list order, token by token. */
                     double *restrict ps = w.ps;
                     const int32_t *ids = job->ids + m * E;
@@ -354,8 +510,65 @@ static moei2_status score_slice(const loss_job *job, int64_t first, int64_t last
     return MOEI2_OK;
 }
 
+/* A reranking rule (C = E): each token's choice is recomputed under every mask, and its error
+ * is ||R c|| with c the old minus the new weights over at most 2k candidate positions. */
+static moei2_status score_slice_rerank(const loss_job *job, int64_t first, int64_t last) {
+    const moei2_search_cache *cache = job->cache;
+    const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates;
+    const int64_t P = MOEI2_PACKED_SIZE(C);
+    if (last <= first) return MOEI2_OK;
+    rerank_scratch w = {0};
+    int64_t *chosen = malloc((size_t)(2 * k) * sizeof(int64_t));
+    double *weight = malloc((size_t)(2 * k) * sizeof(double));
+    double *coef = calloc((size_t)C, sizeof(double));
+    double *v = malloc((size_t)C * sizeof(double));
+    moei2_status status = (chosen && weight && coef && v) ? rerank_scratch_alloc(&w, E) : MOEI2_ERR_NOMEM;
+    if (status != MOEI2_OK) goto done;
+    for (int64_t m = first; m < last; m++) job->losses[m] = 0.0;
+    int64_t start = 0;
+    for (int64_t b = 0; b < cache->num_batches; b++) {
+        const int64_t end = cache->batch_ends[b];
+        for (int64_t m = first; m < last; m++) {
+            const unsigned char *drop = job->dropped + m * E;
+            double acc = 0.0;
+            for (int64_t n = start; n < end; n++) {
+                const int32_t *cand = cache->candidates + n * C;
+                const double *cp = cache->candidate_probs + n * C;
+                rerank_choose(cache, cand, cp, NULL, &w, chosen, weight);
+                rerank_choose(cache, cand, cp, drop, &w, chosen + k, weight + k);
+                int64_t hi = 0;
+                for (int64_t i = 0; i < 2 * k; i++) {
+                    coef[chosen[i]] += i < k ? weight[i] : -weight[i];
+                    if (chosen[i] + 1 > hi) hi = chosen[i] + 1;
+                }
+                for (int64_t i = 0; i < hi; i++) v[i] = 0.0;
+                const double *r = cache->factor + n * P;
+                for (int64_t i = 0; i < 2 * k; i++) {
+                    const int64_t q = chosen[i];
+                    if (coef[q] != 0.0) axpy(v, r + MOEI2_PACKED_SIZE(q), q + 1, coef[q]);
+                    coef[q] = 0.0;
+                }
+                double sum = 0.0;
+                for (int64_t i = 0; i < hi; i++) sum += v[i] * v[i];
+                acc += sum;
+            }
+            job->losses[m] += sqrt(acc);
+        }
+        start = end;
+    }
+done:
+    rerank_scratch_free(&w);
+    free(chosen); free(weight); free(coef); free(v);
+    return status;
+}
+
 static int score_block(void *arg, int64_t first, int64_t last) {
-    return (int)score_slice((const loss_job *)arg, first, last);
+    const loss_job *job = (const loss_job *)arg;
+    const moei2_search_cache *c = job->cache;
+    const moei2_routing_rule rule = {c->weights, c->top_k, c->renormalize, c->norm_eps, c->scaling, c->choice_bias,
+                                     c->num_groups, c->top_groups};
+    if (moei2_rule_reranks(&rule, c->num_experts) == 1) return (int)score_slice_rerank(job, first, last);
+    return (int)score_slice(job, first, last);
 }
 
 moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *masks, int64_t num_masks,
@@ -363,7 +576,12 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
     const int64_t E = cache->num_experts, k = cache->top_k, C = cache->num_candidates, M = num_masks;
     const int64_t W = MOEI2_MASK_WORDS(E);
     if (M < 0 || k < 1 || C <= k || C > E || cache->num_batches < 1) return MOEI2_ERR_ARG;
-    if (!cache->renormalize && cache->probs == NULL) return MOEI2_ERR_ARG;
+    const moei2_routing_rule rule = {cache->weights, k, cache->renormalize, cache->norm_eps, cache->scaling,
+                                     cache->choice_bias, cache->num_groups, cache->top_groups};
+    const int reranks = moei2_rule_reranks(&rule, E);
+    if (reranks < 0 || (reranks && C != E)) return MOEI2_ERR_ARG;
+    if (!reranks && !cache->renormalize && cache->weights == MOEI2_WEIGHTS_SOFTMAX && cache->probs == NULL)
+        return MOEI2_ERR_ARG;
     if (M == 0) return MOEI2_OK;
     int64_t ME;
     if (moei2_mul_ok(M, E, &ME)) return MOEI2_ERR_NOMEM;

@@ -178,6 +178,42 @@ moei2_status moei2_allocate_ranks(const double *importance, const int64_t *rows,
 #define MOEI2_PACKED_SIZE(c) ((c) * ((c) + 1) / 2)
 #define MOEI2_MASK_WORDS(e) (((e) + 63) / 64)
 
+/* ---- routing rules beyond softmax-then-top-k ----------------------------------------------
+ * A rule says how a token's weight score and choice key come from its logits (see docs/method.md,
+ * "Routing rules", for each family and the proof of its candidate bound):
+ *   weights SOFTMAX: softmax over the surviving experts; SIGMOID: sigmoid(z_j), which no other
+ *   expert changes; UNIT: 1 (the score already scaled the expert's input, as in Llama 4).
+ *   choice key: z_j for SOFTMAX without a bias and for UNIT, else score_j + choice_bias[j].
+ *   Group-limited top-k (num_groups > top_groups): equal groups of consecutive experts score the
+ *   sum of their two best surviving keys (-inf below two survivors); groups are taken by score,
+ *   ties to the lower group, until top_groups are taken and they hold top_k survivors; the
+ *   token takes its top_k survivors of those groups by key.
+ *   The k weights are divided by (their sum + norm_eps) when renormalising, then scaled.
+ * When no dropped expert changes the order of the survivors' keys (no groups; no bias on a
+ * softmax) the new top-k is the first k survivors in the original order, so C = k + r_max
+ * candidates suffice, as for the plain rule. Otherwise ("reranking" rules) the order and the
+ * chosen groups depend on the mask and every expert is a candidate: C must equal E. */
+typedef enum {
+    MOEI2_WEIGHTS_SOFTMAX = 0,
+    MOEI2_WEIGHTS_SIGMOID = 1,
+    MOEI2_WEIGHTS_UNIT = 2
+} moei2_weight_fn;
+
+typedef struct {
+    moei2_weight_fn weights;
+    int64_t top_k;
+    int renormalize;
+    double norm_eps;           /* >= 0, added to the k weights' sum before dividing */
+    double scaling;            /* > 0 */
+    const double *choice_bias; /* [E] finite, or NULL; not allowed with UNIT */
+    int64_t num_groups;        /* <= 1: no group limit; else divides E */
+    int64_t top_groups;        /* 1 <= top_groups <= num_groups when grouped */
+} moei2_routing_rule;
+
+/* 1 when the rule's ranking can change with the mask (then C must be E), 0 when it cannot,
+ * -1 when the rule is invalid for E experts. */
+int moei2_rule_reranks(const moei2_routing_rule *rule, int64_t num_experts);
+
 /* Per-token routing data of a layer. probs (the softmax over ALL experts) is needed only when
  * the model does not renormalise, since then dropping any expert shrinks the softmax
  * denominator of every token; it is NULL otherwise. */
@@ -195,7 +231,15 @@ typedef struct {
     const double *probs;           /* [N, E] softmax over all experts, or NULL if renormalize */
     const uint64_t *topk_bits;     /* [N, W] the token's original top-k as a bitset */
     const double *factor;          /* [N, C(C+1)/2] packed R of each token */
-    const double *output_norm2;    /* [N] ||y_n||^2, y_n the token's original routed output */
+    const double *output_norm2;    /* [N] ||y_n||^2, y_n the token's original routed output
+                                    * (read only by a softmax rule without renormalisation) */
+    /* The rest of the rule (all zero: softmax, no bias, no groups). candidate_probs then holds
+     * the weight scores; probs is needed only for a softmax rule that does not renormalise and
+     * does not rerank. */
+    moei2_weight_fn weights;
+    double norm_eps;
+    const double *choice_bias;     /* [E] or NULL */
+    int64_t num_groups, top_groups;
 } moei2_search_cache;
 
 /* Ranks each token's experts and computes its softmax in float64 (logits [N, E], finite).
@@ -204,6 +248,13 @@ typedef struct {
 moei2_status moei2_search_prepare(int64_t num_tokens, int64_t num_experts, int64_t top_k,
                                   int64_t num_candidates, const double *logits, int32_t *candidates,
                                   double *candidate_probs, double *probs, uint64_t *topk_bits);
+
+/* moei2_search_prepare for any rule: candidates by descending choice key (for a reranking rule
+ * all E of them, C = E), candidate_probs the weight scores, topk_bits the experts the token
+ * chooses with nothing dropped. probs (softmax rules only) may be NULL. */
+moei2_status moei2_search_prepare_rule(int64_t num_tokens, int64_t num_experts, const moei2_routing_rule *rule,
+                                       int64_t num_candidates, const double *logits, int32_t *candidates,
+                                       double *candidate_probs, double *probs, uint64_t *topk_bits);
 
 /* Factors the candidate outputs of a run of tokens: outputs [n, C, dim] (float32 or float64:
  * exactly one of outputs_f32 / outputs_f64 is non-NULL, row q = output of the token's q-th

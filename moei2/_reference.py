@@ -144,6 +144,79 @@ def expert_outputs_reference(x, gate_up_proj, down_proj):
     return np.stack(out)
 
 
+def route_rule_reference(router_logits, rule, dropped=None):
+    """Routing under pruning for every rule of :class:`moei2.search.RoutingRule`, one token at a
+    time, straight from the definitions (docs/method.md, "Routing rules"):
+
+    weight score of a survivor j: softmax over the survivors' logits ("softmax"), sigmoid(z_j)
+    ("sigmoid") or 1 ("unit"); choice key: z_j for softmax without a bias and for "unit", else
+    weight score + choice_bias[j]. With num_groups > top_groups the experts form equal groups of
+    consecutive indices; a group scores the sum of its two best surviving keys (-inf with fewer
+    than two survivors) and groups are taken by score (ties to the lower group) until top_groups
+    are taken and they hold at least top_k survivors. The token takes its top_k survivors in the
+    taken groups by key (ties to the lower index); weights are divided by (their sum + norm_eps)
+    if renormalize, then multiplied by scaling_factor. Returns (indices [N, k], weights [N, k])."""
+    z = np.array(router_logits, dtype=np.float64)
+    N, E = z.shape
+    k = rule.top_k
+    drop = np.zeros(E, dtype=bool) if dropped is None else np.asarray(dropped, dtype=bool)
+    bias = None if rule.choice_bias is None else np.asarray(rule.choice_bias, dtype=np.float64)
+    indices = np.zeros((N, k), dtype=np.int64)
+    weights = np.zeros((N, k))
+    for n in range(N):
+        alive = [j for j in range(E) if not drop[j]]
+        if rule.weights == "softmax":
+            m = max(z[n, j] for j in alive)
+            total = sum(np.exp(z[n, j] - m) for j in alive)
+            score = {j: np.exp(z[n, j] - m) / total for j in alive}
+        elif rule.weights == "sigmoid":
+            score = {j: 1.0 / (1.0 + np.exp(-z[n, j])) for j in alive}
+        else:
+            score = {j: 1.0 for j in alive}
+        if rule.weights == "unit" or (rule.weights == "softmax" and bias is None):
+            key = {j: z[n, j] for j in alive}
+        else:
+            key = {j: score[j] + (0.0 if bias is None else bias[j]) for j in alive}
+        eligible = alive
+        if rule.num_groups > rule.top_groups:
+            size = E // rule.num_groups
+            members = [[j for j in alive if j // size == g] for g in range(rule.num_groups)]
+            group_score = []
+            for g in range(rule.num_groups):
+                best = sorted((key[j] for j in members[g]), reverse=True)
+                group_score.append(best[0] + best[1] if len(best) >= 2 else -np.inf)
+            taken = []
+            for g in sorted(range(rule.num_groups), key=lambda g: (-group_score[g], g)):
+                if len(taken) >= rule.top_groups and sum(len(members[h]) for h in taken) >= k:
+                    break
+                taken.append(g)
+            eligible = [j for j in alive if j // size in taken]
+        chosen = sorted(eligible, key=lambda j: (-key[j], j))[:k]
+        w = np.array([score[j] for j in chosen])
+        if rule.renormalize:
+            w = w / (w.sum() + rule.norm_eps)
+        indices[n] = chosen
+        weights[n] = rule.scaling_factor * w
+    return indices, weights
+
+
+def rule_loss_reference(router_logits, expert_outputs, rule, batch_sizes, mask):
+    """L(S) under ``rule``, recomputing the routed outputs with and without the dropped experts
+    from every expert's output on every token (expert_outputs [E, N, d])."""
+    outputs = np.asarray(expert_outputs, dtype=np.float64)
+
+    def routed(dropped):
+        idx, w = route_rule_reference(router_logits, rule, dropped)
+        return np.einsum("nk,nkd->nd", w, outputs[idx, np.arange(idx.shape[0])[:, None]])
+
+    y, ys = routed(None), routed(np.asarray(mask, dtype=bool))
+    loss, start = 0.0, 0
+    for size in batch_sizes:
+        loss += float(np.linalg.norm(y[start:start + size] - ys[start:start + size]))
+        start += size
+    return loss
+
+
 def exhaustive_reference(loss_of_mask, num_experts, r):
     """Every r-subset in itertools.combinations order with its loss: [(loss, dropped tuple)]."""
     import itertools

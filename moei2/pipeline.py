@@ -187,6 +187,7 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
     _check_compressible(adapter, model, config)
+    _check_prunable(adapter, config)
     budget_total = (budget_target(config, [layer_shape(v) for v in adapter.moe_layers()])
                     if config.budget is not None else None)
     if config.lora is not None and source.streamed:
@@ -372,6 +373,18 @@ def _names_device_oom(run_pass):
                       "; with a work_dir a rerun would resume after the finished layers")
             raise DeviceOutOfMemory(f"device {ctx.device}: out of memory at {ctx.where} ({needed}){resume}") from None
     return wrapper
+
+
+def _check_prunable(adapter, config) -> None:
+    """Refuses, before any work, pruning layers with group-limited routing: the search drops any
+    experts, and a group-limited router only holds equal groups (docs/method.md, "Routing rules")."""
+    if not config.prunes:
+        return
+    grouped = [v.layer_index for v in adapter.moe_layers() if adapter.group_limited(v.moe_module)]
+    if grouped:
+        raise ValueError(f"model: layer(s) {grouped} use group-limited routing (n_group > topk_group), whose groups "
+                         "must stay equal, which the search does not ensure; compress it with prune_ratio=0 "
+                         "(low rank only)")
 
 
 # ---- pass 1 -----------------------------------------------------------------------------------

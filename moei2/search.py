@@ -6,12 +6,15 @@ router logits of dropped experts become -inf, the softmax runs over the survivor
 takes its top-k survivors (ties to the lower expert index), the k weights are divided by their
 sum if the model renormalises, then multiplied by the scaling factor. Removing those experts'
 rows from a Hugging Face router (Mixtral, Qwen2-MoE, DeepSeek-V2 greedy) routes identically.
+Other families' rules (sigmoid scores, a score-correction bias for choosing, group-limited top-k)
+are :class:`RoutingRule`s; the same rule is used by the search, the block step and the model.
 
 L(S) = sum over calibration batches b of ||Y_b - Y_b,S||_F, with Y the routed part of the MoE
 output (shared experts excluded: they do not depend on S), accumulated in float64.
 
-A :class:`Layer` caches, per token, only its C = k + r_max best experts by router score (the
-only experts it can be re-routed to when at most r_max are dropped) as the triangular QR factor
+A :class:`Layer` caches, per token, only its C = k + r_max best experts by choice key (the
+only experts it can be re-routed to when at most r_max are dropped; every expert under a rule
+whose order depends on the mask, docs/method.md) as the triangular QR factor
 of their output vectors, so scoring a mask never touches the hidden size. The kernels are in
 C (csrc/fitness.c, importance.c, genetic.c); moei2._reference holds the float64 oracle.
 """
@@ -25,38 +28,146 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["route", "Layer", "SearchResult", "prune_counts"]
+__all__ = ["route", "RoutingRule", "Layer", "SearchResult", "prune_counts"]
 
 
 # ---- routing ---------------------------------------------------------------------------------
 
 def route(router_logits, top_k: int, renormalize: bool, scaling_factor: float = 1.0, dropped=None):
-    """Routes tokens with some experts removed.
+    """Routes tokens with some experts removed, by the softmax rule above (a :class:`RoutingRule`
+    with its defaults).
 
     router_logits: [N, E] finite logits. dropped: None, a bool mask [E] (True = dropped) or a
     sequence of expert indices. Returns ``(indices [N, k] int64, weights [N, k] float64)``, the
     experts in order of decreasing probability (ties to the lower index).
     """
-    z = np.asarray(router_logits, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"router_logits must be 2-dimensional [tokens, experts], got shape {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("router_logits contains NaN or Inf")
-    N, E = z.shape
-    drop = _dropped_mask(dropped, E)
-    top_k = int(top_k)
-    if not 1 <= top_k <= E - int(drop.sum()):
-        raise ValueError(f"top_k must be in [1, {E - int(drop.sum())}] (experts left), got {top_k}")
-    z = z.copy()
-    z[:, drop] = -np.inf
-    order = np.argsort(-z, axis=1, kind="stable")[:, :top_k]
-    m = z.max(axis=1, keepdims=True)
-    e = np.exp(z - m)
-    p = e / e.sum(axis=1, keepdims=True)
-    w = np.take_along_axis(p, order, axis=1)
-    if renormalize:
-        w = w / w.sum(axis=1, keepdims=True)
-    return order.astype(np.int64), w * float(scaling_factor)
+    return RoutingRule(top_k, renormalize, scaling_factor).route(router_logits, dropped)
+
+
+_WEIGHTS = ("softmax", "sigmoid", "unit")
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingRule:
+    """How a router turns a token's logits into its experts and their weights (docs/method.md,
+    "Routing rules"); the C search and :meth:`route` apply the same rule.
+
+    weights: "softmax" (over the surviving experts), "sigmoid" (of each logit; no other expert
+    changes it) or "unit" (every weight 1: the score scaled the expert's input instead, as in
+    Llama 4). The choice key is the logit for softmax without a bias and for "unit", else the
+    weight score plus ``choice_bias[j]`` (a score-correction bias: used for choosing, never
+    for weighting). With ``num_groups > top_groups`` the experts form equal groups of consecutive
+    indices; a group scores the sum of its two best surviving keys (-inf below two survivors),
+    the ``top_groups`` best groups are taken (ties to the lower group; more while they hold
+    fewer than top_k survivors) and the token takes its top_k survivors of those groups by key,
+    ties to the lower index. The k weights are divided by (their sum + norm_eps) if renormalize,
+    then multiplied by scaling_factor.
+    """
+
+    top_k: int
+    renormalize: bool
+    scaling_factor: float = 1.0
+    weights: str = "softmax"
+    choice_bias: Optional[np.ndarray] = None
+    num_groups: int = 1
+    top_groups: int = 1
+    norm_eps: float = 0.0
+
+    def __post_init__(self):
+        _check_int(self.top_k, "top_k", 1)
+        if not isinstance(self.renormalize, (bool, np.bool_)):
+            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
+        for name in ("scaling_factor", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+                    or not math.isfinite(value) or value < 0 or (name == "scaling_factor" and value == 0):
+                raise ValueError(f"{name} must be a finite number, positive for scaling_factor and >= 0 for "
+                                 f"norm_eps, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "renormalize", bool(self.renormalize))
+        if self.weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
+        if self.choice_bias is not None:
+            bias = np.array(self.choice_bias, dtype=np.float64)
+            if bias.ndim != 1 or not np.all(np.isfinite(bias)):
+                raise ValueError("choice_bias must be a 1-D array of finite numbers (one per expert)")
+            if self.weights == "unit":
+                raise ValueError("choice_bias: a rule with unit weights chooses by logit and takes no bias")
+            bias.setflags(write=False)
+            object.__setattr__(self, "choice_bias", bias)
+        _check_int(self.num_groups, "num_groups", 1)
+        _check_int(self.top_groups, "top_groups", 1, int(self.num_groups))
+        if self.grouped and self.weights != "sigmoid":
+            raise ValueError("group-limited routing (num_groups > top_groups) is defined for sigmoid weights only")
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_groups > self.top_groups
+
+    @property
+    def reranks(self) -> bool:
+        """True when dropping experts can change the order of the survivors' keys or the groups a
+        token uses; the search then keeps every expert as a candidate."""
+        return self.grouped or (self.weights == "softmax" and self.choice_bias is not None)
+
+    def check(self, num_experts: int) -> None:
+        """Raises ValueError unless the rule fits a layer of ``num_experts`` experts."""
+        if self.top_k > num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds the {num_experts} experts")
+        if self.choice_bias is not None and self.choice_bias.shape != (num_experts,):
+            raise ValueError(f"choice_bias has {self.choice_bias.shape[0]} entries for {num_experts} experts")
+        if self.num_groups > 1 and num_experts % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} does not divide the {num_experts} experts")
+
+    def route(self, router_logits, dropped=None):
+        """Routes tokens with some experts removed, as the layer that lost them routes.
+
+        router_logits: [N, E] finite. dropped: None, a bool mask [E] or expert indices. Returns
+        ``(indices [N, k] int64, weights [N, k] float64)``, the experts by decreasing choice key.
+        """
+        z = np.array(router_logits, dtype=np.float64)
+        if z.ndim != 2:
+            raise ValueError(f"router_logits must be 2-dimensional [tokens, experts], got shape {z.shape}")
+        if not np.all(np.isfinite(z)):
+            raise ValueError("router_logits contains NaN or Inf")
+        N, E = z.shape
+        self.check(E)
+        drop = _dropped_mask(dropped, E)
+        k = self.top_k
+        if k > E - int(drop.sum()):
+            raise ValueError(f"top_k={k} exceeds the {E - int(drop.sum())} experts left")
+        if self.weights == "softmax":
+            masked = np.where(drop, -np.inf, z)
+            e = np.exp(masked - masked.max(axis=1, keepdims=True))
+            score = e / e.sum(axis=1, keepdims=True)
+        elif self.weights == "sigmoid":
+            with np.errstate(over="ignore"):
+                score = 1.0 / (1.0 + np.exp(-z))
+        else:
+            score = np.ones_like(z)
+        if self.weights == "unit" or (self.weights == "softmax" and self.choice_bias is None):
+            key = z.copy()
+        else:
+            key = score + (0.0 if self.choice_bias is None else self.choice_bias)
+        key[:, drop] = -np.inf
+        if self.grouped:
+            G = self.num_groups
+            grouped = np.sort(key.reshape(N, G, -1), axis=2)[:, :, ::-1]
+            alive = (~drop).reshape(G, -1).sum(axis=1)
+            group_score = np.where(alive >= 2, grouped[:, :, 0] + grouped[:, :, 1], -np.inf)
+            order = np.argsort(-group_score, axis=1, kind="stable")
+            held = np.cumsum(alive[order], axis=1)
+            # Groups taken: at least top_groups, and as many as it takes to hold k survivors.
+            count = np.maximum(self.top_groups, (held < k).sum(axis=1) + 1)
+            taken = np.zeros((N, G), dtype=bool)
+            rank = np.arange(G)[None, :] < count[:, None]
+            np.put_along_axis(taken, order, rank, axis=1)
+            key[~np.repeat(taken, E // G, axis=1)] = -np.inf
+        order = np.argsort(-key, axis=1, kind="stable")[:, :k]
+        w = np.take_along_axis(score, order, axis=1)
+        if self.renormalize:
+            w = w / (w.sum(axis=1, keepdims=True) + self.norm_eps)
+        return order.astype(np.int64), w * self.scaling_factor
 
 
 def _dropped_mask(dropped, num_experts: int) -> np.ndarray:
@@ -177,37 +288,53 @@ class Layer:
         self.scaling_factor = cache.scaling_factor
         self.batch_ends = cache.batch_ends
         self.num_threads = _num_threads()
+        self.rule: Optional[RoutingRule] = None  # set by the constructors below
 
     # -- construction --
 
     @staticmethod
-    def _validate_routing(router_logits, top_k, r_max, renormalize, scaling_factor):
+    def _validate_routing(router_logits, top_k, r_max, renormalize, scaling_factor, rule=None):
+        """The logits as float64 and the rule: ``rule``, or the plain softmax rule of top_k,
+        renormalize and scaling_factor (which must then be None and given, respectively)."""
         logits = np.ascontiguousarray(_float_array(router_logits, "router_logits", 2), dtype=np.float64)
         N, E = logits.shape
         if N < 1 or E < 2:
             raise ValueError(f"router_logits must be [tokens >= 1, experts >= 2], got shape {logits.shape}")
-        top_k = _check_int(top_k, "top_k", 1, E - 1)
-        r_max = E - top_k if r_max is None else _check_int(r_max, "r_max", 1, E - top_k)
-        if not isinstance(renormalize, (bool, np.bool_)):
-            raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
-        if isinstance(scaling_factor, (bool, np.bool_)) or not isinstance(scaling_factor, (int, float, np.number)):
-            raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor!r}")
-        scaling_factor = float(scaling_factor)
-        if not (math.isfinite(scaling_factor) and scaling_factor > 0):
-            raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor}")
-        return logits, N, E, top_k, r_max, bool(renormalize), scaling_factor
+        if rule is None:
+            if top_k is None:
+                raise ValueError("top_k must be an integer (or give rule=), got None")
+            if renormalize is None:
+                raise ValueError("renormalize must be a bool (or give rule=), got None")
+            rule = RoutingRule(top_k, renormalize, 1.0 if scaling_factor is None else scaling_factor)
+        elif not isinstance(rule, RoutingRule):
+            raise ValueError(f"rule must be a moei2.search.RoutingRule, got {type(rule).__name__}")
+        elif top_k is not None or renormalize is not None or scaling_factor is not None:
+            raise ValueError("give either rule or top_k, renormalize and scaling_factor, not both")
+        rule.check(E)
+        _check_int(rule.top_k, "top_k", 1, E - 1)
+        r_max = E - rule.top_k if r_max is None else _check_int(r_max, "r_max", 1, E - rule.top_k)
+        return logits, N, E, rule, r_max
 
     @staticmethod
-    def _new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes):
-        return _core.SearchCache(logits, top_k=top_k, r_max=r_max, renormalize=renormalize,
-                                 scaling_factor=scaling_factor, batch_ends=_batch_ends(batch_sizes, logits.shape[0]))
+    def _new_cache(logits, rule, r_max, batch_sizes):
+        bias = None if rule.choice_bias is None else np.ascontiguousarray(rule.choice_bias, dtype=np.float64)
+        return _core.SearchCache(logits, top_k=rule.top_k, r_max=r_max, renormalize=rule.renormalize,
+                                 scaling_factor=rule.scaling_factor, batch_ends=_batch_ends(batch_sizes, logits.shape[0]),
+                                 weights=rule.weights, choice_bias=bias, norm_eps=rule.norm_eps,
+                                 num_groups=rule.num_groups, top_groups=rule.top_groups)
 
     @classmethod
-    def _build(cls, logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, candidate_outputs):
+    def _wrap(cls, cache, rule):
+        layer = cls(cache)
+        layer.rule = rule
+        return layer
+
+    @classmethod
+    def _build(cls, logits, N, rule, r_max, batch_sizes, candidate_outputs):
         """candidate_outputs(candidates [n, C], first_token) -> [n, C, d] outputs of a chunk."""
-        cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
+        cache = cls._new_cache(logits, rule, r_max, batch_sizes)
         threads = _num_threads()
-        C = top_k + r_max
+        C = cache.num_candidates
         start, chunk = 0, 1
         while start < N:
             out = candidate_outputs(cache.candidates(start, min(chunk, N - start)), start)
@@ -216,12 +343,13 @@ class Layer:
             if start == 0:
                 chunk = max(1, _CHUNK_BYTES // max(1, out.itemsize * C * out.shape[2]))
             start += n
-        return cls(cache)
+        return cls._wrap(cache, rule)
 
     @classmethod
-    def from_candidate_outputs(cls, router_logits, candidate_outputs, *, top_k: int, renormalize: bool,
-                               scaling_factor: float = 1.0, r_max: Optional[int] = None,
-                               batch_sizes: Optional[Sequence[int]] = None) -> "Layer":
+    def from_candidate_outputs(cls, router_logits, candidate_outputs, *, top_k: Optional[int] = None,
+                               renormalize: Optional[bool] = None, scaling_factor: Optional[float] = None,
+                               r_max: Optional[int] = None, batch_sizes: Optional[Sequence[int]] = None,
+                               rule: Optional["RoutingRule"] = None) -> "Layer":
         """Builds the cache from candidate outputs computed by the caller (torch, on any device).
 
         router_logits: [N, E]. candidate_outputs(candidates, first_token) -> [n, C, d] float32 or
@@ -229,24 +357,25 @@ class Layer:
         expert ``candidates[t, c]`` (int64 [n, C], C = top_k + r_max) on token ``first_token + t``,
         without routing weight. It is called on consecutive chunks in token order; a chunk may
         return fewer rows than asked, the next call then starts after the rows it returned.
+        rule: a :class:`RoutingRule` instead of top_k, renormalize and scaling_factor (candidates
+        are then ranked by its choice key; C = E for a rule that reranks).
         """
-        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
-            router_logits, top_k, r_max, renormalize, scaling_factor)
+        logits, N, E, rule, r_max = cls._validate_routing(router_logits, top_k, r_max, renormalize, scaling_factor, rule)
         if not callable(candidate_outputs):
             raise ValueError(f"candidate_outputs must be a callable, got {type(candidate_outputs).__name__}")
-        return cls._build(logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, candidate_outputs)
+        return cls._build(logits, N, rule, r_max, batch_sizes, candidate_outputs)
 
     @classmethod
-    def from_dense(cls, router_logits, expert_outputs, top_k: int, renormalize: bool, scaling_factor: float = 1.0,
-                   batch_sizes: Optional[Sequence[int]] = None, r_max: Optional[int] = None) -> "Layer":
+    def from_dense(cls, router_logits, expert_outputs, top_k: Optional[int] = None, renormalize: Optional[bool] = None,
+                   scaling_factor: Optional[float] = None, batch_sizes: Optional[Sequence[int]] = None,
+                   r_max: Optional[int] = None, *, rule: Optional["RoutingRule"] = None) -> "Layer":
         """Builds the cache from every expert's output on every token.
 
         router_logits: [N, E]. expert_outputs: [E, N, d] float32/float64, expert j's output on
         token n (without routing weight). r_max: the most experts any mask may drop (default
         E - top_k). batch_sizes: token counts of the calibration batches (default one batch).
         """
-        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
-            router_logits, top_k, r_max, renormalize, scaling_factor)
+        logits, N, E, rule, r_max = cls._validate_routing(router_logits, top_k, r_max, renormalize, scaling_factor, rule)
         outputs = _float_array(expert_outputs, "expert_outputs", 3)
         if outputs.shape[:2] != (E, N):
             raise ValueError(f"expert_outputs must have shape ({E}, {N}, d) to match router_logits, got {outputs.shape}")
@@ -255,12 +384,13 @@ class Layer:
             tokens = np.arange(first, first + cand.shape[0])[:, None]
             return outputs[cand, tokens]
 
-        return cls._build(logits, N, E, top_k, r_max, renormalize, scaling_factor, batch_sizes, gather)
+        return cls._build(logits, N, rule, r_max, batch_sizes, gather)
 
     @classmethod
-    def from_moe(cls, X, router_weight, gate_up_proj, down_proj, *, top_k: int, renormalize: bool,
-                 scaling_factor: float = 1.0, r_max: int, batch_sizes: Optional[Sequence[int]] = None,
-                 act: str = "silu") -> "Layer":
+    def from_moe(cls, X, router_weight, gate_up_proj, down_proj, *, top_k: Optional[int] = None,
+                 renormalize: Optional[bool] = None, scaling_factor: Optional[float] = None, r_max: int,
+                 batch_sizes: Optional[Sequence[int]] = None, act: str = "silu",
+                 rule: Optional["RoutingRule"] = None) -> "Layer":
         """Builds the cache from an MoE layer's input and routed-expert weights.
 
         X: [N, H] the MoE block's input. router_weight: [E, H] (logits = X @ router_weight.T,
@@ -288,19 +418,18 @@ class Layer:
         if act != "silu":
             raise ValueError(f"act must be 'silu' (the kernel's activation), got {act!r}")
         logits = X.astype(np.float64) @ router_weight.astype(np.float64).T
-        logits, N, E, top_k, r_max, renormalize, scaling_factor = cls._validate_routing(
-            logits, top_k, r_max, renormalize, scaling_factor)
+        logits, N, E, rule, r_max = cls._validate_routing(logits, top_k, r_max, renormalize, scaling_factor, rule)
         # Everything below runs on moei2's own threads with OpenBLAS pinned to one thread (see
         # moei2._threads): no BLAS pool is entered between the kernels.
-        cache = cls._new_cache(logits, top_k, r_max, renormalize, scaling_factor, batch_sizes)
+        cache = cls._new_cache(logits, rule, r_max, batch_sizes)
         f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (X, gate_up_proj, down_proj)]
-        most = max(1, _CHUNK_BYTES // (4 * (top_k + r_max) * H))
+        most = max(1, _CHUNK_BYTES // (4 * cache.num_candidates * H))
         chunks = -(-N // most)
         threads = _num_threads()
         for c in range(chunks):
             start, end = c * N // chunks, (c + 1) * N // chunks
             cache.factor_moe(*f32, start, end - start, threads)
-        return cls(cache)
+        return cls._wrap(cache, rule)
 
     # -- properties --
 
@@ -310,7 +439,8 @@ class Layer:
 
     @property
     def num_candidates(self) -> int:
-        return self.top_k + self.r_max
+        """C: top_k + r_max, or every expert under a rule that reranks."""
+        return int(self._cache.num_candidates)
 
     @property
     def memory_bytes(self) -> int:

@@ -99,13 +99,16 @@ _FUSED_SOURCES = {
 
 def _candidates(key: str, stored_names: Optional[dict] = None) -> list[str]:
     """Checkpoint names a model key may be stored under (Mixtral's checkpoints say ``block_sparse_moe``;
-    ``stored_names``: the adapter's renames, model-key suffix -> stored suffix)."""
+    ``stored_names``: the adapter's renames, model-key suffix -> stored suffix; ERNIE 4.5's keep the
+    router's correction bias beside the router, not in it)."""
     out = [key]
     if ".mlp." in key:
         out.append(key.replace(".mlp.", ".block_sparse_moe."))
     for model_suffix, stored_suffix in (stored_names or {}).items():
         if key.endswith("." + model_suffix):
             out.append(key[:-len(model_suffix)] + stored_suffix)
+    if ".gate.moe_statics." in key:
+        out.append(key.replace(".gate.moe_statics.", ".moe_statics."))
     return out
 
 

@@ -92,3 +92,66 @@ def build_model(family: str, *, seed: int = 0, layers: int = 3, tie: bool = Fals
 def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (num_sequences, seq_len), generator=g)
+
+
+# ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
+
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe")
+
+
+def build_scored_config(family: str, *, layers: int = 3, **overrides):
+    """Tiny configs: a dense first layer where the family has one, shared experts where it has
+    them, a scaling factor other than 1 and (DeepSeek-V3) two groups that are both taken, so a
+    pruned layer switches to one group."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts_per_tok=TOP_K)
+    v3 = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=EXPERTS, n_shared_experts=1,
+              first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_group=2, topk_group=2)
+    mla = dict(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    if family == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, **v3, **mla)
+    elif family == "deepseek_v32":
+        cfg = tf.DeepseekV32Config(**{**common, "num_key_value_heads": 4}, **v3, **{**mla, "q_lora_rank": 16},
+                                   index_n_heads=2, index_head_dim=8, index_topk=4)
+    elif family == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.5})
+    elif family == "dots1":
+        cfg = tf.Dots1Config(**common, **{**v3, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0})
+    elif family == "minimax_m2":
+        cfg = tf.MiniMaxM2Config(**common, intermediate_size=16, num_local_experts=EXPERTS, head_dim=8)
+    elif family == "ernie4_5_moe":
+        cfg = tf.Ernie4_5_MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=EXPERTS,
+                                    moe_k=TOP_K, moe_num_shared_experts=1, moe_layer_start_index=1)
+    elif family == "lfm2_moe":
+        cfg = tf.Lfm2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, num_experts=EXPERTS,
+                               num_dense_layers=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                               layer_types=["full_attention", "conv", "full_attention", "conv"][:layers])
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_scored_model(family: str, *, seed: int = 0, layers: int = 3, dtype=torch.float32, **overrides):
+    """A tiny model in eval mode with decisive routers and random correction biases of the size of
+    the score differences, so the bias changes which experts are chosen."""
+    import transformers as tf
+
+    from moei2.models import FAMILIES as ADAPTERS
+
+    cfg = build_scored_config(family, layers=layers, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(tf, ADAPTERS[family].architecture)(cfg)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] == EXPERTS:
+                p.normal_(0.0, 0.5)
+            elif "experts" in name and "bias" not in name:
+                p.normal_(0.0, 0.2)
+            elif name.endswith("e_score_correction_bias") or name.endswith("expert_bias"):
+                p.copy_(0.15 * torch.randn(p.shape))
+    return model.to(dtype).eval()

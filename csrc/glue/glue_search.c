@@ -20,6 +20,7 @@ typedef struct {
     uint64_t *topk_bits;      /* [N, W] */
     double *factor;           /* [N, P] */
     double *norm2;            /* [N] */
+    double *bias;             /* [E] the rule's choice bias, or NULL */
     int64_t r_max;
     int64_t factored;         /* tokens [0, factored) have their factor */
     int64_t dim;              /* width of the candidate outputs, 0 before the first chunk */
@@ -30,7 +31,8 @@ typedef struct {
 
 static void cache_free_arrays(CacheObject *self) {
     free(self->batch_ends); free(self->candidates); free(self->candidate_probs); free(self->probs);
-    free(self->topk_bits); free(self->factor); free(self->norm2);
+    free(self->topk_bits); free(self->factor); free(self->norm2); free(self->bias);
+    self->bias = NULL;
     self->batch_ends = NULL; self->candidates = NULL; self->candidate_probs = NULL; self->probs = NULL;
     self->topk_bits = NULL; self->factor = NULL; self->norm2 = NULL;
 }
@@ -54,11 +56,16 @@ static void *alloc2(int64_t n, int64_t m, size_t size, int64_t *bytes) {
 }
 
 static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"router_logits", "top_k", "r_max", "renormalize", "scaling_factor", "batch_ends", NULL};
-    PyObject *logits_o, *k_o, *r_o, *renorm_o, *scale_o, *ends_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O$OOOOO", kwlist, &logits_o, &k_o, &r_o, &renorm_o, &scale_o,
-                                     &ends_o))
+    static char *kwlist[] = {"router_logits", "top_k", "r_max", "renormalize", "scaling_factor", "batch_ends",
+                             "weights", "choice_bias", "norm_eps", "num_groups", "top_groups", NULL};
+    PyObject *logits_o, *k_o, *r_o, *renorm_o, *scale_o, *ends_o, *bias_o = Py_None, *eps_o = NULL, *groups_o = NULL,
+             *top_groups_o = NULL;
+    const char *weights_s = "softmax";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOOsOOOO", kwlist, &logits_o, &k_o, &r_o, &renorm_o, &scale_o,
+                                     &ends_o, &weights_s, &bias_o, &eps_o, &groups_o, &top_groups_o))
         return NULL;
+    if (!k_o || !r_o || !renorm_o || !scale_o || !ends_o)
+        return PyErr_Format(PyExc_TypeError, "SearchCache needs top_k, r_max, renormalize, scaling_factor and batch_ends");
     PyArrayObject *logits = glue_check_array(logits_o, "router_logits", NPY_FLOAT64, 2, 0);
     if (!logits) return NULL;
     const npy_intp N = PyArray_DIM(logits, 0), E = PyArray_DIM(logits, 1);
@@ -77,6 +84,28 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         char buf[32];
         return PyErr_Format(PyExc_ValueError, "scaling_factor must be positive, got %s", glue_fmt(buf, sizeof buf, scaling));
     }
+    moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, k, renorm, 0.0, scaling, NULL, 1, 1};
+    if (!strcmp(weights_s, "sigmoid")) rule.weights = MOEI2_WEIGHTS_SIGMOID;
+    else if (!strcmp(weights_s, "unit")) rule.weights = MOEI2_WEIGHTS_UNIT;
+    else if (strcmp(weights_s, "softmax"))
+        return PyErr_Format(PyExc_ValueError, "weights must be 'softmax', 'sigmoid' or 'unit', got '%s'", weights_s);
+    if (eps_o && glue_double(eps_o, "norm_eps", &rule.norm_eps) < 0) return NULL;
+    if (!(rule.norm_eps >= 0.0)) return PyErr_Format(PyExc_ValueError, "norm_eps must be >= 0");
+    if (groups_o && glue_int64(groups_o, "num_groups", 1, E, &rule.num_groups) < 0) return NULL;
+    if (top_groups_o && glue_int64(top_groups_o, "top_groups", 1, rule.num_groups, &rule.top_groups) < 0) return NULL;
+    PyArrayObject *bias = NULL;
+    if (bias_o != Py_None) {
+        if (!(bias = glue_check_array(bias_o, "choice_bias", NPY_FLOAT64, 1, 0))) return NULL;
+        if (PyArray_DIM(bias, 0) != E)
+            return PyErr_Format(PyExc_ValueError, "choice_bias must have one entry per expert (%zd), got %zd",
+                                (Py_ssize_t)E, (Py_ssize_t)PyArray_DIM(bias, 0));
+        if (glue_check_finite(bias, "choice_bias") < 0) return NULL;
+        rule.choice_bias = PyArray_DATA(bias);
+    }
+    const int reranks = moei2_rule_reranks(&rule, E);
+    if (reranks < 0)
+        return PyErr_Format(PyExc_ValueError, "routing rule: num_groups must divide the %zd experts, groups need "
+                            "sigmoid weights, and unit weights take no choice_bias", (Py_ssize_t)E);
     PyArrayObject *ends = glue_check_array(ends_o, "batch_ends", NPY_INT64, 1, 0);
     if (!ends) return NULL;
     const npy_intp B = PyArray_DIM(ends, 0);
@@ -87,20 +116,26 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         if (e[b] <= (b ? e[b - 1] : 0))
             return PyErr_Format(PyExc_ValueError, "batch_ends must be positive and strictly increasing");
 
-    const int64_t C = k + r_max, W = MOEI2_MASK_WORDS((int64_t)E), P = MOEI2_PACKED_SIZE(C);
+    /* A reranking rule can re-route a token to any expert: every expert is a candidate. */
+    const int64_t C = reranks ? E : k + r_max, W = MOEI2_MASK_WORDS((int64_t)E), P = MOEI2_PACKED_SIZE(C);
     CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     int64_t bytes = 0;
     if (!(self->batch_ends = alloc2(B, 1, sizeof(int64_t), &bytes)) ||
         !(self->candidates = alloc2(N, C, sizeof(int32_t), &bytes)) ||
         !(self->candidate_probs = alloc2(N, C, sizeof(double), &bytes)) ||
-        (!renorm && !(self->probs = alloc2(N, E, sizeof(double), &bytes))) ||
+        (!renorm && rule.weights == MOEI2_WEIGHTS_SOFTMAX && !(self->probs = alloc2(N, E, sizeof(double), &bytes))) ||
+        (rule.choice_bias && !(self->bias = alloc2(E, 1, sizeof(double), &bytes))) ||
         !(self->topk_bits = alloc2(N, W, sizeof(uint64_t), &bytes)) ||
         !(self->factor = alloc2(N, P, sizeof(double), &bytes)) || !(self->norm2 = alloc2(N, 1, sizeof(double), &bytes))) {
         Py_DECREF(self);
         return NULL;
     }
     memcpy(self->batch_ends, e, (size_t)B * sizeof(int64_t));
+    if (rule.choice_bias) {
+        memcpy(self->bias, rule.choice_bias, (size_t)E * sizeof(double));
+        rule.choice_bias = self->bias;
+    }
     self->bytes = bytes;
     self->r_max = r_max;
     moei2_search_cache *c = &self->cache;
@@ -118,14 +153,20 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     c->topk_bits = self->topk_bits;
     c->factor = self->factor;
     c->output_norm2 = self->norm2;
+    c->weights = rule.weights;
+    c->norm_eps = rule.norm_eps;
+    c->choice_bias = self->bias;
+    c->num_groups = rule.num_groups;
+    c->top_groups = rule.top_groups;
     moei2_status status;
     const double *z = (const double *)PyArray_DATA(logits);
     Py_BEGIN_ALLOW_THREADS
-    status = moei2_search_prepare(N, E, k, C, z, self->candidates, self->candidate_probs, self->probs, self->topk_bits);
+    status = moei2_search_prepare_rule(N, E, &rule, C, z, self->candidates, self->candidate_probs, self->probs,
+                                       self->topk_bits);
     Py_END_ALLOW_THREADS
     if (status != MOEI2_OK) {
         if (status == MOEI2_ERR_NONFINITE)
-            PyErr_SetString(PyExc_ValueError, "router_logits: a candidate expert has softmax probability 0 "
+            PyErr_SetString(PyExc_ValueError, "router_logits: a candidate expert has routing weight 0 "
                                               "(logits spread too wide for float64)");
         else
             glue_raise_status(status, "SearchCache");

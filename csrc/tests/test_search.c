@@ -60,7 +60,7 @@ static int make_layer(test_layer *t, int64_t N, int64_t E, int64_t d, int64_t k,
                    MOEI2_OK;
     free(gathered);
     t->cache = (moei2_search_cache){N, E, k, C, renorm, scaling, t->nb, t->batch_ends, t->cand, t->cprob,
-                                    t->probs, t->bits, t->factor, t->norm2};
+                                    t->probs, t->bits, t->factor, t->norm2, MOEI2_WEIGHTS_SOFTMAX, 0.0, NULL, 1, 1};
     return ok;
 }
 
@@ -294,6 +294,173 @@ static void test_genetic_small_space(void) {
     free_layer(&t);
 }
 
+/* ---- routing rules beyond softmax ---------------------------------------------------------- */
+
+typedef struct {
+    moei2_routing_rule rule;
+    const double *logits, *outputs; /* [N, E], [E, N, d] */
+    int64_t N, E, d;
+} rule_layer;
+
+/* Token n's routed output under the rule with `dropped` removed, from the definitions: every
+ * survivor's score and key, groups ranked by a full sort, the top-k by a full sort. */
+static void rule_output(const rule_layer *t, int64_t n, const int *dropped, double *y) {
+    const moei2_routing_rule *r = &t->rule;
+    const int64_t E = t->E, k = r->top_k;
+    const double *z = t->logits + n * E;
+    double score[64], key[64], top = -INFINITY, total = 0.0;
+    for (int64_t j = 0; j < E; j++) if (!dropped[j] && z[j] > top) top = z[j];
+    for (int64_t j = 0; j < E; j++) if (!dropped[j]) total += exp(z[j] - top);
+    for (int64_t j = 0; j < E; j++) {
+        if (r->weights == MOEI2_WEIGHTS_SOFTMAX) score[j] = exp(z[j] - top) / total;
+        else if (r->weights == MOEI2_WEIGHTS_SIGMOID) score[j] = 1.0 / (1.0 + exp(-z[j]));
+        else score[j] = 1.0;
+        const int by_logit = r->weights == MOEI2_WEIGHTS_UNIT || (r->weights == MOEI2_WEIGHTS_SOFTMAX && !r->choice_bias);
+        key[j] = by_logit ? z[j] : score[j] + (r->choice_bias ? r->choice_bias[j] : 0.0);
+    }
+    int eligible[64];
+    for (int64_t j = 0; j < E; j++) eligible[j] = !dropped[j];
+    if (r->num_groups > r->top_groups) {
+        const int64_t G = r->num_groups, size = E / G;
+        double gs[64];
+        int64_t order[64], alive[64];
+        for (int64_t g = 0; g < G; g++) {
+            double a = -INFINITY, b = -INFINITY;
+            alive[g] = 0;
+            for (int64_t j = g * size; j < (g + 1) * size; j++) {
+                if (dropped[j]) continue;
+                alive[g]++;
+                if (key[j] > a) { b = a; a = key[j]; } else if (key[j] > b) b = key[j];
+            }
+            gs[g] = alive[g] >= 2 ? a + b : -INFINITY;
+            order[g] = g;
+        }
+        for (int64_t i = 0; i < G; i++)  /* selection sort: score down, group up */
+            for (int64_t j = i + 1; j < G; j++)
+                if (gs[order[j]] > gs[order[i]] || (gs[order[j]] == gs[order[i]] && order[j] < order[i])) {
+                    int64_t x = order[i]; order[i] = order[j]; order[j] = x;
+                }
+        int taken[64] = {0};
+        int64_t held = 0, count = 0;
+        while (count < G && (count < r->top_groups || held < k)) { taken[order[count]] = 1; held += alive[order[count]]; count++; }
+        for (int64_t j = 0; j < E; j++) eligible[j] = eligible[j] && taken[j / size];
+    }
+    int64_t pick[64], m = 0;
+    for (int64_t j = 0; j < E; j++) if (eligible[j]) pick[m++] = j;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = i + 1; j < m; j++)
+            if (key[pick[j]] > key[pick[i]] || (key[pick[j]] == key[pick[i]] && pick[j] < pick[i])) {
+                int64_t x = pick[i]; pick[i] = pick[j]; pick[j] = x;
+            }
+    double sum = 0.0;
+    for (int64_t q = 0; q < k; q++) sum += score[pick[q]];
+    memset(y, 0, (size_t)t->d * sizeof(double));
+    for (int64_t q = 0; q < k; q++) {
+        const double w = r->scaling * (r->renormalize ? score[pick[q]] / (sum + r->norm_eps) : score[pick[q]]);
+        for (int64_t i = 0; i < t->d; i++) y[i] += w * t->outputs[(pick[q] * t->N + n) * t->d + i];
+    }
+}
+
+/* Every mask of up to r_max experts scored by the cache equals the direct recomputation under
+ * the rule, with the candidate count the rule needs (E when it reranks). */
+static void test_rule_loss_matches_direct(moei2_routing_rule rule, int64_t E, int64_t r_max, uint64_t seed) {
+    const int64_t N = 40, d = 6, k = rule.top_k, W = MOEI2_MASK_WORDS(E), nb = 2;
+    const int reranks = moei2_rule_reranks(&rule, E);
+    CHECK(reranks >= 0);
+    const int64_t C = reranks ? E : k + r_max;
+    moei2_rng rng;
+    moei2_rng_seed(&rng, seed);
+    double *logits = malloc((size_t)(N * E) * sizeof(double));
+    double *outputs = malloc((size_t)(E * N * d) * sizeof(double));
+    double *gathered = malloc((size_t)(N * C * d) * sizeof(double));
+    int32_t *cand = malloc((size_t)(N * C) * sizeof(int32_t));
+    double *cp = malloc((size_t)(N * C) * sizeof(double)), *probs = malloc((size_t)(N * E) * sizeof(double));
+    double *factor = malloc((size_t)(N * MOEI2_PACKED_SIZE(C)) * sizeof(double)), *norm2 = malloc((size_t)N * sizeof(double));
+    uint64_t *bits = malloc((size_t)(N * W) * sizeof(uint64_t));
+    for (int64_t i = 0; i < N * E; i++) logits[i] = 1.5 * gaussian(&rng);
+    for (int64_t i = 0; i < E * N * d; i++) outputs[i] = gaussian(&rng);
+    CHECK(moei2_search_prepare_rule(N, E, &rule, C, logits, cand, cp, probs, bits) == MOEI2_OK);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t q = 0; q < C; q++)
+            memcpy(gathered + (n * C + q) * d, outputs + ((int64_t)cand[n * C + q] * N + n) * d, (size_t)d * sizeof(double));
+    CHECK(moei2_search_factor(N, C, d, NULL, gathered, k, rule.renormalize, rule.scaling, cp, factor, norm2, 2, NULL) ==
+          MOEI2_OK);
+    int64_t ends[2] = {N / 3, N};
+    moei2_search_cache cache = {N, E, k, C, rule.renormalize, rule.scaling, nb, ends, cand, cp, probs, bits, factor,
+                                norm2, rule.weights, rule.norm_eps, rule.choice_bias, rule.num_groups, rule.top_groups};
+    rule_layer t = {rule, logits, outputs, N, E, d};
+    const int64_t total = (int64_t)1 << E;
+    uint64_t *masks = malloc((size_t)(total * W) * sizeof(uint64_t));
+    double *direct = malloc((size_t)total * sizeof(double)), *cached = malloc((size_t)total * sizeof(double));
+    double y[16], ys[16];
+    static const int none[64] = {0};
+    int64_t count = 0;
+    for (int64_t m = 0; m < total; m++) {
+        int dropped[64] = {0}, r = 0;
+        for (int64_t j = 0; j < E; j++) if ((m >> j) & 1) { dropped[j] = 1; r++; }
+        if (r > r_max) continue;
+        mask_from_list(masks + count * W, W, dropped, E);
+        double loss = 0.0;
+        int64_t start = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            double acc = 0.0;
+            for (int64_t n = start; n < ends[b]; n++) {
+                rule_output(&t, n, none, y);
+                rule_output(&t, n, dropped, ys);
+                for (int64_t i = 0; i < d; i++) acc += (y[i] - ys[i]) * (y[i] - ys[i]);
+            }
+            loss += sqrt(acc);
+            start = ends[b];
+        }
+        direct[count++] = loss;
+    }
+    CHECK(moei2_search_loss(&cache, masks, count, 2, cached) == MOEI2_OK);
+    double worst = 0.0;
+    int rerouted = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const double rel = direct[i] == 0.0 ? fabs(cached[i]) : fabs(cached[i] - direct[i]) / direct[i];
+        if (rel > worst) worst = rel;
+        rerouted += direct[i] > 0.0;
+    }
+    CHECK(worst < 1e-10);
+    CHECK(rerouted > count / 2);
+    if (worst >= 1e-10)
+        fprintf(stderr, "  rule weights=%d groups=%lld/%lld: worst relative error %g\n", (int)rule.weights,
+                (long long)rule.num_groups, (long long)rule.top_groups, worst);
+    free(logits); free(outputs); free(gathered); free(cand); free(cp); free(probs); free(factor); free(norm2);
+    free(bits); free(masks); free(direct); free(cached);
+}
+
+static void test_rules(void) {
+    const double bias[12] = {0.3, -0.2, 0.05, 0.4, -0.1, 0.0, 0.25, -0.3, 0.1, 0.15, -0.05, 0.2};
+    /* sigmoid + correction bias, renormalised with an epsilon and scaled (DeepSeek-V3, LFM2) */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-6, 2.5, bias, 1, 1}, 10, 4, 1);
+    /* sigmoid, not renormalised */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 1, 1}, 9, 5, 2);
+    /* Llama 4: top-1 by logit, weight 1 */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, NULL, 1, 1}, 8, 5, 3);
+    /* group-limited: 4 groups of 3, 2 taken (DeepSeek-V3); every expert a candidate */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-20, 2.0, bias, 4, 2}, 12, 5, 4);
+    /* group-limited with 1 group taken: the fallback to more groups when one holds < k */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 4, 1}, 8, 5, 5);
+    /* softmax with a choice bias (ERNIE 4.5): the order depends on the surviving mass */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 1, 0.0, 1.0, bias, 1, 1}, 9, 5, 6);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 0, 0.0, 1.0, bias, 1, 1}, 9, 4, 7);
+    /* Invalid rules: groups not dividing E, groups on softmax, a bias on unit weights. */
+    moei2_routing_rule bad = {MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, NULL, 3, 1};
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    bad.weights = MOEI2_WEIGHTS_SOFTMAX; bad.num_groups = 2;
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    bad = (moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, bias, 1, 1};
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    /* A reranking rule with fewer candidates than experts is refused. */
+    bad = (moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, bias, 4, 2};
+    double z[8] = {0}, cp[7], pr[8];
+    int32_t c[7];
+    uint64_t b[1];
+    CHECK(moei2_search_prepare_rule(1, 8, &bad, 7, z, c, cp, pr, b) == MOEI2_ERR_ARG);
+}
+
 int main(void) {
     test_loss_matches_direct(1, 1.0, 8, 2, 4);
     test_loss_matches_direct(0, 1.0, 8, 2, 4);
@@ -310,5 +477,6 @@ int main(void) {
         test_searches(16, 4, 4, seed % 2, seed);
     }
     test_genetic_small_space();
+    test_rules();
     return check_report("test_search");
 }

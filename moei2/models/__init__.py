@@ -34,6 +34,18 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
     for cls in (Qwen2MoeAdapter, DeepseekV2Adapter, MixtralAdapter, OlmoeAdapter, Qwen3MoeAdapter,
                 *SOFTMAX_TOPK_FAMILIES)
 }
+# Families whose routers choose with a score-correction bias, group-limited top-k or sigmoid
+# scores (moei2.search.RoutingRule; moei2/models/scored.py).
+from .deepseek_v3 import DeepseekV3Adapter, DeepseekV32Adapter  # noqa: E402
+from .dots1 import Dots1Adapter  # noqa: E402
+from .ernie4_5_moe import Ernie45MoeAdapter  # noqa: E402
+from .glm4_moe import Glm4MoeAdapter  # noqa: E402
+from .lfm2_moe import Lfm2MoeAdapter  # noqa: E402
+from .minimax_m2 import MiniMaxM2Adapter  # noqa: E402
+
+ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter,
+                                                   MiniMaxM2Adapter, Ernie45MoeAdapter, Lfm2MoeAdapter)})
+
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1
 MATRICES = ("gate", "up", "down")

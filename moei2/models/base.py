@@ -42,9 +42,10 @@ class MoEView:
     ``top_k``, ``renormalize``, ``scaling_factor``, ``hidden_size``, ``intermediate_size``,
     ``shared_experts``, ``shared_expert_gate``, ``act``, ``ranks``.
 
-    Routing rule of every supported family: ``p = softmax(x @ router_weight.T)`` over the layer's
-    experts, the ``top_k`` largest are chosen, divided by their sum if ``renormalize``, then multiplied
-    by ``scaling_factor``; the output is ``sum_j w_j expert_j(x)`` plus the shared experts' output.
+    Routing rule: ``rule`` (a :class:`moei2.search.RoutingRule`). For the softmax families it is
+    ``p = softmax(x @ router_weight.T)`` over the layer's experts, the ``top_k`` largest are chosen,
+    divided by their sum if ``renormalize``, then multiplied by ``scaling_factor``; the output is
+    ``sum_j w_j expert_j(x)`` plus the shared experts' output.
     """
 
     def __init__(self, adapter: "MoEAdapter", layer_index: int, decoder_layer: nn.Module):
@@ -147,6 +148,11 @@ class MoEView:
         return float(self.adapter.scaling_factor(self.moe_module))
 
     @property
+    def rule(self):
+        """The layer's :class:`moei2.search.RoutingRule` (what the search and the block step route by)."""
+        return self.adapter.routing_rule(self.moe_module)
+
+    @property
     def hidden_size(self) -> int:
         return int(self.router_weight.shape[1])
 
@@ -165,7 +171,7 @@ class MoEView:
 
     @property
     def act(self) -> str:
-        return str(self.adapter.config.hidden_act)
+        return self.adapter.hidden_act()
 
     @property
     def ranks(self) -> Optional[list[tuple[int, int, int]]]:
@@ -278,6 +284,21 @@ class MoEAdapter:
 
     def scaling_factor(self, block: nn.Module) -> float:
         return 1.0 if self.scaling_attr is None else float(getattr(self.router_of(block), self.scaling_attr))
+
+    def group_limited(self, block: nn.Module) -> bool:
+        """Whether the router limits each token to its best groups of experts (read from the
+        router's settings, never its weights, so it works on a streamed model's empty layers)."""
+        return False
+
+    def hidden_act(self) -> str:
+        """The routed experts' activation."""
+        return str(self.config.hidden_act)
+
+    def routing_rule(self, block: nn.Module):
+        """The block's routing rule; families beyond softmax-then-top-k override this."""
+        from ..search import RoutingRule
+
+        return RoutingRule(int(self.router_of(block).top_k), self.renormalize(block), self.scaling_factor(block))
 
     def shared_experts(self, block: nn.Module) -> Optional[nn.Module]:
         return None if self.shared_expert_attr is None else getattr(block, self.shared_expert_attr, None)

@@ -51,6 +51,9 @@ def masked_routing(view, mask):
         yield
         return
     top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
+    rule = view.rule
+    if rule.weights != "softmax" or rule.choice_bias is not None:
+        return (yield from _rule_routing(view, rule, drop))
     # Moved to the router's device once: a host-to-device copy on every router call is a sync
     # per layer and batch of the K^T walk.
     placed = {drop.device: drop}
@@ -66,6 +69,23 @@ def masked_routing(view, mask):
         if scaling != 1.0:
             w = w * scaling
         return (z, w.to(weights.dtype), index) + tuple(output[3:])
+
+    handle = view.router.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rule_routing(view, rule, drop):
+    """masked_routing for the rules beyond a plain softmax: the survivors routed by
+    :meth:`moei2.search.RoutingRule.route` (float64, from the router's float32 logits)."""
+    def hook(module, args, output):
+        logits, weights = output[0], output[1]
+        index, w = rule.route(logits.detach().reshape(-1, logits.shape[-1]).double().cpu().numpy(), drop.numpy())
+        z = logits.masked_fill(drop.to(logits.device), float("-inf"))
+        return (z, torch.from_numpy(w).to(device=weights.device, dtype=weights.dtype),
+                torch.from_numpy(index).to(weights.device)) + tuple(output[3:])
 
     handle = view.router.register_forward_hook(hook)
     try:

@@ -45,8 +45,7 @@ def search_layer(ctx, stats, view, r_max: int):
     """
     from .. import search
 
-    common = dict(top_k=int(view.top_k), renormalize=bool(view.renormalize),
-                  scaling_factor=float(view.scaling_factor), r_max=r_max, batch_sizes=ctx.batch_sizes)
+    common = dict(rule=view.rule, r_max=r_max, batch_sizes=ctx.batch_sizes)
     if not ctx.torch_kernels and view.adapter.standard_experts:
         return search.Layer.from_moe(
             to_numpy(stats.X), to_numpy(view.router_weight), to_numpy(view.gate_up_proj),
