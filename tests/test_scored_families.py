@@ -55,9 +55,9 @@ def routed(view, x):
 
 
 def pruned_view(adapter, view, drop):
-    layer = copy.deepcopy(view.decoder_layer)
-    prune_experts(layer, {view.layer_index: drop}, layer_module=True)
-    return adapter.view(view.layer_index, layer)
+    """The view of layer ``view`` in a pruned copy of the model (the original stays whole)."""
+    model = prune_experts(copy.deepcopy(adapter.model), {view.layer_index: drop})
+    return get_adapter(model).view(view.layer_index)
 
 
 @pytest.mark.parametrize("family, overrides, drops", CASES, ids=IDS)
