@@ -41,7 +41,8 @@ def check_exportable(checkpoint):
     from .io import META_NAME, _read_checkpoint
     from .models import ADAPTERS
 
-    directory, meta, config = _read_checkpoint(checkpoint)
+    with _read_checkpoint(checkpoint) as snapshot:  # one checkpoint, even while a save replaces it
+        directory, meta, config = snapshot.directory, snapshot.meta, snapshot.config
     architecture = meta["architecture"]
     if architecture not in ADAPTERS:
         raise ValueError(f"{directory / META_NAME}: architecture {architecture!r} is not supported; supported: "

@@ -103,7 +103,7 @@ def test_no_autograd_graph_survives_a_statistics_pass():
 def test_master_weights_keep_steps_below_bfloat16_spacing():
     """AdamW's steps of 1e-4 are below bfloat16's spacing at 1.0 (2**-7): applied to the weight
     itself they round away; the float32 master accumulates them."""
-    from moei2.recovery import MasterWeights
+    from moei2.lora import MasterWeights
 
     narrow = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     wide = torch.nn.Parameter(torch.ones(4, dtype=torch.float32))
@@ -132,7 +132,7 @@ def lora_on_a_bfloat16_model(device: str) -> None:
     pytest.importorskip("peft")
     import moei2
     from moei2.config import LoRAConfig
-    from moei2.recovery import lora_finetune
+    from moei2.lora import lora_finetune
 
     from .test_pipeline import CharTokenizer, calibration_texts, small_config
 

@@ -176,7 +176,7 @@ def test_layer_types_disagreeing_with_layer_count_refused(model_dir, tmp_path, c
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_refused(model_dir, tmp_path, capsys, no_calibration):
     _refused(["compress", "--model", str(model_dir), "-o", str(tmp_path / "out"), "--device", "cuda", *QUICK],
-             capsys, "device", "not available")
+             capsys, "device:", "no cuda device available")
 
 
 def test_quiet_silences_library_progress_bars(capfd):
