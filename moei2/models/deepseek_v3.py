@@ -17,10 +17,8 @@ class DeepseekV3Adapter(ScoredRouterAdapter):
     architecture = "DeepseekV3ForCausalLM"
     module_path = "transformers.models.deepseek_v3.modeling_deepseek_v3"
     block_class_name = "DeepseekV3MoE"
+    shared_expert_attr = "shared_experts"
     norm_eps = 1e-20
-
-    def shared_experts(self, block):
-        return block.shared_experts
 
 
 class DeepseekV32Adapter(DeepseekV3Adapter):

@@ -14,7 +14,5 @@ class Dots1Adapter(ScoredRouterAdapter):
     architecture = "Dots1ForCausalLM"
     module_path = "transformers.models.dots1.modeling_dots1"
     block_class_name = "Dots1MoE"
+    shared_expert_attr = "shared_experts"
     norm_eps = 1e-20
-
-    def shared_experts(self, block):
-        return block.shared_experts

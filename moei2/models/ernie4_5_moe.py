@@ -19,6 +19,7 @@ class Ernie45MoeAdapter(ScoredRouterAdapter):
     architecture = "Ernie4_5_MoeForCausalLM"
     module_path = "transformers.models.ernie4_5_moe.modeling_ernie4_5_moe"
     block_class_name = "Ernie4_5_MoeSparseMoeBlock"
+    shared_expert_attr = "shared_experts"
     weights = "softmax"
     bias_path = "gate.moe_statics.e_score_correction_bias"
     expert_count_keys = ("moe_num_experts",)
@@ -26,6 +27,3 @@ class Ernie45MoeAdapter(ScoredRouterAdapter):
 
     def renormalize(self, block):
         return True
-
-    def shared_experts(self, block):
-        return block.shared_experts

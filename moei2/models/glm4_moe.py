@@ -14,7 +14,5 @@ class Glm4MoeAdapter(ScoredRouterAdapter):
     architecture = "Glm4MoeForCausalLM"
     module_path = "transformers.models.glm4_moe.modeling_glm4_moe"
     block_class_name = "Glm4MoeMoE"
+    shared_expert_attr = "shared_experts"
     norm_eps = 1e-20
-
-    def shared_experts(self, block):
-        return block.shared_experts
