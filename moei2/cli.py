@@ -126,11 +126,21 @@ def _load_model(spec: str, dtype: str | None = None):
         return demo_model(dtype=torch_dtype or torch.float32, name=BUNDLED_MODELS[spec])
     path = _model_dir(spec)
     model_facts(spec)
-    tokenizer = _load_tokenizer(spec)
-    from .io import is_moei2_checkpoint, load
+    from .io import is_moei2_checkpoint, load_with_tokenizer
 
     if is_moei2_checkpoint(path):
-        return load(path, dtype=torch_dtype), tokenizer
+        # Model and tokenizer from one snapshot: a save replacing the checkpoint cannot mix them.
+        model, tokenizer = load_with_tokenizer(path, dtype=torch_dtype)
+        if tokenizer is None:
+            raise CLIError(f"--model: {spec!r} has no tokenizer files")
+        from .calibration_data import check_tokenizer
+
+        try:
+            check_tokenizer(tokenizer, "--model")
+        except ValueError as exc:
+            raise CLIError(f"--model: {spec!r} has no usable tokenizer ({_first_line(exc)})") from exc
+        return model, tokenizer
+    tokenizer = _load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     return model, tokenizer
 

@@ -47,7 +47,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["save", "load", "is_moei2_checkpoint", "inspect_checkpoint", "CheckpointWriter", "SizeTally",
+__all__ = ["save", "load", "load_with_tokenizer", "is_moei2_checkpoint", "inspect_checkpoint", "CheckpointWriter", "SizeTally",
            "CHECKPOINT_FORMAT", "SafetensorsFile"]
 
 CHECKPOINT_FORMAT = 2
@@ -1129,6 +1129,29 @@ def load(path, *, dtype=None, device="cpu", verify: bool = True):
     with _read_checkpoint(path) as snapshot:
         model = _load_snapshot(snapshot, dtype, device, verify)
     return model
+
+
+def load_with_tokenizer(path, *, dtype=None, device="cpu", verify: bool = True):
+    """:func:`load`, and the tokenizer saved with the model, both from one snapshot of ``path``:
+    ``(model, tokenizer)``, or ``(model, None)`` when the checkpoint holds no tokenizer. The
+    tokenizer is read from the files the weights were read beside (under the same checksums), so a
+    save replacing the checkpoint meanwhile cannot pair one checkpoint's model with another's
+    tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with _read_checkpoint(path) as snapshot:
+        model = _load_snapshot(snapshot, dtype, device, verify)
+        weights = set(snapshot.meta.get("files") or {})
+        small = [name for name in snapshot.fds if name not in weights and not name.endswith(".safetensors")]
+        if not any(name.startswith("tokenizer") for name in small):
+            return model, None
+        with tempfile.TemporaryDirectory(prefix="moei2-tokenizer-") as copy:
+            for name in small:
+                (Path(copy) / name).write_bytes(snapshot.read_bytes(name))
+            tokenizer = AutoTokenizer.from_pretrained(copy, local_files_only=True)
+    return model, tokenizer
 
 
 def _load_snapshot(snapshot: _Snapshot, dtype, device, verify: bool):

@@ -67,6 +67,31 @@ def test_load_never_mixes_two_checkpoints_under_a_replacing_writer(tmp_path):
     assert mixed == [], f"{len(mixed)} of {loads} loads mixed the two checkpoints"
 
 
+def test_model_and_tokenizer_come_from_one_snapshot(tmp_path, monkeypatch):
+    """evaluate's load: the tokenizer is read beside the weights, so a save replacing the checkpoint
+    between the two reads cannot pair one checkpoint's model with another's tokenizer."""
+    import moei2.io as io
+
+    _, tokenizer = moei2.demo_model()
+    model, other = build_model("mixtral", seed=0), build_model("mixtral", seed=1)
+    target = tmp_path / "ckpt"
+    moei2.save(model, target, tokenizer=tokenizer)
+    real = io._load_snapshot
+
+    def replaced_meanwhile(snapshot, *args):
+        loaded = real(snapshot, *args)
+        moei2.save(other, target, overwrite=True)  # the new checkpoint has no tokenizer
+        return loaded
+
+    monkeypatch.setattr(io, "_load_snapshot", replaced_meanwhile)
+    loaded, tok = io.load_with_tokenizer(target)
+    assert tok is not None and tok("Emma walked")["input_ids"] == tokenizer("Emma walked")["input_ids"]
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    monkeypatch.setattr(io, "_load_snapshot", real)
+    assert io.load_with_tokenizer(target)[1] is None
+
+
 # ---- every refusal before the long work ------------------------------------------------------------
 
 from moei2 import cli  # noqa: E402
