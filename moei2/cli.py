@@ -550,18 +550,9 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        print(format_inspection(info, _expert_shape(args.checkpoint)))
+        shape = info["expert_shape"]
+        print(format_inspection(info, tuple(shape) if shape else None))
     return 0
-
-
-def _expert_shape(checkpoint) -> tuple[int, int] | None:
-    try:
-        facts = model_facts(str(checkpoint), "checkpoint")
-    except CLIError:
-        return None
-    if isinstance(facts["hidden_size"], int) and isinstance(facts["expert_width"], int):
-        return facts["hidden_size"], facts["expert_width"]
-    return None
 
 
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}

@@ -1037,12 +1037,19 @@ def inspect_checkpoint(path) -> dict:
     Returns ``path``, ``architecture``, ``family``, ``dtype``, ``format``, ``layers`` (per MoE layer:
     ``num_experts`` originally, ``kept`` original indices, ``num_kept``, ``ranks`` or ``None``),
     ``experts_kept`` and ``experts_total``, ``sizes`` (as returned by :func:`save`),
-    ``num_tensors``, ``files`` (name → bytes), ``has_tokenizer``, ``has_report``.
+    ``num_tensors``, ``expert_shape`` (``[hidden, expert width]`` or None), ``files`` (name → bytes),
+    ``has_tokenizer``, ``has_report``.
     """
     with _read_checkpoint(path) as snapshot:
         header = _headers(snapshot)
         files = {name: snapshot.size(name) for name in sorted(snapshot.fds)}
-    directory, meta, record = snapshot.directory, snapshot.meta, snapshot.config["moei2"]
+    directory, meta, config = snapshot.directory, snapshot.meta, snapshot.config
+    record = config["moei2"]
+    from .models import ADAPTERS
+
+    adapter = ADAPTERS.get(meta["architecture"])
+    width = config.get(adapter.expert_width_key if adapter else "moe_intermediate_size")
+    hidden = config.get("hidden_size")
     layers = {}
     for key, entry in sorted(record.get("layers", {}).items(), key=lambda kv: int(kv[0])):
         layers[int(key)] = {"num_experts": entry.get("num_experts"), "kept": entry.get("kept"),
@@ -1058,6 +1065,8 @@ def inspect_checkpoint(path) -> dict:
         "experts_total": sum(int(v["num_experts"] or 0) for v in layers.values()),
         "sizes": meta.get("sizes"),
         "num_tensors": len(header) + len(meta["aliases"]),
+        # The experts' shape, from the same snapshot's config.json (None where it does not say).
+        "expert_shape": [hidden, width] if all(isinstance(v, int) for v in (hidden, width)) else None,
         "files": files,
         "has_tokenizer": any(name.startswith("tokenizer") for name in files),
         "has_report": REPORT_NAME in files,
