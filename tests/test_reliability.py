@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+    sys.path.append(sys.argv[1] + "/tests")  # tiny_models only: moei2 is the installed one
     import moei2
     from tiny_models import build_model
     # A and B differ in every tensor and in config.json (rms_norm_eps).
@@ -44,7 +44,9 @@ def test_load_never_mixes_two_checkpoints_under_a_replacing_writer(tmp_path):
     target = str(tmp_path / "ckpt")
     originals = [build_model("mixtral", seed=s, rms_norm_eps=1e-6 * (s + 1)) for s in (0, 1)]
     wanted = [_signature(m) for m in originals]
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, ROOT, target, "30"], stdout=subprocess.PIPE, text=True)
+    # Started outside the checkout, so that the child imports the moei2 the tests import.
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, ROOT, target, "30"], stdout=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(target + ".ready"):
@@ -322,22 +324,22 @@ def test_two_runs_sharing_a_work_dir_fail_fast(tmp_path):
     from moei2.state import RunState, WorkDirBusy
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from moei2.state import RunState; "
-         "s = RunState(sys.argv[2], 'x'); print('held', flush=True); sys.stdin.read()", ROOT, str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys; from moei2.state import RunState; "
+         "s = RunState(sys.argv[1], 'x'); print('held', flush=True); sys.stdin.read()", str(tmp_path / "work")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
         with pytest.raises(WorkDirBusy, match="is in use by another run"):
-            RunState(tmp_path, "x")
+            RunState(tmp_path / "work", "x")
         assert time.monotonic() - started < 5
     finally:
         holder.communicate("", timeout=30)
-    state = RunState(tmp_path, "x")  # free again once the other run ended
+    state = RunState(tmp_path / "work", "x")  # free again once the other run ended
     with pytest.raises(WorkDirBusy):
-        RunState(tmp_path, "x")
+        RunState(tmp_path / "work", "x")
     state.close()
-    RunState(tmp_path, "x").close()
+    RunState(tmp_path / "work", "x").close()
 
 
 def test_tokenizer_of_another_model_refused_before_calibration(tmp_path, no_calibration):
