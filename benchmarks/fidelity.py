@@ -6,13 +6,15 @@ Rows: the original model, MoE-I2, and baselines at the same budget:
   budget "~50% expert parameters removed": full MoE-I2 (25% pruned + importance-allocated
       whitened low-rank keeping 2/3), uniform-rank plain SVD and uniform-rank whitened SVD of all
       experts keeping 1/2;
-  at 50% and 70% of the expert parameters also budget mode (moei2 chooses the mix) and the hand
-      mixes prune_ratio 1/16, 1/8, 1/4 with the rest removed by uniform whitened ranks.
-Columns: held-out perplexity, zero-shot accuracy on the local multiple-choice tasks, routed-expert
-parameters removed, compression time.
+  at 25%, 50% and 70% of the expert parameters also budget mode (moei2 chooses the mix) and the
+      hand mixes prune_ratio 1/16, 1/8, 1/4 with the rest removed by uniform whitened ranks.
+Columns: held-out perplexity with its standard error (windows as the sampled units), zero-shot
+accuracy on the local multiple-choice tasks with the standard error of the average, routed-expert
+parameters removed, compression time. Below the table, budget mode against the best other row at
+the same share removed, as a paired difference of log-perplexities over the same windows.
 
     python benchmarks/fidelity.py [--quick] [--out benchmarks/results] [--model demo|demo-fine]
-        [--search-hidden compressed|original] [--rows SUBSTRING,...] [--seed N]
+        [--search-hidden compressed|original] [--rows SUBSTRING,...] [--seed N] [--threads N]
 
 --model picks the bundled model: demo (the Qwen2-MoE, the default) or demo-fine (64 experts).
 
@@ -52,12 +54,15 @@ def rows(quick: bool):
         # More levels for the trade-off curve: MoE-I2 removes 1 - 0.75 * keep, the SVD rows match it.
         ("uniform-rank plain SVD (keep 3/4)", "25% expert params",
          dict(prune_ratio=0.0, rank_keep_ratio=0.75, rank_rule="uniform", whiten=False)),
+        ("uniform-rank whitened SVD (keep 3/4)", "25% expert params",
+         dict(prune_ratio=0.0, rank_keep_ratio=0.75, rank_rule="uniform", whiten=True)),
         ("MoE-I2 (prune 25% + whitened low-rank 0.4)", "70% expert params",
          dict(selection="genetic", rank_keep_ratio=0.4)),
         ("uniform-rank plain SVD (keep 0.3)", "70% expert params",
          dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=False)),
         ("uniform-rank whitened SVD (keep 0.3)", "70% expert params",
          dict(prune_ratio=0.0, rank_keep_ratio=0.3, rank_rule="uniform", whiten=True)),
+        *budget_rows(0.25, "25% expert params"),
         *budget_rows(0.5, "~50% expert params"),
         *budget_rows(0.7, "70% expert params"),
     ]
@@ -66,10 +71,14 @@ def rows(quick: bool):
 def budget_rows(removed: float, label: str):
     """Budget mode at ``removed``, and the hand mixes it competes with: prune_ratio 1/16, 1/8, 1/4
     with the rest removed by uniform whitened ranks (prune_ratio 0 is the uniform whitened SVD row)."""
-    mixes = [(f"hand mix (prune {p} + uniform whitened ranks) @{removed:g}", label,
-              dict(prune_ratio=float(Fraction(p)), rank_keep_ratio=(1 - removed) / (1 - float(Fraction(p))),
-                   rank_rule="uniform", whiten=True))
-             for p in ("1/16", "1/8", "1/4")]
+    mixes = []
+    for p in ("1/16", "1/8", "1/4"):
+        keep = (1 - removed) / (1 - float(Fraction(p)))
+        # At 25 % removed, prune 1/4 leaves nothing to the ranks: that mix is the pruning row.
+        if keep < 1 - 1e-9:
+            mixes.append((f"hand mix (prune {p} + uniform whitened ranks) @{removed:g}", label,
+                          dict(prune_ratio=float(Fraction(p)), rank_keep_ratio=keep, rank_rule="uniform",
+                               whiten=True)))
     return [(f"budget mode @{removed:g}", label, dict(budget=removed)), *mixes]
 
 
@@ -95,6 +104,37 @@ def tradeoff_points(results):
     return points
 
 
+def paired_log_ratio(a, b):
+    """log(ppl_a / ppl_b) for two rows scored on the same windows, and its standard error with the
+    windows as paired units (ratio estimator of the per-window NLL differences)."""
+    import numpy as np
+
+    tokens = np.asarray(a["window_tokens"], dtype=np.float64)
+    diff = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
+    n, mean = len(diff), diff.sum() / tokens.sum()
+    stderr = float(np.sqrt(n / (n - 1) * np.sum((diff - mean * tokens) ** 2)) / tokens.sum())
+    return float(mean), stderr
+
+
+def budget_comparisons(results):
+    """For each share removed where budget mode ran: the best other row at the same share (within
+    half a percent), and the paired difference of log-perplexities."""
+    comparisons = []
+    for r in results:
+        if not r["method"].startswith("budget mode"):
+            continue
+        others = [o for o in results if o is not r and o["method"] != "original"
+                  and abs(o["expert_params_removed"] - r["expert_params_removed"]) < 0.005]
+        if not others:
+            continue
+        best = min(others, key=lambda o: o["perplexity"])
+        delta, stderr = paired_log_ratio(r, best)
+        comparisons.append({"removed": r["expert_params_removed"], "budget_ppl": r["perplexity"],
+                            "best_other": best["method"], "best_other_ppl": best["perplexity"],
+                            "delta_log_ppl": delta, "delta_stderr": stderr})
+    return comparisons
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calibration windows, shorter search and eval")
@@ -105,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--perplexity-only", action="store_true", help="skip the zero-shot tasks")
     parser.add_argument("--name", default="fidelity", help="base name of the result files")
     parser.add_argument("--model", choices=("demo", "demo-fine"), default="demo", help="which bundled model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     args = parser.parse_args(argv)
 
     import torch
@@ -119,7 +160,7 @@ def main(argv=None):
     search_hidden = args.search_hidden or SEARCH_HIDDEN
     wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     demo_name = BUNDLED_MODELS[args.model]
     base_model, tokenizer = moei2.demo_model(name=demo_name)
     calibration = moei2.demo_texts("calibration")
@@ -141,12 +182,15 @@ def main(argv=None):
                                      calibration, config, progress=False, search_hidden=search_hidden)
             removed = report["parameters"]["routed_expert_reduction"]
         elapsed = time.perf_counter() - started
-        ppl = ev.perplexity(model, tokenizer, heldout)["perplexity"]
+        scored = ev.perplexity(model, tokenizer, heldout, per_window=True)
+        ppl = scored["perplexity"]
         zs = ({"average": float("nan"), "tasks": {}} if args.perplexity_only
               else ev.zero_shot(model, tokenizer, "local", limit=limit))
         errors = [t.get("acc_stderr") for t in zs["tasks"].values()]
         stderr = (sum(e * e for e in errors) ** 0.5 / len(errors)) if errors and None not in errors else float("nan")
-        row = {"method": name, "budget": budget or "-", "perplexity": ppl, "accuracy": zs["average"],
+        row = {"method": name, "budget": budget or "-", "perplexity": ppl,
+               "perplexity_stderr": scored["perplexity_stderr"], "window_nll": scored["window_nll"],
+               "window_tokens": scored["window_tokens"], "accuracy": zs["average"],
                "accuracy_stderr": stderr,
                "tasks": {k: v for k, v in zs["tasks"].items()}, "expert_params_removed": removed,
                "compress_seconds": elapsed if overrides is not None else 0.0}
@@ -171,12 +215,25 @@ def main(argv=None):
     except ImportError:
         if not wanted:
             print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
-    lines = ["| method | budget | held-out ppl | zero-shot acc (± s.e.) | expert params removed | compress s |",
+    lines = [f"Model: {args.model}. Perplexity ± its standard error over the held-out windows; zero-shot "
+             "accuracy ± the standard error of the task average.", "",
+             "| method | budget | held-out ppl (± s.e.) | zero-shot acc (± s.e.) | expert params removed "
+             "| compress s |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} | {r['accuracy']:.4f} "
-                     f"± {r['accuracy_stderr']:.4f} | "
+        lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} ± {r['perplexity_stderr']:.3f} "
+                     f"| {r['accuracy']:.4f} ± {r['accuracy_stderr']:.4f} | "
                      f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
+    comparisons = budget_comparisons(results)
+    payload["budget_comparisons"] = comparisons
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
+    if comparisons:
+        lines += ["", "Budget mode against the best other method at the same share removed (paired over the "
+                  "same held-out windows: the difference in log-perplexity ± its standard error; negative "
+                  "means budget mode is better).", "",
+                  "| removed | budget mode ppl | best other | its ppl | Δ log-ppl (± s.e.) |", "|---|---|---|---|---|"]
+        lines += [f"| {100 * c['removed']:.0f}% | {c['budget_ppl']:.3f} | {c['best_other']} | {c['best_other_ppl']:.3f} "
+                  f"| {c['delta_log_ppl']:+.4f} ± {c['delta_stderr']:.4f} |" for c in comparisons]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

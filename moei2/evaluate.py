@@ -64,15 +64,22 @@ def _model_device(model):
 
 
 def perplexity(model, tokenizer, texts: Iterable[str], *, seq_len: int = 256, batch_size: int = 8,
-               max_tokens: int | None = None) -> dict:
+               max_tokens: int | None = None, per_window: bool = False) -> dict:
     """Perplexity of a causal LM over ``texts``.
 
     The texts are joined by blank lines and tokenised as one stream, cut into non-overlapping
     windows of ``seq_len`` tokens (a shorter last window included), and every token after the
     first of each window is predicted from the window's preceding tokens. ``max_tokens`` truncates
     the stream first. Returns ``{"perplexity": exp(nll / tokens), "tokens": number of predicted
-    tokens, "nll": summed negative log-likelihood in nats}``; computed in float64 from the model's
-    log-softmax.
+    tokens, "nll": summed negative log-likelihood in nats, "perplexity_stderr": its standard
+    error}``; computed in float64 from the model's log-softmax.
+
+    Tokens of one window are not independent, so the standard error treats the windows as the
+    sampled units: the mean NLL per token is a ratio of window sums, its variance the ratio
+    estimator's, and the perplexity's standard error follows by the delta method
+    (``perplexity * stderr(mean NLL)``; NaN with a single window). ``per_window=True`` adds
+    ``"window_nll"`` and ``"window_tokens"``, in stream order, so that two models scored on the
+    same texts can be compared window by window (a paired difference has a far smaller error).
     """
     texts = _check_texts(texts)
     seq_len = _positive_int("seq_len", seq_len, 2)
@@ -89,7 +96,7 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, seq_len: int = 256, ba
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    window_nll, window_tokens = [], []
     try:
         with torch.no_grad():
             # Full windows are batched; the partial last one (if any) goes alone.
@@ -100,11 +107,28 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, seq_len: int = 256, ba
                 batch = torch.as_tensor(np.stack(group), device=device)
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1].double()
                 logp = torch.log_softmax(logits, dim=-1)
-                nll -= logp.gather(-1, batch[:, 1:, None]).sum().item()
-                count += batch[:, 1:].numel()
+                window_nll += (-logp.gather(-1, batch[:, 1:, None])).sum(dim=(1, 2)).tolist()
+                window_tokens += [batch.shape[1] - 1] * batch.shape[0]
     finally:
         model.train(was_training)
-    return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll}
+    nll, count = math.fsum(window_nll), sum(window_tokens)
+    result = {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll,
+              "perplexity_stderr": math.exp(nll / count) * _ratio_stderr(window_nll, window_tokens)}
+    if per_window:
+        result.update(window_nll=window_nll, window_tokens=window_tokens)
+    return result
+
+
+def _ratio_stderr(sums, counts) -> float:
+    """Standard error of ``sum(sums) / sum(counts)`` with the (sum, count) pairs as the sampled units
+    (the ratio estimator's linearised variance); NaN for fewer than two units."""
+    n = len(sums)
+    if n < 2:
+        return float("nan")
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    ratio = sums.sum() / counts.sum()
+    residual = sums - ratio * counts
+    return float(np.sqrt(n / (n - 1) * np.sum(residual ** 2)) / counts.sum())
 
 
 def read_documents(path) -> list[str]:

@@ -2,6 +2,7 @@
 the registered lm-eval model type, and input validation."""
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -44,6 +45,27 @@ def test_perplexity_matches_direct_computation(demo, heldout, seq_len, batch_siz
     assert result["tokens"] == count
     assert result["nll"] == pytest.approx(nll, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_per_window_and_standard_error(demo, heldout):
+    model, tokenizer = demo
+    result = ev.perplexity(model, tokenizer, heldout, seq_len=64, batch_size=4, max_tokens=1000, per_window=True)
+    ids = tokenizer("\n\n".join(heldout), add_special_tokens=False)["input_ids"][:1000]
+    expected = []
+    with torch.no_grad():
+        for start in range(0, len(ids), 64):
+            window = torch.tensor(ids[start:start + 64])
+            logits = model(input_ids=window[None]).logits[0].double()
+            expected.append(torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item())
+    assert result["window_tokens"] == [min(64, len(ids) - s) - 1 for s in range(0, len(ids), 64)]
+    assert result["window_nll"] == pytest.approx(expected, rel=1e-5)
+    # The ratio estimator's standard error, written out directly.
+    nll, tokens = np.array(expected), np.array(result["window_tokens"], dtype=float)
+    n, mean = len(nll), nll.sum() / tokens.sum()
+    var = n / (n - 1) * np.sum((nll - mean * tokens) ** 2) / tokens.sum() ** 2
+    assert result["perplexity_stderr"] == pytest.approx(np.exp(mean) * np.sqrt(var), rel=1e-6)
+    assert 0 < result["perplexity_stderr"] < 0.2 * result["perplexity"]
+    assert "window_nll" not in ev.perplexity(model, tokenizer, heldout, max_tokens=1000)
 
 
 def test_perplexity_of_demo_model_is_low(demo, heldout):
