@@ -28,7 +28,9 @@ Steps (each a function taking and returning the run's result dict, so later step
                   streamed (one KT block resident), calibrated on the bundled text with the bundled
                   tokenizer (``--sequences`` x ``--seq-len`` tokens), recording each stage's time per MoE
                   layer and the peak RSS against the checkpoint's size; with ``--table`` also a
-                  markdown row.
+                  markdown row;
+``compress_budget`` ``--budget B``: the same, in budget mode at B (after the default mode's run, in
+                  another fresh process), and the ratio of the two runs' times and peak RSS.
 
 Example (2 layers of Qwen widths, about 3.5 GB on disk)::
 
@@ -321,12 +323,16 @@ common.Timer.__call__ = traced
 threading.Thread(target=sample, daemon=True).start()
 from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(str(moei2.demo_model_path()))
+budget = {"budget": args["budget"]} if args["budget"] is not None else {}
 config = moei2.CompressionConfig(num_sequences=args["sequences"], seq_len=args["seq_len"],
-                                 calib_batch_size=args["batch"], device=args["device"], dtype=args["dtype"])
+                                 calib_batch_size=args["batch"], device=args["device"], dtype=args["dtype"],
+                                 **budget)
 started = time.perf_counter()
 _, report = moei2.compress(args["dir"], tokenizer, moei2.demo_texts("calibration"), config, output=args["out"],
                            overwrite=True, progress=False)
-out = {"seconds": round(time.perf_counter() - started, 2), "times": report["times"],
+usage = resource.getrusage(resource.RUSAGE_SELF)
+out = {"seconds": round(time.perf_counter() - started, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+       "times": report["times"],
        "parameters": report["parameters"], "calibration_tokens": report["calibration"]["tokens"],
        "experts_kept": {l: len(v["kept"]) for l, v in report["layers"].items()},
        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -335,11 +341,11 @@ print(json.dumps(out))
 """
 
 
-def step_compress(args, result: dict) -> dict:
+def step_compress(args, result: dict, budget: Optional[float] = None, key: str = "compress") -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out_dir = args.output or args.dir.with_name(args.dir.name + "-compressed")
     spec = {"dir": str(args.dir), "out": str(out_dir), "sequences": args.sequences, "seq_len": args.seq_len,
-            "batch": args.batch, "device": args.device, "dtype": args.dtype}
+            "batch": args.batch, "device": args.device, "dtype": args.dtype, "budget": budget}
     proc = subprocess.run([sys.executable, "-c", _COMPRESS, json.dumps(spec)], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
@@ -351,7 +357,7 @@ def step_compress(args, result: dict) -> dict:
     # Per MoE layer: DeepSeek-V2-Lite's first layer is dense and costs next to nothing.
     moe_layers = len(row["experts_kept"]) or args.layers
     row["per_layer_seconds"] = {k: round(v / moe_layers, 2) for k, v in row["times"].items()}
-    result["compress"] = row
+    result[key] = row
     if args.delete:
         import shutil
 
@@ -374,7 +380,30 @@ def markdown_row(result: dict) -> str:
             f"{c['calibration_tokens']} | {per['total']:.0f} | {stages} | {c['seconds'] / 60:.1f} |")
 
 
-STEPS = {"write": step_write, "measure_load": step_measure_load, "compress": step_compress}
+def step_compress_budget(args, result: dict) -> dict:
+    """Budget mode on the same checkpoint, right after the default mode's run of ``compress``: the
+    cost of choosing the mix, as a ratio of the two runs' times (each in its own fresh process)."""
+    if "compress" not in result:
+        result = step_compress(args, result)
+    result = step_compress(args, result, budget=args.budget, key="compress_budget")
+    default, chosen = result["compress"], result["compress_budget"]
+    result["budget_over_default"] = {
+        "budget": args.budget,
+        "seconds": round(chosen["seconds"] / default["seconds"], 3),
+        # CPU time is the steadier ratio on a machine shared with other jobs.
+        "cpu_seconds": round(chosen["cpu_seconds"] / default["cpu_seconds"], 3),
+        "per_stage_seconds": {k: chosen["per_layer_seconds"][k] for k in chosen["per_layer_seconds"]},
+        "default_reduction": default["parameters"]["routed_expert_reduction"],
+        "budget_reduction": chosen["parameters"]["routed_expert_reduction"],
+        "peak_rss": round(chosen["peak_rss"] / default["peak_rss"], 3)}
+    print(f"  budget mode {args.budget}: {chosen['seconds']:.0f} s against {default['seconds']:.0f} s by default "
+          f"({result['budget_over_default']['seconds']:.2f} x; CPU time "
+          f"{result['budget_over_default']['cpu_seconds']:.2f} x)", flush=True)
+    return result
+
+
+STEPS = {"write": step_write, "measure_load": step_measure_load, "compress": step_compress,
+         "compress_budget": step_compress_budget}
 
 
 def main(argv=None) -> dict:
@@ -390,6 +419,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--sequences", type=int, default=8, help="calibration sequences for --compress")
     ap.add_argument("--seq-len", type=int, default=512, help="calibration sequence length for --compress")
     ap.add_argument("--batch", type=int, default=4, help="calibration sequences per forward for --compress")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="after --compress (default mode), also compress in budget mode at this share of "
+                         "routed-expert parameters removed and report the time ratio")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--table", type=Path, help="append a markdown row of the compress step to this file")
@@ -397,7 +429,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--delete", action="store_true", help="remove the checkpoint directory at the end")
     args = ap.parse_args(argv)
     config_for(args.family, args.layers)
-    steps = ["write"] + (["measure_load"] if args.measure_load else []) + (["compress"] if args.compress else [])
+    steps = (["write"] + (["measure_load"] if args.measure_load else []) + (["compress"] if args.compress else [])
+             + (["compress_budget"] if args.budget is not None else []))
     result = {"family": args.family, "layers": args.layers, "machine": {"cpus": os.cpu_count()}}
     try:
         for name in steps:

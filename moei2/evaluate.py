@@ -422,7 +422,9 @@ def format_result(result: dict) -> str:
     if ppl:
         if lines:
             lines.append("")
-        lines.append(f"perplexity  {ppl['perplexity']:.3f} over {ppl['tokens']:,} tokens")
+        stderr = ppl.get("perplexity_stderr")
+        spread = f" ± {stderr:.3f}" if stderr is not None and math.isfinite(stderr) else ""
+        lines.append(f"perplexity  {ppl['perplexity']:.3f}{spread} over {ppl['tokens']:,} tokens")
     speed = result.get("throughput")
     if speed:
         lines.append(f"throughput  {speed['tokens_per_s']:.1f} tokens/s (batch {speed['batch_size']}, "

@@ -185,3 +185,5 @@ def test_format_result_is_a_compact_table():
     assert len(text.splitlines()) == 7 and "pretty_env_info" not in text
     assert "0.5000" in text and "0.0100" in text and "   100" in text and "0.6250" in text
     assert "12.346 over 5,000 tokens" in text and "99.9 tokens/s" in text
+    result["perplexity"]["perplexity_stderr"] = 0.2345
+    assert "12.346 ± 0.234 over 5,000 tokens" in ev.format_result(result)
