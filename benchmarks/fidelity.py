@@ -21,7 +21,8 @@ the same share removed, as a paired difference of log-perplexities over the same
 --search-hidden picks which hidden state the search and the KT step see (docs/method.md); the
 default is the method's. --rows keeps only the rows whose method name contains one of the
 substrings (the original model's row is always kept). --perplexity-only skips the zero-shot tasks.
---name NAME writes NAME.json / NAME.md instead of fidelity.json / fidelity.md.
+--name NAME writes NAME.json / NAME.md instead of fidelity.json / fidelity.md. --render rewrites the
+markdown and the figure from an existing NAME.json without running anything.
 """
 from __future__ import annotations
 
@@ -146,7 +147,13 @@ def main(argv=None):
     parser.add_argument("--name", default="fidelity", help="base name of the result files")
     parser.add_argument("--model", choices=("demo", "demo-fine"), default="demo", help="which bundled model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite NAME.md and the figure from an existing NAME.json")
     args = parser.parse_args(argv)
+    if args.render:
+        path = Path(args.out) / f"{args.name}.json"
+        render(json.loads(path.read_text()), Path(args.out), args.name)
+        return 0
 
     import torch
 
@@ -200,23 +207,36 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": "fidelity", "quick": args.quick, "seed": args.seed, "common_config": common,
-               "search_hidden": search_hidden,
+    payload = {"benchmark": "fidelity", "bundled_model": args.model, "quick": args.quick, "seed": args.seed,
+               "common_config": common, "search_hidden": search_hidden,
                "model": str(moei2.demo_model_path(demo_name)), "rows": results}
-    payload["tradeoff"] = tradeoff_points(results)
-    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
-    try:
-        if wanted:
-            raise ImportError  # a partial run draws no trade-off figure
-        from moei2.plot import tradeoff
+    render(payload, out, args.name, figure=not wanted)
+    return 0
 
-        figure = tradeoff(payload["tradeoff"])
-        figure.savefig(out / f"{args.name}_tradeoff.png", dpi=110)
-    except ImportError:
-        if not wanted:
+
+PRUNING_REFERENCE = "MoE-I2 pruning (genetic + KT)"
+
+
+def render(payload: dict, out: Path, name: str, *, figure: bool = True) -> None:
+    """Write NAME.json, NAME.md and (with every row run) NAME_tradeoff.png from a run's rows."""
+    results = payload["rows"]
+    payload["tradeoff"] = tradeoff_points(results)
+    payload["budget_comparisons"] = budget_comparisons(results)
+    reference = next((r for r in results if r["method"] == PRUNING_REFERENCE), None)
+    pruned = [r for r in results if r["budget"] == "25% experts pruned" and r is not reference]
+    payload["pruning_comparisons"] = [
+        dict(zip(("method", "delta_log_ppl", "delta_stderr"), (r["method"], *paired_log_ratio(reference, r))))
+        for r in pruned] if reference else []
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    if figure:
+        try:
+            from moei2.plot import tradeoff
+
+            tradeoff(payload["tradeoff"]).savefig(out / f"{name}_tradeoff.png", dpi=110)
+        except ImportError:
             print("matplotlib is not installed: no trade-off figure", file=sys.stderr)
-    lines = [f"Model: {args.model}. Perplexity ± its standard error over the held-out windows; zero-shot "
-             "accuracy ± the standard error of the task average.", "",
+    lines = [f"Model: {payload.get('bundled_model', 'demo')}. Perplexity ± its standard error over the held-out "
+             "windows; zero-shot accuracy ± the standard error of the task average.", "",
              "| method | budget | held-out ppl (± s.e.) | zero-shot acc (± s.e.) | expert params removed "
              "| compress s |",
              "|---|---|---|---|---|---|"]
@@ -224,19 +244,21 @@ def main(argv=None):
         lines.append(f"| {r['method']} | {r['budget']} | {r['perplexity']:.3f} ± {r['perplexity_stderr']:.3f} "
                      f"| {r['accuracy']:.4f} ± {r['accuracy_stderr']:.4f} | "
                      f"{100 * r['expert_params_removed']:.1f}% | {r['compress_seconds']:.1f} |")
-    comparisons = budget_comparisons(results)
-    payload["budget_comparisons"] = comparisons
-    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
-    if comparisons:
+    if payload["budget_comparisons"]:
         lines += ["", "Budget mode against the best other method at the same share removed (paired over the "
                   "same held-out windows: the difference in log-perplexity ± its standard error; negative "
                   "means budget mode is better).", "",
                   "| removed | budget mode ppl | best other | its ppl | Δ log-ppl (± s.e.) |", "|---|---|---|---|---|"]
         lines += [f"| {100 * c['removed']:.0f}% | {c['budget_ppl']:.3f} | {c['best_other']} | {c['best_other_ppl']:.3f} "
-                  f"| {c['delta_log_ppl']:+.4f} ± {c['delta_stderr']:.4f} |" for c in comparisons]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+                  f"| {c['delta_log_ppl']:+.4f} ± {c['delta_stderr']:.4f} |" for c in payload["budget_comparisons"]]
+    if payload["pruning_comparisons"]:
+        lines += ["", f"25 % of the experts pruned: {PRUNING_REFERENCE} against each other selection, paired over "
+                  "the same windows (log-perplexity of the search minus the other's; negative means the "
+                  "search is better).", "", "| selection | Δ log-ppl (± s.e.) |", "|---|---|"]
+        lines += [f"| {c['method']} | {c['delta_log_ppl']:+.4f} ± {c['delta_stderr']:.4f} |"
+                  for c in payload["pruning_comparisons"]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
