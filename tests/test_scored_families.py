@@ -1,5 +1,5 @@
-"""Families routed by a score-correction bias, sigmoid scores or group-limited top-k: the routing
-rule against the transformers modules, the search's loss against the pruned layer, compression
+"""Families routed by a score-correction bias, sigmoid scores, group-limited top-k or PhiMoE's
+sparsemixer: the routing rule against the transformers modules, the search's loss against the pruned layer, compression
 with pruning and low rank through save and load, and configs that contradict their weights."""
 import copy
 
@@ -112,6 +112,7 @@ def test_search_loss_is_the_error_of_the_pruned_layer(family, overrides, drops):
     ("deepseek_v3", {"n_group": 2, "topk_group": 1}),
     ("ernie4_5_moe", {}),
     ("minimax_m2", {}),
+    ("phimoe", {}),
 ])
 def test_torch_candidate_outputs_equal_from_moe(family, overrides):
     """The device path's cache (candidate outputs in torch, ranked by the rule) equals from_moe's."""
@@ -219,6 +220,7 @@ def test_group_limited_pruning_is_refused_before_calibration():
     ("minimax_m2", "num_local_experts", 6, "config num_local_experts=6"),
     ("ernie4_5_moe", "moe_k", 0, "moe_k=0"),
     ("lfm2_moe", "num_experts", 4, "config num_experts=4"),
+    ("phimoe", "num_experts_per_tok", 3, "num_experts_per_tok=3, but sparsemixer routing always takes 2"),
 ])
 def test_config_contradicting_weights_is_refused(family, field, value, message):
     model = build_scored_model(family)
@@ -228,3 +230,29 @@ def test_config_contradicting_weights_is_refused(family, field, value, message):
             layer.mlp.gate.num_group = value
     with pytest.raises(ValueError, match=message):
         get_adapter(model)
+
+
+def test_pruned_phimoe_block_equals_the_block_with_dropped_logits_at_minus_infinity(monkeypatch):
+    """transformers' own sparsemixer is the reference: the unpruned block whose router logits of the
+    dropped experts are -inf (outside every window, never picked) gives the pruned block's output."""
+    model = build_scored_model("phimoe")
+    adapter = get_adapter(model)
+    x = torch.randn(1, 64, HIDDEN, generator=torch.Generator().manual_seed(7))
+    drop = [0, 3, 4, 6]
+    view = adapter.view(adapter.moe_layer_indices[-1])
+    mask = torch.from_numpy(np.isin(np.arange(EXPERTS), drop))
+    linear = torch.nn.functional.linear
+
+    def masked_linear(input, weight, bias=None):
+        out = linear(input, weight, bias)
+        return out.masked_fill(mask, float("-inf")) if weight is view.router.weight else out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
+    with torch.no_grad():
+        expected = view.moe_module(x)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    with torch.no_grad():
+        whole = view.moe_module(x)
+        pruned = pruned_view(adapter, view, drop).moe_module(x)
+    assert not torch.allclose(whole, expected)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-6)

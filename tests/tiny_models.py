@@ -94,15 +94,18 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
     return torch.randint(3, VOCAB, (num_sequences, seq_len), generator=g)
 
 
-# ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
+# ---- families routed by a score-correction bias, sigmoid scores, group-limited top-k or ----------
+# ---- PhiMoE's sparsemixer (RoutingRules beyond softmax then top-k) ------------------------------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe",
+                   "phimoe")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
     """Tiny configs: a dense first layer where the family has one, shared experts where it has
     them, a scaling factor other than 1 and (DeepSeek-V3) two groups that are both taken, so a
-    pruned layer switches to one group."""
+    pruned layer switches to one group; PhiMoE's sparsemixer window (2 * router_jitter_noise) wide
+    enough that a pick often weighs several near-ties."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
@@ -129,6 +132,8 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
         cfg = tf.Lfm2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, num_experts=EXPERTS,
                                num_dense_layers=1, routed_scaling_factor=1.5, norm_topk_prob=True,
                                layer_types=["full_attention", "conv", "full_attention", "conv"][:layers])
+    elif family == "phimoe":
+        cfg = tf.PhimoeConfig(**common, intermediate_size=16, num_local_experts=EXPERTS, router_jitter_noise=0.3)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
@@ -148,7 +153,7 @@ def build_scored_model(family: str, *, seed: int = 0, layers: int = 3, dtype=tor
     model = getattr(tf, ADAPTERS[family].architecture)(cfg)
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] == EXPERTS:
+            if name.endswith(("gate.weight", "mlp.router.weight")) and p.dim() == 2 and p.shape[0] == EXPERTS:
                 p.normal_(0.0, 0.5)
             elif "experts" in name and "bias" not in name:
                 p.normal_(0.0, 0.2)

@@ -45,6 +45,10 @@ from .minimax_m2 import MiniMaxM2Adapter  # noqa: E402
 
 ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter,
                                                    MiniMaxM2Adapter, Ernie45MoeAdapter, Lfm2MoeAdapter)})
+# PhiMoE: the shared layout, routed by sparsemixer (moei2.search.RoutingRule, weights="sparsemixer").
+from .phimoe import PhimoeAdapter  # noqa: E402
+
+ADAPTERS[PhimoeAdapter.architecture] = PhimoeAdapter
 
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1
