@@ -10,7 +10,8 @@ import moei2  # noqa: E402
 from moei2.cli import main  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
 
-from .tiny_models import EXPERTS, FAMILIES, SCORED_FAMILIES, build_model, build_scored_model, input_ids  # noqa: E402
+from .tiny_models import (EXPERTS, FAMILIES, LLAMA4, SCORED_FAMILIES, build_model, build_scored_model,  # noqa: E402
+                          input_ids)
 
 
 def tiny_model(family, **overrides):
@@ -33,7 +34,7 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES + SCORED_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + SCORED_FAMILIES + (LLAMA4,))
 def test_export_loads_in_stock_transformers(family, tmp_path):
     uniformly_pruned(family, tmp_path)
     info = moei2.export(tmp_path / "ckpt", tmp_path / "plain")
