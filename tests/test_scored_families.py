@@ -182,12 +182,7 @@ def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
             np.testing.assert_array_equal(bias_a, bias_b)
 
 
-STREAMED = [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="the streamed model rebuilds only a rotary embedding named rotary_emb; LFM2's is pos_emb"))
-    if f == "lfm2_moe" else f for f in SCORED_FAMILIES]
-
-
-@pytest.mark.parametrize("family", STREAMED)
+@pytest.mark.parametrize("family", SCORED_FAMILIES)
 def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
     source = tmp_path / "hf"
     build_scored_model(family, layers=4).save_pretrained(str(source), max_shard_size="20KB")
