@@ -1,21 +1,21 @@
 """Llama 4's text model: top-1 by logit, the expert's input scaled by sigmoid(logit), a shared
 expert; the routing rule against the transformers block, the search's loss against the pruned
 layer, compression with pruning and low rank through save and load, and the streamed run."""
-import copy
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import moei2  # noqa: E402
-from moei2.models import get_adapter, lowrank_experts, prune_experts  # noqa: E402
+from moei2.models import get_adapter, lowrank_experts  # noqa: E402
 from moei2.models.llama4 import StackedLowRankExperts  # noqa: E402
 from moei2.search import Layer  # noqa: E402
 
 from .moe_reference import silu  # noqa: E402
-from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
+from .test_models import svd_factors  # noqa: E402
+from .test_scored_families import (captured_inputs, check_compressed_save_load,  # noqa: E402
+                                   check_pruned_block_is_the_block_with_dropped_logits,
+                                   check_streamed_run_equals_the_in_memory_run, pruned_view)
 from .tiny_models import EXPERTS, HIDDEN, LLAMA4, build_model, input_ids  # noqa: E402
 
 
@@ -46,11 +46,6 @@ def rows(n=48, seed=3):
     return torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
-def pruned_view(adapter, view, drop):
-    model = prune_experts(copy.deepcopy(adapter.model), {view.layer_index: drop})
-    return get_adapter(model).view(view.layer_index)
-
-
 def test_adapter_view_and_rule_match_the_block():
     adapter = get_adapter(build_model(LLAMA4))
     assert adapter.family == LLAMA4 and adapter.dense_layers == [0]
@@ -78,40 +73,7 @@ def test_adapter_view_and_rule_match_the_block():
 
 
 def test_pruned_block_equals_the_block_with_dropped_logits_at_minus_infinity(monkeypatch):
-    model = build_model(LLAMA4)
-    adapter = get_adapter(model)
-    view = adapter.view(adapter.moe_layer_indices[-1])
-    x = rows(64)[None]
-    drop = [0, 3, 4, 6]
-    mask = torch.from_numpy(np.isin(np.arange(EXPERTS), drop))
-    linear = torch.nn.functional.linear
-
-    def masked_linear(input, weight, bias=None):
-        out = linear(input, weight, bias)
-        return out.masked_fill(mask, float("-inf")) if weight is view.router.weight else out
-
-    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
-    with torch.no_grad():
-        expected = view.moe_module(x)[0]
-    monkeypatch.setattr(torch.nn.functional, "linear", linear)
-    with torch.no_grad():
-        whole = view.moe_module(x)[0]
-        pruned = pruned_view(adapter, view, drop).moe_module(x)[0]
-    assert not torch.allclose(whole, expected)
-    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-6)
-
-
-def captured_inputs(model, adapter, ids):
-    seen, handles = {}, []
-    for view in adapter.moe_layers():
-        def hook(module, args, index=view.layer_index):
-            seen[index] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
-        handles.append(view.moe_module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return seen
+    check_pruned_block_is_the_block_with_dropped_logits(build_model(LLAMA4), monkeypatch, output=lambda out: out[0])
 
 
 def test_search_loss_is_the_error_of_the_pruned_layer():
@@ -157,15 +119,10 @@ def test_full_rank_factors_reproduce_the_model():
     with torch.no_grad():
         before = model(ids).logits
     adapter = get_adapter(model)
-    factors = {}
-    for view in adapter.moe_layers():
-        factors[view.layer_index] = {}
-        for j in range(view.num_experts):
-            mats = {}
-            for name, w in zip(("gate", "up", "down"), view.expert(j)):
-                u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-                mats[name] = ((u * s).float(), vh.float())
-            factors[view.layer_index][j] = mats
+    factors = {view.layer_index: {j: dict(zip(("gate", "up", "down"),
+                                              (svd_factors(w, min(w.shape)) for w in view.expert(j))))
+                                  for j in range(view.num_experts)}
+               for view in adapter.moe_layers()}
     lowrank_experts(model, factors)
     assert all(isinstance(v.experts_module, StackedLowRankExperts) for v in adapter.moe_layers())
     with torch.no_grad():
@@ -173,31 +130,9 @@ def test_full_rank_factors_reproduce_the_model():
 
 
 def test_compressed_save_load_gives_the_in_memory_logits(tmp_path):
-    model = build_model(LLAMA4)
-    config = small_config(prune_ratio=0.25, rank_keep_ratio=0.6)
-    compressed, _ = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
-    views = get_adapter(compressed).moe_layers()
-    assert sum(EXPERTS - v.num_experts for v in views) == round(0.25 * EXPERTS * len(views))
-    assert all(v.is_lowrank for v in views)
-    ids = input_ids(2, 9)
-    with torch.no_grad():
-        before = compressed(ids).logits
-    moei2.save(compressed, tmp_path / "ckpt")
-    with torch.no_grad():
-        assert torch.equal(moei2.load(tmp_path / "ckpt")(ids).logits, before)
+    views, _ = check_compressed_save_load(build_model(LLAMA4), tmp_path)
+    assert all(isinstance(v.experts_module, StackedLowRankExperts) for v in views)
 
 
 def test_streamed_run_equals_the_in_memory_run(tmp_path):
-    source = tmp_path / "hf"
-    build_model(LLAMA4, layers=4).save_pretrained(str(source), max_shard_size="20KB")
-    config = small_config(kt_block=2)
-    reference_model, ref_report = moei2.compress(build_model(LLAMA4, layers=4), CharTokenizer(), calibration_texts(),
-                                                 config, progress=False)
-    _, report = moei2.compress(source, CharTokenizer(), calibration_texts(), config, output=tmp_path / "out",
-                               progress=False)
-    for l, info in ref_report["layers"].items():
-        assert report["layers"][l]["dropped"] == info["dropped"]
-    ids = input_ids(2, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(moei2.load(tmp_path / "out")(ids).logits, reference_model(ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+    check_streamed_run_equals_the_in_memory_run(lambda **kw: build_model(LLAMA4, **kw), tmp_path)

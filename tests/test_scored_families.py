@@ -160,11 +160,11 @@ def test_masked_routing_is_the_pruned_layer(family, overrides, drops):
             assert not torch.allclose(unmasked, expected)
 
 
-@pytest.mark.parametrize("family", SCORED_FAMILIES)
-def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
-    model = build_scored_model(family, layers=3)
+def check_compressed_save_load(model, tmp_path):
+    """``model`` compressed with pruning (25 %) and low rank, saved and loaded, gives the in-memory
+    logits; returns (the MoE views of the compressed model, of the loaded one)."""
     config = small_config(prune_ratio=0.25, rank_keep_ratio=0.6)
-    compressed, report = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
+    compressed, _ = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
     views = get_adapter(compressed).moe_layers()
     assert sum(EXPERTS - v.num_experts for v in views) == round(0.25 * EXPERTS * len(views))
     assert all(v.is_lowrank for v in views)
@@ -175,20 +175,27 @@ def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
     loaded = moei2.load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
-    for a, b in zip(get_adapter(loaded).moe_layers(), views):
+    return views, get_adapter(loaded).moe_layers()
+
+
+@pytest.mark.parametrize("family", SCORED_FAMILIES)
+def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
+    views, loaded = check_compressed_save_load(build_scored_model(family, layers=3), tmp_path)
+    for a, b in zip(loaded, views):
         bias_a, bias_b = a.rule.choice_bias, b.rule.choice_bias
         assert (bias_a is None) == (bias_b is None)
         if bias_a is not None:
             np.testing.assert_array_equal(bias_a, bias_b)
 
 
-@pytest.mark.parametrize("family", SCORED_FAMILIES)
-def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
+def check_streamed_run_equals_the_in_memory_run(build, tmp_path):
+    """``build(layers=4)`` compressed from its checkpoint directory, streamed, and in memory: the
+    same experts dropped and the same logits."""
     source = tmp_path / "hf"
-    build_scored_model(family, layers=4).save_pretrained(str(source), max_shard_size="20KB")
+    build(layers=4).save_pretrained(str(source), max_shard_size="20KB")
     config = small_config(kt_block=2)
-    reference, ref_report = moei2.compress(build_scored_model(family, layers=4), CharTokenizer(),
-                                           calibration_texts(), config, progress=False)
+    reference, ref_report = moei2.compress(build(layers=4), CharTokenizer(), calibration_texts(), config,
+                                           progress=False)
     _, report = moei2.compress(source, CharTokenizer(), calibration_texts(), config, output=tmp_path / "out",
                                progress=False)
     for l, info in ref_report["layers"].items():
@@ -197,6 +204,11 @@ def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(moei2.load(tmp_path / "out")(ids).logits, reference(ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", SCORED_FAMILIES)
+def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
+    check_streamed_run_equals_the_in_memory_run(lambda **kw: build_scored_model(family, **kw), tmp_path)
 
 
 def test_group_limited_pruning_is_refused_before_calibration():
@@ -227,10 +239,10 @@ def test_config_contradicting_weights_is_refused(family, field, value, message):
         get_adapter(model)
 
 
-def test_pruned_phimoe_block_equals_the_block_with_dropped_logits_at_minus_infinity(monkeypatch):
-    """transformers' own sparsemixer is the reference: the unpruned block whose router logits of the
-    dropped experts are -inf (outside every window, never picked) gives the pruned block's output."""
-    model = build_scored_model("phimoe")
+def check_pruned_block_is_the_block_with_dropped_logits(model, monkeypatch, output=lambda out: out):
+    """transformers' own block is the reference: the unpruned last MoE block of ``model`` whose
+    router logits of the dropped experts are -inf (through torch's linear) gives the pruned block's
+    output (``output`` picks it from what the block returns)."""
     adapter = get_adapter(model)
     x = torch.randn(1, 64, HIDDEN, generator=torch.Generator().manual_seed(7))
     drop = [0, 3, 4, 6]
@@ -244,10 +256,15 @@ def test_pruned_phimoe_block_equals_the_block_with_dropped_logits_at_minus_infin
 
     monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
     with torch.no_grad():
-        expected = view.moe_module(x)
+        expected = output(view.moe_module(x))
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
     with torch.no_grad():
-        whole = view.moe_module(x)
-        pruned = pruned_view(adapter, view, drop).moe_module(x)
+        whole = output(view.moe_module(x))
+        pruned = output(pruned_view(adapter, view, drop).moe_module(x))
     assert not torch.allclose(whole, expected)
     torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_phimoe_block_equals_the_block_with_dropped_logits_at_minus_infinity(monkeypatch):
+    """A dropped expert's -inf logit lies outside every sparsemixer window and is never picked."""
+    check_pruned_block_is_the_block_with_dropped_logits(build_scored_model("phimoe"), monkeypatch)
