@@ -35,11 +35,15 @@
 int moei2_rule_reranks(const moei2_routing_rule *rule, int64_t num_experts) {
     const int64_t E = num_experts, G = rule->num_groups;
     if (rule->weights != MOEI2_WEIGHTS_SOFTMAX && rule->weights != MOEI2_WEIGHTS_SIGMOID &&
-        rule->weights != MOEI2_WEIGHTS_UNIT)
+        rule->weights != MOEI2_WEIGHTS_UNIT && rule->weights != MOEI2_WEIGHTS_SPARSEMIXER)
         return -1;
     if (rule->top_k < 1 || rule->top_k > E || !(rule->scaling > 0.0) || !isfinite(rule->scaling) ||
         !(rule->norm_eps >= 0.0) || !isfinite(rule->norm_eps))
         return -1;
+    if (rule->weights == MOEI2_WEIGHTS_SPARSEMIXER)
+        return (rule->choice_bias || G > 1 || rule->renormalize || !(rule->window >= 0.0) || !isfinite(rule->window))
+                   ? -1 : 1;
+    if (rule->window != 0.0) return -1;
     if (rule->weights == MOEI2_WEIGHTS_UNIT && rule->choice_bias) return -1;
     if (rule->choice_bias)
         for (int64_t j = 0; j < E; j++)
@@ -63,9 +67,35 @@ typedef struct {
     unsigned char *taken;
 } rerank_scratch;
 
+/* SPARSEMIXER: cp holds the logits in candidate order (descending, ties to the lower index), so
+ * each pick is the first survivor not yet picked. */
+static void sparsemixer_choose(const moei2_search_cache *c, const int32_t *cand, const double *cp,
+                               const unsigned char *drop, int64_t *chosen, double *weight) {
+    const int64_t E = c->num_experts, k = c->top_k;
+    int64_t next = 0;
+    for (int64_t i = 0; i < k; i++) {
+        while (drop && drop[cand[next]]) next++;
+        const int64_t pick = next++;
+        const double m = cp[pick];
+        double total = 0.0;
+        /* Positions before `pick` are dropped or picked earlier: the window starts at the pick. */
+        for (int64_t q = pick; q < E; q++) {
+            if (drop && drop[cand[q]]) continue;
+            const double z = cp[q], factor = fabs(z) > m ? fabs(z) : m;
+            if (!((m - z) / factor > c->window)) total += exp(z - m);
+        }
+        chosen[i] = pick;
+        weight[i] = c->scaling / total;
+    }
+}
+
 static void rerank_choose(const moei2_search_cache *c, const int32_t *cand, const double *cp,
                           const unsigned char *drop, rerank_scratch *w, int64_t *chosen, double *weight) {
     const int64_t E = c->num_experts, k = c->top_k, G = c->num_groups;
+    if (c->weights == MOEI2_WEIGHTS_SPARSEMIXER) {
+        sparsemixer_choose(c, cand, cp, drop, chosen, weight);
+        return;
+    }
     const int softmax = c->weights == MOEI2_WEIGHTS_SOFTMAX;
     double z = 1.0;
     if (softmax) {
@@ -164,7 +194,7 @@ moei2_status moei2_search_prepare_rule(int64_t num_tokens, int64_t num_experts, 
     moei2_search_cache view = {0};
     view.num_experts = E; view.top_k = k; view.renormalize = rule->renormalize; view.scaling = rule->scaling;
     view.weights = rule->weights; view.norm_eps = rule->norm_eps; view.choice_bias = rule->choice_bias;
-    view.num_groups = rule->num_groups; view.top_groups = rule->top_groups;
+    view.num_groups = rule->num_groups; view.top_groups = rule->top_groups; view.window = rule->window;
     for (int64_t n = 0; n < N; n++) {
         const double *z = logits + n * E;
         int32_t *cand = candidates + n * C;
@@ -181,9 +211,12 @@ moei2_status moei2_search_prepare_rule(int64_t num_tokens, int64_t num_experts, 
             }
             for (int64_t j = 0; j < E; j++) p[j] /= total;
         } else {
-            for (int64_t j = 0; j < E; j++) p[j] = rule->weights == MOEI2_WEIGHTS_SIGMOID ? sigmoid(z[j]) : 1.0;
+            for (int64_t j = 0; j < E; j++)
+                p[j] = rule->weights == MOEI2_WEIGHTS_SIGMOID ? sigmoid(z[j])
+                       : rule->weights == MOEI2_WEIGHTS_SPARSEMIXER ? z[j] : 1.0;
         }
-        const int by_logit = rule->weights == MOEI2_WEIGHTS_UNIT || (softmax && !rule->choice_bias);
+        const int by_logit = rule->weights == MOEI2_WEIGHTS_UNIT || rule->weights == MOEI2_WEIGHTS_SPARSEMIXER ||
+                             (softmax && !rule->choice_bias);
         for (int64_t j = 0; j < E; j++)
             key[j] = by_logit ? z[j] : p[j] + (rule->choice_bias ? rule->choice_bias[j] : 0.0);
         /* Insertion into a sorted prefix; a strict comparison keeps the lower index first on
@@ -201,8 +234,11 @@ moei2_status moei2_search_prepare_rule(int64_t num_tokens, int64_t num_experts, 
         }
         for (int64_t q = 0; q < C; q++) {
             candidate_probs[n * C + q] = p[cand[q]];
-            /* A zero weight would make a re-routed token's weights 0/0. */
-            if (!(p[cand[q]] > 0.0)) { status = MOEI2_ERR_NONFINITE; goto done; }
+            /* A zero weight would make a re-routed token's weights 0/0 (sparsemixer keeps logits). */
+            if (rule->weights != MOEI2_WEIGHTS_SPARSEMIXER && !(p[cand[q]] > 0.0)) {
+                status = MOEI2_ERR_NONFINITE;
+                goto done;
+            }
         }
         if (probs && softmax) memcpy(probs + n * E, p, (size_t)E * sizeof(double));
         uint64_t *bits = topk_bits + n * W;
@@ -227,7 +263,7 @@ moei2_status moei2_search_prepare(int64_t num_tokens, int64_t num_experts, int64
                                   int64_t num_candidates, const double *logits, int32_t *candidates,
                                   double *candidate_probs, double *probs, uint64_t *topk_bits) {
     /* Renormalisation and scaling do not change the ranking or the scores. */
-    const moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, top_k, 1, 0.0, 1.0, NULL, 1, 1};
+    const moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, top_k, 1, 0.0, 1.0, NULL, 1, 1, 0.0};
     return moei2_search_prepare_rule(num_tokens, num_experts, &rule, num_candidates, logits, candidates,
                                      candidate_probs, probs, topk_bits);
 }
@@ -566,7 +602,7 @@ static int score_block(void *arg, int64_t first, int64_t last) {
     const loss_job *job = (const loss_job *)arg;
     const moei2_search_cache *c = job->cache;
     const moei2_routing_rule rule = {c->weights, c->top_k, c->renormalize, c->norm_eps, c->scaling, c->choice_bias,
-                                     c->num_groups, c->top_groups};
+                                     c->num_groups, c->top_groups, c->window};
     if (moei2_rule_reranks(&rule, c->num_experts) == 1) return (int)score_slice_rerank(job, first, last);
     return (int)score_slice(job, first, last);
 }
@@ -577,7 +613,7 @@ moei2_status moei2_search_loss(const moei2_search_cache *cache, const uint64_t *
     const int64_t W = MOEI2_MASK_WORDS(E);
     if (M < 0 || k < 1 || C <= k || C > E || cache->num_batches < 1) return MOEI2_ERR_ARG;
     const moei2_routing_rule rule = {cache->weights, k, cache->renormalize, cache->norm_eps, cache->scaling,
-                                     cache->choice_bias, cache->num_groups, cache->top_groups};
+                                     cache->choice_bias, cache->num_groups, cache->top_groups, cache->window};
     const int reranks = moei2_rule_reranks(&rule, E);
     if (reranks < 0 || (reranks && C != E)) return MOEI2_ERR_ARG;
     if (!reranks && !cache->renormalize && cache->weights == MOEI2_WEIGHTS_SOFTMAX && cache->probs == NULL)

@@ -182,8 +182,13 @@ moei2_status moei2_allocate_ranks(const double *importance, const int64_t *rows,
  * A rule says how a token's weight score and choice key come from its logits (see docs/method.md,
  * "Routing rules", for each family and the proof of its candidate bound):
  *   weights SOFTMAX: softmax over the surviving experts; SIGMOID: sigmoid(z_j), which no other
- *   expert changes; UNIT: 1 (the score already scaled the expert's input, as in Llama 4).
- *   choice key: z_j for SOFTMAX without a bias and for UNIT, else score_j + choice_bias[j].
+ *   expert changes; UNIT: 1 (the score already scaled the expert's input, as in Llama 4);
+ *   SPARSEMIXER (PhiMoE in eval mode): the k experts are picked one at a time, each the best
+ *   survivor not yet picked; pick i with logit m weighs 1 / sum of exp(z_j - m) over the survivors
+ *   not picked before it whose relative gap (m - z_j) / max(|z_j|, m) is at most `window` (NaN
+ *   gaps count as inside): a softmax over the near-ties of the pick. No bias, groups or
+ *   renormalisation.
+ *   choice key: z_j for SOFTMAX without a bias, UNIT and SPARSEMIXER, else score_j + choice_bias[j].
  *   Group-limited top-k (num_groups > top_groups): equal groups of consecutive experts score the
  *   sum of their two best surviving keys (-inf below two survivors); groups are taken by score,
  *   ties to the lower group, until top_groups are taken and they hold top_k survivors; the
@@ -192,11 +197,13 @@ moei2_status moei2_allocate_ranks(const double *importance, const int64_t *rows,
  * When no dropped expert changes the order of the survivors' keys (no groups; no bias on a
  * softmax) the new top-k is the first k survivors in the original order, so C = k + r_max
  * candidates suffice, as for the plain rule. Otherwise ("reranking" rules) the order and the
- * chosen groups depend on the mask and every expert is a candidate: C must equal E. */
+ * chosen groups depend on the mask and every expert is a candidate: C must equal E. SPARSEMIXER
+ * chooses by logit, but a pick's window can hold survivors of any rank, so it reranks too. */
 typedef enum {
     MOEI2_WEIGHTS_SOFTMAX = 0,
     MOEI2_WEIGHTS_SIGMOID = 1,
-    MOEI2_WEIGHTS_UNIT = 2
+    MOEI2_WEIGHTS_UNIT = 2,
+    MOEI2_WEIGHTS_SPARSEMIXER = 3
 } moei2_weight_fn;
 
 typedef struct {
@@ -208,6 +215,7 @@ typedef struct {
     const double *choice_bias; /* [E] finite, or NULL; not allowed with UNIT */
     int64_t num_groups;        /* <= 1: no group limit; else divides E */
     int64_t top_groups;        /* 1 <= top_groups <= num_groups when grouped */
+    double window;             /* SPARSEMIXER only: >= 0, finite (PhiMoE: 2 * router_jitter_noise) */
 } moei2_routing_rule;
 
 /* 1 when the rule's ranking can change with the mask (then C must be E), 0 when it cannot,
@@ -240,6 +248,7 @@ typedef struct {
     double norm_eps;
     const double *choice_bias;     /* [E] or NULL */
     int64_t num_groups, top_groups;
+    double window;                 /* SPARSEMIXER's relative window; candidate_probs then holds logits */
 } moei2_search_cache;
 
 /* Ranks each token's experts and computes its softmax in float64 (logits [N, E], finite).

@@ -155,7 +155,10 @@ def route_rule_reference(router_logits, rule, dropped=None):
     than two survivors) and groups are taken by score (ties to the lower group) until top_groups
     are taken and they hold at least top_k survivors. The token takes its top_k survivors in the
     taken groups by key (ties to the lower index); weights are divided by (their sum + norm_eps)
-    if renormalize, then multiplied by scaling_factor. Returns (indices [N, k], weights [N, k])."""
+    if renormalize, then multiplied by scaling_factor. "sparsemixer": the survivors sorted by
+    logit (ties to the lower index), the first k picked; pick i of logit m weighs scaling_factor /
+    sum of exp(z_j - m) over the survivors from position i on whose gap (m - z_j) / max(|z_j|, m)
+    is not above window. Returns (indices [N, k], weights [N, k])."""
     z = np.array(router_logits, dtype=np.float64)
     N, E = z.shape
     k = rule.top_k
@@ -165,6 +168,19 @@ def route_rule_reference(router_logits, rule, dropped=None):
     weights = np.zeros((N, k))
     for n in range(N):
         alive = [j for j in range(E) if not drop[j]]
+        if rule.weights == "sparsemixer":
+            ranked = sorted(alive, key=lambda j: (-z[n, j], j))
+            for i in range(k):
+                m = z[n, ranked[i]]
+                mass = 0.0
+                for j in ranked[i:]:
+                    factor = max(abs(z[n, j]), m)
+                    gap = (m - z[n, j]) / factor if factor != 0 else float("nan")
+                    if not gap > rule.window:
+                        mass += np.exp(z[n, j] - m)
+                indices[n, i] = ranked[i]
+                weights[n, i] = rule.scaling_factor / mass
+            continue
         if rule.weights == "softmax":
             m = max(z[n, j] for j in alive)
             total = sum(np.exp(z[n, j] - m) for j in alive)

@@ -342,14 +342,15 @@ def _capture_layer(runner, adapter, index, hidden, batches, grams, keep_outputs,
         seen["x"] = x.reshape(-1, x.shape[-1])
 
     def experts_hook(module, args, output):
-        y = output[0] if isinstance(output, tuple) else output
+        y = adapter.routed_output(output, seen["x"].shape[0])
         seen["y"] = y.reshape(-1, y.shape[-1])
 
     def router_hook(module, args, output):
-        if not isinstance(output, tuple) or len(output) < 3:
+        choice = adapter.router_choice(output, top_k)
+        if choice is None:
             raise RuntimeError(f"layer {index}: the router returned {type(output).__name__}, expected "
                                "(logits, top-k weights, top-k indices)")
-        seen["logits"], seen["index"] = output[0], output[2]
+        seen["logits"], seen["index"] = choice
 
     handles = [block.register_forward_pre_hook(block_hook, with_kwargs=True), router.register_forward_hook(router_hook),
                view.experts_module.register_forward_hook(experts_hook)]
@@ -411,7 +412,7 @@ def _add_expert_grams(view, j, rows, gram_in_j, gram_down_j, weight_dtype) -> No
 
     Without autograd: the expert weights require grad, and a graph through them would keep every
     batch's activations alive for as long as the Gram (gigabytes per expert at full calibration)."""
-    x64 = rows.to(torch.float64)
+    x64 = view.expert_input(j, rows).to(torch.float64)
     gram_in_j.addmm_(x64.T, x64)
     # The down projection's input as the model computes it, in the experts' own dtype.
     h = view.intermediate(j, rows.to(weight_dtype)).to(torch.float64)

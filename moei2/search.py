@@ -44,7 +44,7 @@ def route(router_logits, top_k: int, renormalize: bool, scaling_factor: float = 
     return RoutingRule(top_k, renormalize, scaling_factor).route(router_logits, dropped)
 
 
-_WEIGHTS = ("softmax", "sigmoid", "unit")
+_WEIGHTS = ("softmax", "sigmoid", "unit", "sparsemixer")
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +53,13 @@ class RoutingRule:
     "Routing rules"); the C search and :meth:`route` apply the same rule.
 
     weights: "softmax" (over the surviving experts), "sigmoid" (of each logit; no other expert
-    changes it) or "unit" (every weight 1: the score scaled the expert's input instead, as in
-    Llama 4). The choice key is the logit for softmax without a bias and for "unit", else the
-    weight score plus ``choice_bias[j]`` (a score-correction bias: used for choosing, never
-    for weighting). With ``num_groups > top_groups`` the experts form equal groups of consecutive
+    changes it), "unit" (every weight 1: the score scaled the expert's input instead, as in
+    Llama 4) or "sparsemixer" (PhiMoE in eval mode: the k experts are picked one at a time, each
+    the best survivor by logit not yet picked; a pick of logit m weighs 1 / sum of exp(z_j - m)
+    over the survivors not picked before it whose relative gap (m - z_j) / max(|z_j|, m) is at
+    most ``window``, NaN gaps inside; no bias, groups or renormalisation). The choice key is the
+    logit for softmax without a bias, "unit" and "sparsemixer", else the weight score plus
+    ``choice_bias[j]`` (a score-correction bias: used for choosing, never for weighting). With ``num_groups > top_groups`` the experts form equal groups of consecutive
     indices; a group scores the sum of its two best surviving keys (-inf below two survivors),
     the ``top_groups`` best groups are taken (ties to the lower group; more while they hold
     fewer than top_k survivors) and the token takes its top_k survivors of those groups by key,
@@ -72,6 +75,7 @@ class RoutingRule:
     num_groups: int = 1
     top_groups: int = 1
     norm_eps: float = 0.0
+    window: float = 0.0
 
     def __post_init__(self):
         _check_int(self.top_k, "top_k", 1)
@@ -99,6 +103,16 @@ class RoutingRule:
         _check_int(self.top_groups, "top_groups", 1, int(self.num_groups))
         if self.grouped and self.weights != "sigmoid":
             raise ValueError("group-limited routing (num_groups > top_groups) is defined for sigmoid weights only")
+        window = self.window
+        if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, float, np.number)) \
+                or not math.isfinite(window) or window < 0:
+            raise ValueError(f"window must be a finite number >= 0, got {window!r}")
+        object.__setattr__(self, "window", float(window))
+        if self.weights == "sparsemixer":
+            if self.choice_bias is not None or self.num_groups > 1 or self.renormalize:
+                raise ValueError("sparsemixer weights take no choice_bias, groups or renormalisation")
+        elif self.window:
+            raise ValueError(f"window applies to sparsemixer weights only, not {self.weights!r}")
 
     @property
     def grouped(self) -> bool:
@@ -108,7 +122,8 @@ class RoutingRule:
     def reranks(self) -> bool:
         """True when dropping experts can change the order of the survivors' keys or the groups a
         token uses; the search then keeps every expert as a candidate."""
-        return self.grouped or (self.weights == "softmax" and self.choice_bias is not None)
+        return (self.grouped or self.weights == "sparsemixer"
+                or (self.weights == "softmax" and self.choice_bias is not None))
 
     def check(self, num_experts: int) -> None:
         """Raises ValueError unless the rule fits a layer of ``num_experts`` experts."""
@@ -136,6 +151,8 @@ class RoutingRule:
         k = self.top_k
         if k > E - int(drop.sum()):
             raise ValueError(f"top_k={k} exceeds the {E - int(drop.sum())} experts left")
+        if self.weights == "sparsemixer":
+            return self._route_sparsemixer(z, drop)
         if self.weights == "softmax":
             masked = np.where(drop, -np.inf, z)
             e = np.exp(masked - masked.max(axis=1, keepdims=True))
@@ -168,6 +185,22 @@ class RoutingRule:
         if self.renormalize:
             w = w / (w.sum(axis=1, keepdims=True) + self.norm_eps)
         return order.astype(np.int64), w * self.scaling_factor
+
+    def _route_sparsemixer(self, z: np.ndarray, drop: np.ndarray):
+        N = z.shape[0]
+        rows = np.arange(N)
+        available = np.repeat(~drop[None, :], N, axis=0)
+        order = np.zeros((N, self.top_k), dtype=np.int64)
+        w = np.zeros((N, self.top_k))
+        for i in range(self.top_k):
+            pick = np.argmax(np.where(available, z, -np.inf), axis=1)  # ties to the lower index
+            top = z[rows, pick][:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                outside = (top - z) / np.maximum(np.abs(z), top) > self.window
+            w[:, i] = 1.0 / np.where(available & ~outside, np.exp(z - top), 0.0).sum(axis=1)
+            order[:, i] = pick
+            available[rows, pick] = False
+        return order, w * self.scaling_factor
 
 
 def _dropped_mask(dropped, num_experts: int) -> np.ndarray:
@@ -321,7 +354,7 @@ class Layer:
         return _core.SearchCache(logits, top_k=rule.top_k, r_max=r_max, renormalize=rule.renormalize,
                                  scaling_factor=rule.scaling_factor, batch_ends=_batch_ends(batch_sizes, logits.shape[0]),
                                  weights=rule.weights, choice_bias=bias, norm_eps=rule.norm_eps,
-                                 num_groups=rule.num_groups, top_groups=rule.top_groups)
+                                 num_groups=rule.num_groups, top_groups=rule.top_groups, window=rule.window)
 
     @classmethod
     def _wrap(cls, cache, rule):

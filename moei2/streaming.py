@@ -122,6 +122,13 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, *, parameter: b
         module._buffers[attr] = value
 
 
+def _rotary_embeddings(inner: nn.Module) -> dict:
+    """The model's rotary embeddings by attribute name (``rotary_emb``; LFM2's ``pos_emb``): their
+    tables are not stored, so the streamed model rebuilds them from the config."""
+    return {name: module for name, module in inner.named_children()
+            if name == "rotary_emb" or type(module).__name__.endswith("RotaryEmbedding")}
+
+
 def _to_meta(module: nn.Module) -> None:
     """Replaces every parameter and buffer by a meta tensor of the same shape, dropping the storage."""
     for sub in module.modules():
@@ -436,10 +443,10 @@ class StreamedSource(ModelSource):
         resident on ``device`` in ``dtype`` for the scope; yields the model."""
         model = self.model
         inner = model.model
+        old_rotary = _rotary_embeddings(inner)
         parts = {name: mod for name, mod in model.named_children() if name != "model"}
         parts.update({f"model.{name}": mod for name, mod in inner.named_children()
-                      if name not in ("layers", "rotary_emb")})
-        old_rotary = getattr(inner, "rotary_emb", None)
+                      if name != "layers" and name not in old_rotary})
         try:
             for prefix, module in parts.items():
                 if self._tied and module is model.get_output_embeddings():
@@ -447,18 +454,18 @@ class StreamedSource(ModelSource):
                 self._materialise(module, f"{prefix}.")
             if self._tied:
                 model.get_output_embeddings().weight = model.get_input_embeddings().weight
-            if old_rotary is not None:
+            for name, old in old_rotary.items():
                 with torch.device("cpu"):
-                    rotary = type(old_rotary)(config=model.config)
-                inner.rotary_emb = rotary.to(self.device)
+                    rotary = type(old)(config=model.config)
+                setattr(inner, name, rotary.to(self.device))
             yield model
         finally:
             for module in parts.values():
                 _to_meta(module)
             if self._tied:
                 model.get_output_embeddings().weight = model.get_input_embeddings().weight
-            if old_rotary is not None:
-                inner.rotary_emb = old_rotary
+            for name, old in old_rotary.items():
+                setattr(inner, name, old)
 
     def outer_tensors(self) -> dict:
         """The tensors outside the decoder layers (embeddings, final norm, head), as stored, under

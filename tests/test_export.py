@@ -10,11 +10,18 @@ import moei2  # noqa: E402
 from moei2.cli import main  # noqa: E402
 from moei2.models import get_adapter  # noqa: E402
 
-from .tiny_models import EXPERTS, FAMILIES, build_model, input_ids  # noqa: E402
+from .tiny_models import (EXPERTS, FAMILIES, LLAMA4, SCORED_FAMILIES, build_model, build_scored_model,  # noqa: E402
+                          input_ids)
+
+
+def tiny_model(family, **overrides):
+    if family in SCORED_FAMILIES:
+        return build_scored_model(family, **overrides)
+    return build_model(family, tie=family == "olmoe", **overrides)
 
 
 def uniformly_pruned(family, tmp_path, drop=(1, 4, 6)):
-    model = build_model(family, tie=family == "olmoe")
+    model = tiny_model(family)
     layers = get_adapter(model).moe_layer_indices
     # different experts per layer, the same count
     moei2.prune_experts(model, {i: [(j + n) % EXPERTS for j in drop] for n, i in enumerate(layers)})
@@ -27,7 +34,7 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + SCORED_FAMILIES + (LLAMA4,))
 def test_export_loads_in_stock_transformers(family, tmp_path):
     uniformly_pruned(family, tmp_path)
     info = moei2.export(tmp_path / "ckpt", tmp_path / "plain")
@@ -91,3 +98,22 @@ def test_export_of_accepted_group_limited_routing_is_greedy(tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
     ids = input_ids(2, 7)
     torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_group_limited_routing_keeps_equal_groups(tmp_path):
+    """DeepSeek-V3 routing to the best 1 of 2 groups: equal drops from both groups export with the
+    groups kept (n_group=2 over 6 experts); a count the groups cannot share equally is refused."""
+    from moei2.models.deepseek_v3 import DeepseekV3Adapter
+
+    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+    layers = get_adapter(model).moe_layer_indices
+    moei2.prune_experts(model, {i: [0, 5] if n % 2 else [2, 7] for n, i in enumerate(layers)})
+    moei2.save(model, tmp_path / "ckpt")
+    moei2.export(tmp_path / "ckpt", tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert (config["n_routed_experts"], config["n_group"], config["topk_group"]) == (6, 2, 1)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
+    ids = input_ids(2, 7)
+    torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="7 experts cannot form the router's 2 equal groups"):
+        DeepseekV3Adapter.export_config(model.config, 7)

@@ -21,6 +21,9 @@ RULES = {
     "groups-4-1": RoutingRule(2, False, 1.0, weights="sigmoid", choice_bias=BIAS, num_groups=4, top_groups=1),
     "softmax-bias-renorm": RoutingRule(2, True, 1.0, weights="softmax", choice_bias=BIAS),
     "softmax-plain": RoutingRule(2, False, 1.5),
+    # PhiMoE's sparsemixer, windows wide enough to hold survivors of any rank
+    "sparsemixer-top2": RoutingRule(2, False, weights="sparsemixer", window=0.6),
+    "sparsemixer-top3-scaled": RoutingRule(3, False, 1.5, weights="sparsemixer", window=1.2),
 }
 
 
@@ -86,6 +89,12 @@ def test_rule_validation():
         RoutingRule(2, True, num_groups=4, top_groups=2)
     with pytest.raises(ValueError, match="unit weights"):
         RoutingRule(1, False, weights="unit", choice_bias=BIAS)
+    with pytest.raises(ValueError, match="sparsemixer weights take no"):
+        RoutingRule(2, True, weights="sparsemixer", window=0.1)
+    with pytest.raises(ValueError, match="window applies to sparsemixer"):
+        RoutingRule(2, False, weights="sigmoid", window=0.1)
+    with pytest.raises(ValueError, match="window must be"):
+        RoutingRule(2, False, weights="sparsemixer", window=-1.0)
     with pytest.raises(ValueError, match="top_groups"):
         RoutingRule(2, True, weights="sigmoid", num_groups=2, top_groups=3)
     logits, outputs = _layer_data(4)

@@ -1,5 +1,5 @@
-"""Families routed by a score-correction bias, sigmoid scores or group-limited top-k: the routing
-rule against the transformers modules, the search's loss against the pruned layer, compression
+"""Families routed by a score-correction bias, sigmoid scores, group-limited top-k or PhiMoE's
+sparsemixer: the routing rule against the transformers modules, the search's loss against the pruned layer, compression
 with pruning and low rank through save and load, and configs that contradict their weights."""
 import copy
 
@@ -112,6 +112,7 @@ def test_search_loss_is_the_error_of_the_pruned_layer(family, overrides, drops):
     ("deepseek_v3", {"n_group": 2, "topk_group": 1}),
     ("ernie4_5_moe", {}),
     ("minimax_m2", {}),
+    ("phimoe", {}),
 ])
 def test_torch_candidate_outputs_equal_from_moe(family, overrides):
     """The device path's cache (candidate outputs in torch, ranked by the rule) equals from_moe's."""
@@ -159,11 +160,11 @@ def test_masked_routing_is_the_pruned_layer(family, overrides, drops):
             assert not torch.allclose(unmasked, expected)
 
 
-@pytest.mark.parametrize("family", SCORED_FAMILIES)
-def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
-    model = build_scored_model(family, layers=3)
+def check_compressed_save_load(model, tmp_path):
+    """``model`` compressed with pruning (25 %) and low rank, saved and loaded, gives the in-memory
+    logits; returns (the MoE views of the compressed model, of the loaded one)."""
     config = small_config(prune_ratio=0.25, rank_keep_ratio=0.6)
-    compressed, report = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
+    compressed, _ = moei2.compress(model, CharTokenizer(), calibration_texts(), config, progress=False)
     views = get_adapter(compressed).moe_layers()
     assert sum(EXPERTS - v.num_experts for v in views) == round(0.25 * EXPERTS * len(views))
     assert all(v.is_lowrank for v in views)
@@ -174,25 +175,27 @@ def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
     loaded = moei2.load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
-    for a, b in zip(get_adapter(loaded).moe_layers(), views):
+    return views, get_adapter(loaded).moe_layers()
+
+
+@pytest.mark.parametrize("family", SCORED_FAMILIES)
+def test_compressed_save_load_gives_the_in_memory_logits(family, tmp_path):
+    views, loaded = check_compressed_save_load(build_scored_model(family, layers=3), tmp_path)
+    for a, b in zip(loaded, views):
         bias_a, bias_b = a.rule.choice_bias, b.rule.choice_bias
         assert (bias_a is None) == (bias_b is None)
         if bias_a is not None:
             np.testing.assert_array_equal(bias_a, bias_b)
 
 
-STREAMED = [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="the streamed model rebuilds only a rotary embedding named rotary_emb; LFM2's is pos_emb"))
-    if f == "lfm2_moe" else f for f in SCORED_FAMILIES]
-
-
-@pytest.mark.parametrize("family", STREAMED)
-def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
+def check_streamed_run_equals_the_in_memory_run(build, tmp_path):
+    """``build(layers=4)`` compressed from its checkpoint directory, streamed, and in memory: the
+    same experts dropped and the same logits."""
     source = tmp_path / "hf"
-    build_scored_model(family, layers=4).save_pretrained(str(source), max_shard_size="20KB")
+    build(layers=4).save_pretrained(str(source), max_shard_size="20KB")
     config = small_config(kt_block=2)
-    reference, ref_report = moei2.compress(build_scored_model(family, layers=4), CharTokenizer(),
-                                           calibration_texts(), config, progress=False)
+    reference, ref_report = moei2.compress(build(layers=4), CharTokenizer(), calibration_texts(), config,
+                                           progress=False)
     _, report = moei2.compress(source, CharTokenizer(), calibration_texts(), config, output=tmp_path / "out",
                                progress=False)
     for l, info in ref_report["layers"].items():
@@ -201,6 +204,11 @@ def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(moei2.load(tmp_path / "out")(ids).logits, reference(ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", SCORED_FAMILIES)
+def test_streamed_run_equals_the_in_memory_run(family, tmp_path):
+    check_streamed_run_equals_the_in_memory_run(lambda **kw: build_scored_model(family, **kw), tmp_path)
 
 
 def test_group_limited_pruning_is_refused_before_calibration():
@@ -219,6 +227,7 @@ def test_group_limited_pruning_is_refused_before_calibration():
     ("minimax_m2", "num_local_experts", 6, "config num_local_experts=6"),
     ("ernie4_5_moe", "moe_k", 0, "moe_k=0"),
     ("lfm2_moe", "num_experts", 4, "config num_experts=4"),
+    ("phimoe", "num_experts_per_tok", 3, "num_experts_per_tok=3, but sparsemixer routing always takes 2"),
 ])
 def test_config_contradicting_weights_is_refused(family, field, value, message):
     model = build_scored_model(family)
@@ -228,3 +237,34 @@ def test_config_contradicting_weights_is_refused(family, field, value, message):
             layer.mlp.gate.num_group = value
     with pytest.raises(ValueError, match=message):
         get_adapter(model)
+
+
+def check_pruned_block_is_the_block_with_dropped_logits(model, monkeypatch, output=lambda out: out):
+    """transformers' own block is the reference: the unpruned last MoE block of ``model`` whose
+    router logits of the dropped experts are -inf (through torch's linear) gives the pruned block's
+    output (``output`` picks it from what the block returns)."""
+    adapter = get_adapter(model)
+    x = torch.randn(1, 64, HIDDEN, generator=torch.Generator().manual_seed(7))
+    drop = [0, 3, 4, 6]
+    view = adapter.view(adapter.moe_layer_indices[-1])
+    mask = torch.from_numpy(np.isin(np.arange(EXPERTS), drop))
+    linear = torch.nn.functional.linear
+
+    def masked_linear(input, weight, bias=None):
+        out = linear(input, weight, bias)
+        return out.masked_fill(mask, float("-inf")) if weight is view.router.weight else out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
+    with torch.no_grad():
+        expected = output(view.moe_module(x))
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    with torch.no_grad():
+        whole = output(view.moe_module(x))
+        pruned = output(pruned_view(adapter, view, drop).moe_module(x))
+    assert not torch.allclose(whole, expected)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_phimoe_block_equals_the_block_with_dropped_logits_at_minus_infinity(monkeypatch):
+    """A dropped expert's -inf logit lies outside every sparsemixer window and is never picked."""
+    check_pruned_block_is_the_block_with_dropped_logits(build_scored_model("phimoe"), monkeypatch)

@@ -6,7 +6,8 @@ experts, routed_scaling_factor), a gated shared expert for Qwen2-MoE, renormalis
 Mixtral and Qwen3-MoE, un-renormalised for OLMoE and Qwen2-MoE. Families routing by softmax then
 top-k added since: Qwen3-Next and Qwen3.5-MoE (gated shared expert, linear and full attention
 layers), Granite-MoE (top-k of the logits then softmax), Hunyuan (ungated shared MLP), gpt-oss
-(router bias, expert biases, clamped SwiGLU with a limit low enough to clamp).
+(router bias, expert biases, clamped SwiGLU with a limit low enough to clamp). Llama 4's text
+model (LLAMA4: top-1, a dense first layer, chunked attention) has its own tests.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 FAMILIES = ("qwen2_moe", "deepseek_v2", "mixtral", "olmoe", "qwen3_moe",
             # softmax-then-top-k families
             "qwen3_next", "qwen3_5_moe_text", "granitemoe", "hunyuan_v1_moe", "gpt_oss")
+# Llama 4's text model (its own block layout: tests/test_llama4.py)
+LLAMA4 = "llama4_text"
 VOCAB = 101
 HIDDEN = 32
 EXPERTS = 8
@@ -57,6 +60,11 @@ def build_config(family: str, *, layers: int = 3, tie: bool = False, **overrides
         cfg = tf.GraniteMoeConfig(**common, intermediate_size=16, num_local_experts=EXPERTS)
     elif family == "hunyuan_v1_moe":
         cfg = tf.HunYuanMoEV1Config(**common, intermediate_size=16, num_experts=EXPERTS, head_dim=8)
+    elif family == "llama4_text":
+        # layer 0 dense; top-1 routing as released
+        cfg = tf.Llama4TextConfig(**{**common, "num_experts_per_tok": 1}, head_dim=8, intermediate_size=16,
+                                  intermediate_size_mlp=48, num_local_experts=EXPERTS,
+                                  moe_layers=list(range(1, layers)), attention_chunk_size=8)
     elif family == "gpt_oss":
         # swiglu_limit low enough that the clamps act on these activations
         cfg = tf.GptOssConfig(**common, intermediate_size=16, num_local_experts=EXPERTS, head_dim=8, sliding_window=8,
@@ -80,7 +88,7 @@ def build_model(family: str, *, seed: int = 0, layers: int = 3, tie: bool = Fals
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.router.weight", "mlp.gate.wg.weight",
-                              "mlp.router.weight")):
+                              "mlp.router.weight", "feed_forward.router.weight")):
                 p.normal_(0.0, 0.5)
             elif name.endswith("mlp.router.bias"):
                 p.normal_(0.0, 0.1)
@@ -94,15 +102,18 @@ def input_ids(num_sequences: int = 4, seq_len: int = 12, seed: int = 1) -> torch
     return torch.randint(3, VOCAB, (num_sequences, seq_len), generator=g)
 
 
-# ---- families routed by a score-correction bias, sigmoid scores or group-limited top-k ----------
+# ---- families routed by a score-correction bias, sigmoid scores, group-limited top-k or ----------
+# ---- PhiMoE's sparsemixer (RoutingRules beyond softmax then top-k) ------------------------------
 
-SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe")
+SCORED_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "lfm2_moe",
+                   "phimoe")
 
 
 def build_scored_config(family: str, *, layers: int = 3, **overrides):
     """Tiny configs: a dense first layer where the family has one, shared experts where it has
     them, a scaling factor other than 1 and (DeepSeek-V3) two groups that are both taken, so a
-    pruned layer switches to one group."""
+    pruned layer switches to one group; PhiMoE's sparsemixer window (2 * router_jitter_noise) wide
+    enough that a pick often weighs several near-ties."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
@@ -129,6 +140,8 @@ def build_scored_config(family: str, *, layers: int = 3, **overrides):
         cfg = tf.Lfm2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16, num_experts=EXPERTS,
                                num_dense_layers=1, routed_scaling_factor=1.5, norm_topk_prob=True,
                                layer_types=["full_attention", "conv", "full_attention", "conv"][:layers])
+    elif family == "phimoe":
+        cfg = tf.PhimoeConfig(**common, intermediate_size=16, num_local_experts=EXPERTS, router_jitter_noise=0.3)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
@@ -148,7 +161,7 @@ def build_scored_model(family: str, *, seed: int = 0, layers: int = 3, dtype=tor
     model = getattr(tf, ADAPTERS[family].architecture)(cfg)
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] == EXPERTS:
+            if name.endswith(("gate.weight", "mlp.router.weight")) and p.dim() == 2 and p.shape[0] == EXPERTS:
                 p.normal_(0.0, 0.5)
             elif "experts" in name and "bias" not in name:
                 p.normal_(0.0, 0.2)

@@ -57,12 +57,12 @@ static void *alloc2(int64_t n, int64_t m, size_t size, int64_t *bytes) {
 
 static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"router_logits", "top_k", "r_max", "renormalize", "scaling_factor", "batch_ends",
-                             "weights", "choice_bias", "norm_eps", "num_groups", "top_groups", NULL};
+                             "weights", "choice_bias", "norm_eps", "num_groups", "top_groups", "window", NULL};
     PyObject *logits_o, *k_o, *r_o, *renorm_o, *scale_o, *ends_o, *bias_o = Py_None, *eps_o = NULL, *groups_o = NULL,
-             *top_groups_o = NULL;
+             *top_groups_o = NULL, *window_o = NULL;
     const char *weights_s = "softmax";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOOsOOOO", kwlist, &logits_o, &k_o, &r_o, &renorm_o, &scale_o,
-                                     &ends_o, &weights_s, &bias_o, &eps_o, &groups_o, &top_groups_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOOsOOOOO", kwlist, &logits_o, &k_o, &r_o, &renorm_o, &scale_o,
+                                     &ends_o, &weights_s, &bias_o, &eps_o, &groups_o, &top_groups_o, &window_o))
         return NULL;
     if (!k_o || !r_o || !renorm_o || !scale_o || !ends_o)
         return PyErr_Format(PyExc_TypeError, "SearchCache needs top_k, r_max, renormalize, scaling_factor and batch_ends");
@@ -84,11 +84,14 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         char buf[32];
         return PyErr_Format(PyExc_ValueError, "scaling_factor must be positive, got %s", glue_fmt(buf, sizeof buf, scaling));
     }
-    moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, k, renorm, 0.0, scaling, NULL, 1, 1};
+    moei2_routing_rule rule = {MOEI2_WEIGHTS_SOFTMAX, k, renorm, 0.0, scaling, NULL, 1, 1, 0.0};
     if (!strcmp(weights_s, "sigmoid")) rule.weights = MOEI2_WEIGHTS_SIGMOID;
     else if (!strcmp(weights_s, "unit")) rule.weights = MOEI2_WEIGHTS_UNIT;
+    else if (!strcmp(weights_s, "sparsemixer")) rule.weights = MOEI2_WEIGHTS_SPARSEMIXER;
     else if (strcmp(weights_s, "softmax"))
-        return PyErr_Format(PyExc_ValueError, "weights must be 'softmax', 'sigmoid' or 'unit', got '%s'", weights_s);
+        return PyErr_Format(PyExc_ValueError, "weights must be 'softmax', 'sigmoid', 'unit' or 'sparsemixer', got '%s'",
+                            weights_s);
+    if (window_o && glue_double(window_o, "window", &rule.window) < 0) return NULL;
     if (eps_o && glue_double(eps_o, "norm_eps", &rule.norm_eps) < 0) return NULL;
     if (!(rule.norm_eps >= 0.0)) return PyErr_Format(PyExc_ValueError, "norm_eps must be >= 0");
     if (groups_o && glue_int64(groups_o, "num_groups", 1, E, &rule.num_groups) < 0) return NULL;
@@ -105,7 +108,8 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     const int reranks = moei2_rule_reranks(&rule, E);
     if (reranks < 0)
         return PyErr_Format(PyExc_ValueError, "routing rule: num_groups must divide the %zd experts, groups need "
-                            "sigmoid weights, and unit weights take no choice_bias", (Py_ssize_t)E);
+                            "sigmoid weights, unit weights take no choice_bias, and sparsemixer weights (the only ones with a window "
+                            ">= 0) take no bias, groups or renormalisation", (Py_ssize_t)E);
     PyArrayObject *ends = glue_check_array(ends_o, "batch_ends", NPY_INT64, 1, 0);
     if (!ends) return NULL;
     const npy_intp B = PyArray_DIM(ends, 0);
@@ -158,6 +162,7 @@ static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     c->choice_bias = self->bias;
     c->num_groups = rule.num_groups;
     c->top_groups = rule.top_groups;
+    c->window = rule.window;
     moei2_status status;
     const double *z = (const double *)PyArray_DATA(logits);
     Py_BEGIN_ALLOW_THREADS

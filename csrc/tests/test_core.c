@@ -342,7 +342,7 @@ static void test_genetic_huge_population(void) {
     CHECK(moei2_search_factor(N, C, d, NULL, out, k, 0, 1.0, cp, factor, norm2, 2, NULL) == MOEI2_OK);
     int64_t ends[1] = {N};
     moei2_search_cache cache = {N, E, k, C, 0, 1.0, 1, ends, cand, cp, probs, bits, factor, norm2,
-                               MOEI2_WEIGHTS_SOFTMAX, 0.0, NULL, 1, 1};
+                               MOEI2_WEIGHTS_SOFTMAX, 0.0, NULL, 1, 1, 0.0};
     uint64_t masks[2 * 2];
     double losses[2], hb[1], hm[1];
     const int64_t populations[] = {(int64_t)1 << 61, INT64_MAX / 2, INT64_MAX};

@@ -60,7 +60,7 @@ static int make_layer(test_layer *t, int64_t N, int64_t E, int64_t d, int64_t k,
                    MOEI2_OK;
     free(gathered);
     t->cache = (moei2_search_cache){N, E, k, C, renorm, scaling, t->nb, t->batch_ends, t->cand, t->cprob,
-                                    t->probs, t->bits, t->factor, t->norm2, MOEI2_WEIGHTS_SOFTMAX, 0.0, NULL, 1, 1};
+                                    t->probs, t->bits, t->factor, t->norm2, MOEI2_WEIGHTS_SOFTMAX, 0.0, NULL, 1, 1, 0.0};
     return ok;
 }
 
@@ -315,7 +315,8 @@ static void rule_output(const rule_layer *t, int64_t n, const int *dropped, doub
         if (r->weights == MOEI2_WEIGHTS_SOFTMAX) score[j] = exp(z[j] - top) / total;
         else if (r->weights == MOEI2_WEIGHTS_SIGMOID) score[j] = 1.0 / (1.0 + exp(-z[j]));
         else score[j] = 1.0;
-        const int by_logit = r->weights == MOEI2_WEIGHTS_UNIT || (r->weights == MOEI2_WEIGHTS_SOFTMAX && !r->choice_bias);
+        const int by_logit = r->weights == MOEI2_WEIGHTS_UNIT || r->weights == MOEI2_WEIGHTS_SPARSEMIXER ||
+                             (r->weights == MOEI2_WEIGHTS_SOFTMAX && !r->choice_bias);
         key[j] = by_logit ? z[j] : score[j] + (r->choice_bias ? r->choice_bias[j] : 0.0);
     }
     int eligible[64];
@@ -354,6 +355,20 @@ static void rule_output(const rule_layer *t, int64_t n, const int *dropped, doub
             }
     double sum = 0.0;
     for (int64_t q = 0; q < k; q++) sum += score[pick[q]];
+    if (r->weights == MOEI2_WEIGHTS_SPARSEMIXER) {
+        /* Pick q weighs 1 / sum of exp(z - m) over the survivors not picked before it within the
+         * relative window of its logit m. */
+        for (int64_t q = 0; q < k; q++) {
+            const double top_q = z[pick[q]];
+            double mass = 0.0;
+            for (int64_t i = q; i < m; i++) {
+                const double zj = z[pick[i]];
+                const double gap = (top_q - zj) / fmax(fabs(zj), top_q);
+                if (!(gap > r->window)) mass += exp(zj - top_q);
+            }
+            score[pick[q]] = 1.0 / mass;
+        }
+    }
     memset(y, 0, (size_t)t->d * sizeof(double));
     for (int64_t q = 0; q < k; q++) {
         const double w = r->scaling * (r->renormalize ? score[pick[q]] / (sum + r->norm_eps) : score[pick[q]]);
@@ -387,7 +402,8 @@ static void test_rule_loss_matches_direct(moei2_routing_rule rule, int64_t E, in
           MOEI2_OK);
     int64_t ends[2] = {N / 3, N};
     moei2_search_cache cache = {N, E, k, C, rule.renormalize, rule.scaling, nb, ends, cand, cp, probs, bits, factor,
-                                norm2, rule.weights, rule.norm_eps, rule.choice_bias, rule.num_groups, rule.top_groups};
+                                norm2, rule.weights, rule.norm_eps, rule.choice_bias, rule.num_groups, rule.top_groups,
+                                rule.window};
     rule_layer t = {rule, logits, outputs, N, E, d};
     const int64_t total = (int64_t)1 << E;
     uint64_t *masks = malloc((size_t)(total * W) * sizeof(uint64_t));
@@ -434,27 +450,43 @@ static void test_rule_loss_matches_direct(moei2_routing_rule rule, int64_t E, in
 static void test_rules(void) {
     const double bias[12] = {0.3, -0.2, 0.05, 0.4, -0.1, 0.0, 0.25, -0.3, 0.1, 0.15, -0.05, 0.2};
     /* sigmoid + correction bias, renormalised with an epsilon and scaled (DeepSeek-V3, LFM2) */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-6, 2.5, bias, 1, 1}, 10, 4, 1);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-6, 2.5, bias, 1, 1, 0.0}, 10, 4, 1);
     /* sigmoid, not renormalised */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 1, 1}, 9, 5, 2);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 1, 1, 0.0}, 9, 5, 2);
     /* Llama 4: top-1 by logit, weight 1 */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, NULL, 1, 1}, 8, 5, 3);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, NULL, 1, 1, 0.0}, 8, 5, 3);
     /* group-limited: 4 groups of 3, 2 taken (DeepSeek-V3); every expert a candidate */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-20, 2.0, bias, 4, 2}, 12, 5, 4);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 3, 1, 1e-20, 2.0, bias, 4, 2, 0.0}, 12, 5, 4);
     /* group-limited with 1 group taken: the fallback to more groups when one holds < k */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 4, 1}, 8, 5, 5);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 0, 0.0, 1.0, bias, 4, 1, 0.0}, 8, 5, 5);
     /* softmax with a choice bias (ERNIE 4.5): the order depends on the surviving mass */
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 1, 0.0, 1.0, bias, 1, 1}, 9, 5, 6);
-    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 0, 0.0, 1.0, bias, 1, 1}, 9, 4, 7);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 1, 0.0, 1.0, bias, 1, 1, 0.0}, 9, 5, 6);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SOFTMAX, 2, 0, 0.0, 1.0, bias, 1, 1, 0.0}, 9, 4, 7);
+    /* sparsemixer (PhiMoE): windows wide enough to hold several survivors of any rank */
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SPARSEMIXER, 2, 0, 0.0, 1.0, NULL, 1, 1, 0.6},
+                                  8, 5, 8);
+    test_rule_loss_matches_direct((moei2_routing_rule){MOEI2_WEIGHTS_SPARSEMIXER, 3, 0, 0.0, 1.5, NULL, 1, 1, 1.2},
+                                  9, 4, 9);
     /* Invalid rules: groups not dividing E, groups on softmax, a bias on unit weights. */
-    moei2_routing_rule bad = {MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, NULL, 3, 1};
+    moei2_routing_rule bad = {MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, NULL, 3, 1, 0.0};
     CHECK(moei2_rule_reranks(&bad, 10) == -1);
     bad.weights = MOEI2_WEIGHTS_SOFTMAX; bad.num_groups = 2;
     CHECK(moei2_rule_reranks(&bad, 10) == -1);
-    bad = (moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, bias, 1, 1};
+    bad = (moei2_routing_rule){MOEI2_WEIGHTS_UNIT, 1, 0, 0.0, 1.0, bias, 1, 1, 0.0};
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    /* sparsemixer: no bias, renormalisation or negative window; a window on another rule */
+    bad = (moei2_routing_rule){MOEI2_WEIGHTS_SPARSEMIXER, 2, 0, 0.0, 1.0, bias, 1, 1, 0.1};
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    bad.choice_bias = NULL; bad.renormalize = 1;
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    bad.renormalize = 0; bad.window = -0.1;
+    CHECK(moei2_rule_reranks(&bad, 10) == -1);
+    bad.window = 0.1;
+    CHECK(moei2_rule_reranks(&bad, 10) == 1);
+    bad.weights = MOEI2_WEIGHTS_SIGMOID;
     CHECK(moei2_rule_reranks(&bad, 10) == -1);
     /* A reranking rule with fewer candidates than experts is refused. */
-    bad = (moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, bias, 4, 2};
+    bad = (moei2_routing_rule){MOEI2_WEIGHTS_SIGMOID, 2, 1, 0.0, 1.0, bias, 4, 2, 0.0};
     double z[8] = {0}, cp[7], pr[8];
     int32_t c[7];
     uint64_t b[1];

@@ -45,6 +45,15 @@ from .minimax_m2 import MiniMaxM2Adapter  # noqa: E402
 
 ADAPTERS.update({cls.architecture: cls for cls in (DeepseekV3Adapter, DeepseekV32Adapter, Glm4MoeAdapter, Dots1Adapter,
                                                    MiniMaxM2Adapter, Ernie45MoeAdapter, Lfm2MoeAdapter)})
+# PhiMoE: the shared layout, routed by sparsemixer (moei2.search.RoutingRule, weights="sparsemixer").
+from .phimoe import PhimoeAdapter  # noqa: E402
+
+ADAPTERS[PhimoeAdapter.architecture] = PhimoeAdapter
+# Llama 4's text model: a router returning (scores, logits) and experts taking score-scaled inputs
+# (moei2/models/llama4.py), routed by the rule with unit weights.
+from .llama4 import Llama4Adapter  # noqa: E402
+
+ADAPTERS[Llama4Adapter.architecture] = Llama4Adapter
 
 FAMILIES: dict[str, type[MoEAdapter]] = {cls.family: cls for cls in ADAPTERS.values()}
 STRUCTURE_FORMAT = 1

@@ -8,7 +8,9 @@ experts (``experts``) with fused 3-D parameters ``gate_up_proj`` [E, 2I, H] (gat
 rows) and ``down_proj`` [E, H, I]. A block may add a shared expert, with or without a sigmoid gate
 (``Linear(H, 1)``). Checkpoints on disk keep per-expert keys; transformers fuses them at load
 time. A family adapter declares only what differs from this layout (class attributes) and how its
-router turns logits into weights.
+router turns logits into weights; a block whose router or experts talk differently (Llama 4's
+``(scores, logits)`` router and score-scaled expert inputs) overrides ``router_choice``,
+``routed_output``, ``masked_router_output`` and ``expert_input``.
 """
 from __future__ import annotations
 
@@ -96,10 +98,16 @@ class MoEView:
         bias = getattr(linear, "bias", None)
         return logits if bias is None else logits + bias.detach().to(device=x.device, dtype=torch.float64)
 
+    def expert_input(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """What expert ``j`` receives for MoE-input rows ``x`` [n, H]: ``x`` itself, or where the
+        family scales it by the router's score (Llama 4), the scaled rows."""
+        return self.adapter.expert_input(self, j, x)
+
     def expert_output(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``j``'s output for rows ``x`` [n, H], before the routing weight: the family's own
-        expert forward (biases and activation included)."""
+        """Expert ``j``'s output for MoE-input rows ``x`` [n, H], before the routing weight: the
+        family's own expert forward (input scaling, biases and activation included)."""
         experts = self.experts_module
+        x = self.expert_input(j, x)
         if isinstance(experts, LowRankExperts):
             return experts[j](x, experts.act_fn)
         return self.adapter.dense_expert_output(experts, j, x)
@@ -125,8 +133,9 @@ class MoEView:
 
     def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """The input of expert ``j``'s down projection, ``act(gate x) * (up x)`` (the family's gated
-        activation and biases where it has them), for rows ``x`` [n, H]."""
+        activation and biases where it has them), for MoE-input rows ``x`` [n, H]."""
         experts = self.experts_module
+        x = self.expert_input(j, x)
         if isinstance(experts, LowRankExperts):
             return experts[j].intermediate(x, experts.act_fn)
         return self.adapter.dense_intermediate(experts, j, x)
@@ -263,6 +272,32 @@ class MoEAdapter:
 
     def dense_expert_output(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.dense_intermediate(experts, j, x), experts.down_proj[j])
+
+    def expert_input(self, view: MoEView, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``j``'s input for MoE-input rows ``x``: ``x`` in the shared layout."""
+        return x
+
+    # ---- what the block's router and experts modules return (the shared layout; Llama 4 overrides) ----
+
+    def router_choice(self, output, top_k: int):
+        """``(logits [T, E], top-k indices [T, k])`` from the router's output, or None when the
+        output is not the layout's ``(logits, top-k weights, top-k indices)``."""
+        if not isinstance(output, tuple) or len(output) < 3:
+            return None
+        return output[0], output[2]
+
+    def routed_output(self, output, num_tokens: int) -> torch.Tensor:
+        """The routed experts' summed output [T, H] from the experts module's output."""
+        return output[0] if isinstance(output, tuple) else output
+
+    # True where moei2's routing rules rewrite the router's (logits, weights, indices) to drop
+    # experts; otherwise ``masked_router_output`` rewrites the router's own output.
+    router_gives_choice: bool = True
+
+    def masked_router_output(self, output, drop: torch.Tensor, rule):
+        """The router's output as if the experts in ``drop`` (bool [E]) were pruned, for a family
+        whose router does not return the layout's choice (``router_gives_choice = False``)."""
+        raise NotImplementedError(f"{self.family}: the router returns the shared layout's choice")
 
     def lowrank_experts_module(self, dense: nn.Module, hidden_size: int, intermediate_size: int, ranks,
                                *, dtype, device) -> LowRankExperts:

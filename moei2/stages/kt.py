@@ -52,6 +52,8 @@ def masked_routing(view, mask):
         return
     top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
     rule = view.rule
+    if not view.adapter.router_gives_choice:
+        return (yield from _router_output_routing(view, rule, drop))
     if rule.weights != "softmax" or rule.choice_bias is not None:
         return (yield from _rule_routing(view, rule, drop))
     # Moved to the router's device once: a host-to-device copy on every router call is a sync
@@ -86,6 +88,19 @@ def _rule_routing(view, rule, drop):
         z = logits.masked_fill(drop.to(logits.device), float("-inf"))
         return (z, torch.from_numpy(w).to(device=weights.device, dtype=weights.dtype),
                 torch.from_numpy(index).to(weights.device)) + tuple(output[3:])
+
+    handle = view.router.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _router_output_routing(view, rule, drop):
+    """masked_routing for a router whose output is not the layout's choice (Llama 4's
+    (scores, logits)): the family's adapter rewrites it."""
+    def hook(module, args, output):
+        return view.adapter.masked_router_output(output, drop, rule)
 
     handle = view.router.register_forward_hook(hook)
     try:
