@@ -63,24 +63,28 @@ def _model_dir(spec: str, option: str = "--model") -> Path:
 def model_facts(spec: str, option: str = "--model") -> dict:
     """What the checks need from a model directory's config.json: family, hidden size, expert
     width, maximum positions, whether it is a moei2 checkpoint."""
+    from .checkpoint import Checkpoint
+
     path = _model_dir(spec, option)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CLIError(f"{option}: {str(path)!r} is not a model directory (no config.json)")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        checkpoint = Checkpoint.open(path)
     except OSError as exc:
         raise CLIError(f"{option}: cannot read {config_file}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CLIError(f"{option}: {config_file} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CLIError(f"{option}: {config_file} does not hold a JSON object")
-    family = config.get("model_type")
-    adapter = supported_families().get(family)
+    except ValueError as exc:
+        raise CLIError(f"{option}: {exc}") from exc
+    config = checkpoint.config
+    try:
+        adapter = checkpoint.adapter_class()
+    except ValueError:
+        adapter = None  # check_fit names the family
+    family = adapter.family if adapter is not None else config.get("model_type")
     width = config.get(adapter.expert_width_key if adapter else "moe_intermediate_size")
     hidden = config.get("hidden_size")
-    facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
-             "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
+    facts = {"path": path, "family": family, "adapter": adapter, "hidden_size": hidden, "expert_width": width,
+             "max_positions": config.get("max_position_embeddings"), "moei2": checkpoint.is_moei2,
              "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
              "top_k": config.get(adapter.top_k_key if adapter else "num_experts_per_tok"),
              "experts": next((config[k] for k in (adapter.expert_count_keys if adapter else ("num_experts",))
@@ -90,12 +94,11 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     if adapter is not None:
         # transformers' own validation (layer_types against the layer count, ...), which would
         # otherwise first run inside the tokenizer's loading and end in a traceback.
-        from transformers import CONFIG_MAPPING
-
         try:
-            CONFIG_MAPPING[family].from_dict(dict(config))
-        except Exception as exc:
-            reason = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            checkpoint.model_config()
+        except ValueError as exc:
+            cause = exc.__context__ or exc  # transformers' own message
+            reason = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
             raise CLIError(f"{option}: {config_file} is not a valid {family} configuration ({reason[-1]})") from exc
     return facts
 
@@ -349,7 +352,7 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
     if facts["moei2"]:
         raise CLIError(f"--model: {str(facts['path'])!r} is already a moei2 checkpoint; compressing it again is "
                        "not supported: compress the original model")
-    if facts["family"] not in supported_families():
+    if facts["adapter"] is None:
         raise CLIError(f"--model: model_type {facts['family']!r} is not a supported MoE family "
                        f"(supported: {', '.join(supported_families())})")
     limit = facts.get("max_positions")
