@@ -125,9 +125,10 @@ class Checkpoint:
     # ---- opening ----
 
     @classmethod
-    def open(cls, path, *, error=ValueError) -> "Checkpoint":
-        """The directory's config.json, parsed; no weights are looked at."""
-        root = _model_directory(path, "path")
+    def open(cls, path, *, error=ValueError, argument: str = "path") -> "Checkpoint":
+        """The directory's config.json, parsed; no weights are looked at. ``argument`` names
+        ``path`` in the message when it is not a path."""
+        root = _model_directory(path, argument)
         config_file = root / CONFIG_NAME
         if not config_file.is_file():
             has_weights = (root / PRETRAINED_INDEX).is_file() or (root / PRETRAINED_SINGLE).is_file()
@@ -148,7 +149,7 @@ class Checkpoint:
         such directory, no config.json, no weights, a missing shard) or :class:`CheckpointError`
         for a moei2 checkpoint, an unsupported architecture, a broken index or a config.json whose
         layer count differs from the weights'."""
-        self = cls.open(path, error=CheckpointError)
+        self = cls.open(path, error=CheckpointError, argument="directory")
         if self.is_moei2:
             raise CheckpointError(f"{str(self.directory)!r} is already compressed by moei2; compress the original "
                                   "model")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .config import PRESETS, CompressionConfig, LoRAConfig, check_rank_budget, preset
+from .dtypes import COMPUTE_DTYPES, dtype_name, resolve_dtype, torch_dtype
 
 
 
@@ -122,7 +123,7 @@ def _load_model(spec: str, dtype: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    torch_dtype = resolve_dtype(dtype)
     if spec in BUNDLED_MODELS:
         from .demo import demo_model
 
@@ -558,9 +559,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-_DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-
-
 def _size(num_bytes: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if num_bytes >= scale:
@@ -571,8 +569,8 @@ def _size(num_bytes: float) -> str:
 def format_inspection(info: dict, shape: tuple[int, int] | None) -> str:
     """The per-layer table of ``moei2 inspect``: experts kept, rank range, routed-expert
     parameters before and after, and their size in the checkpoint's dtype."""
-    dtype = str(info.get("dtype", "")).replace("torch.", "")
-    item = _DTYPE_BYTES.get(dtype)
+    dtype = dtype_name(info.get("dtype", ""))
+    item = torch_dtype(dtype).itemsize if dtype in COMPUTE_DTYPES else None
     lines = [f"{info['path']}", f"  {info['architecture']} ({info.get('family')}), {dtype}, "
              f"{info['experts_kept']} of {info['experts_total']} routed experts kept"]
     header = f"  {'layer':>5}  {'experts':>9}  {'ranks':>11}  {'params before':>14}  {'params after':>13}  {'size':>10}"
@@ -670,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, help="score at most this many tokens of the text")
     e.add_argument("--no-perplexity", action="store_true")
     e.add_argument("--throughput", action="store_true", help="also measure generation tokens/s")
-    e.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="load the model in this dtype")
+    e.add_argument("--dtype", choices=COMPUTE_DTYPES, help="load the model in this dtype")
     e.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the model runs (cpu, cuda, cuda:1, ...; default: cpu)")
     e.add_argument("--report", help="write the full JSON result (lm-eval's included) here")
