@@ -247,17 +247,21 @@ class Checkpoint:
                              f"({exc})") from None
 
     def skeleton(self, dtype, config=None):
-        """The model on the meta device (shapes, no storage, no init), in the recorded layout when
-        the checkpoint has a record; ``config`` (default :meth:`model_config`) is used as given.
-        A configuration that makes no model (zero heads, a negative width, ...) raises ``error``
-        naming config.json instead of whatever the model's constructor happens to raise."""
+        """The model on the meta device (shapes, no storage): :meth:`build` there."""
+        return self.build(dtype, config, device="meta")
+
+    def build(self, dtype, config=None, *, device="cpu"):
+        """The model built on ``device`` without initialising its weights, tied, and in the
+        recorded layout when the checkpoint has a record; ``config`` (default :meth:`model_config`)
+        is used as given. A configuration that makes no model (zero heads, a negative width, ...)
+        raises ``error`` naming config.json instead of whatever the model's constructor raises."""
         import torch
         from transformers.initialization import no_init_weights
 
         model_class = self.adapter_class().model_class()
         config = self.model_config() if config is None else config
         try:
-            with torch.device("meta"), no_init_weights():
+            with torch.device(device), no_init_weights():
                 model = model_class._from_config(config, dtype=dtype)
         except Exception as exc:
             raise self.error(f"{self.config_file}: no {model_class.__name__} can be built from it "

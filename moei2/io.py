@@ -195,7 +195,7 @@ def _load_snapshot(checkpoint: Checkpoint, dtype, device, verify: bool):
     """The model of an opened moei2 checkpoint: every check first, then the weights."""
     from .source import check_device
 
-    adapter_class = checkpoint.adapter_class()
+    checkpoint.adapter_class()  # an unsupported architecture is named first
     dtype = torch_dtype(checkpoint.meta["dtype"] if dtype is None else dtype)
     device = check_device(device)  # a missing accelerator is refused before any tensor is read
     if not isinstance(verify, bool):
@@ -212,7 +212,7 @@ def _load_snapshot(checkpoint: Checkpoint, dtype, device, verify: bool):
     del skeleton
     if checksums:
         checkpoint.verify_checksums(weights=True)
-    return _read_model(checkpoint, adapter_class.model_class(), config, dtype).to(device).eval()
+    return _read_model(checkpoint, config, dtype).to(device).eval()
 
 
 def _check_tensors(checkpoint: Checkpoint, expected: dict) -> None:
@@ -236,19 +236,12 @@ def _check_tensors(checkpoint: Checkpoint, expected: dict) -> None:
         raise ValueError(f"{directory / META_NAME}: tied-tensor aliases {bad_alias[:5]} do not match the model")
 
 
-def _read_model(checkpoint: Checkpoint, model_class, config, dtype):
+def _read_model(checkpoint: Checkpoint, config, dtype):
     """Builds the model in the recorded layout and loads every stored tensor strictly, refusing
     non-finite weights."""
     import torch
-    from transformers.initialization import no_init_weights
 
-    from .models import apply_structure
-
-    with no_init_weights():
-        model = model_class._from_config(config, dtype=dtype)
-    # no_init_weights also skips the tying that init_weights does.
-    model.tie_weights()
-    apply_structure(model, checkpoint.record)
+    model = checkpoint.build(dtype, config)
     state = {}
     for name in checkpoint.weight_files():
         f = checkpoint.files[name]
