@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .config import PRESETS, CompressionConfig, LoRAConfig, check_rank_budget, preset
+from .dtypes import COMPUTE_DTYPES, dtype_name, resolve_dtype, torch_dtype
 
 
 
@@ -63,24 +64,28 @@ def _model_dir(spec: str, option: str = "--model") -> Path:
 def model_facts(spec: str, option: str = "--model") -> dict:
     """What the checks need from a model directory's config.json: family, hidden size, expert
     width, maximum positions, whether it is a moei2 checkpoint."""
+    from .checkpoint import Checkpoint
+
     path = _model_dir(spec, option)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CLIError(f"{option}: {str(path)!r} is not a model directory (no config.json)")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        checkpoint = Checkpoint.open(path)
     except OSError as exc:
         raise CLIError(f"{option}: cannot read {config_file}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CLIError(f"{option}: {config_file} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CLIError(f"{option}: {config_file} does not hold a JSON object")
-    family = config.get("model_type")
-    adapter = supported_families().get(family)
+    except ValueError as exc:
+        raise CLIError(f"{option}: {exc}") from exc
+    config = checkpoint.config
+    try:
+        adapter = checkpoint.adapter_class()
+    except ValueError:
+        adapter = None  # check_fit names the family
+    family = adapter.family if adapter is not None else config.get("model_type")
     width = config.get(adapter.expert_width_key if adapter else "moe_intermediate_size")
     hidden = config.get("hidden_size")
-    facts = {"path": path, "family": family, "hidden_size": hidden, "expert_width": width,
-             "max_positions": config.get("max_position_embeddings"), "moei2": "moei2" in config,
+    facts = {"path": path, "family": family, "adapter": adapter, "hidden_size": hidden, "expert_width": width,
+             "max_positions": config.get("max_position_embeddings"), "moei2": checkpoint.is_moei2,
              "dtype": config.get("dtype") or config.get("torch_dtype"), "layers": config.get("num_hidden_layers"),
              "top_k": config.get(adapter.top_k_key if adapter else "num_experts_per_tok"),
              "experts": next((config[k] for k in (adapter.expert_count_keys if adapter else ("num_experts",))
@@ -90,12 +95,11 @@ def model_facts(spec: str, option: str = "--model") -> dict:
     if adapter is not None:
         # transformers' own validation (layer_types against the layer count, ...), which would
         # otherwise first run inside the tokenizer's loading and end in a traceback.
-        from transformers import CONFIG_MAPPING
-
         try:
-            CONFIG_MAPPING[family].from_dict(dict(config))
-        except Exception as exc:
-            reason = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            checkpoint.model_config()
+        except ValueError as exc:
+            cause = exc.__context__ or exc  # transformers' own message
+            reason = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
             raise CLIError(f"{option}: {config_file} is not a valid {family} configuration ({reason[-1]})") from exc
     return facts
 
@@ -119,7 +123,7 @@ def _load_model(spec: str, dtype: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    torch_dtype = resolve_dtype(dtype)
     if spec in BUNDLED_MODELS:
         from .demo import demo_model
 
@@ -349,7 +353,7 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
     if facts["moei2"]:
         raise CLIError(f"--model: {str(facts['path'])!r} is already a moei2 checkpoint; compressing it again is "
                        "not supported: compress the original model")
-    if facts["family"] not in supported_families():
+    if facts["adapter"] is None:
         raise CLIError(f"--model: model_type {facts['family']!r} is not a supported MoE family "
                        f"(supported: {', '.join(supported_families())})")
     limit = facts.get("max_positions")
@@ -555,9 +559,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-_DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-
-
 def _size(num_bytes: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if num_bytes >= scale:
@@ -568,8 +569,8 @@ def _size(num_bytes: float) -> str:
 def format_inspection(info: dict, shape: tuple[int, int] | None) -> str:
     """The per-layer table of ``moei2 inspect``: experts kept, rank range, routed-expert
     parameters before and after, and their size in the checkpoint's dtype."""
-    dtype = str(info.get("dtype", "")).replace("torch.", "")
-    item = _DTYPE_BYTES.get(dtype)
+    dtype = dtype_name(info.get("dtype", ""))
+    item = torch_dtype(dtype).itemsize if dtype in COMPUTE_DTYPES else None
     lines = [f"{info['path']}", f"  {info['architecture']} ({info.get('family')}), {dtype}, "
              f"{info['experts_kept']} of {info['experts_total']} routed experts kept"]
     header = f"  {'layer':>5}  {'experts':>9}  {'ranks':>11}  {'params before':>14}  {'params after':>13}  {'size':>10}"
@@ -667,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, help="score at most this many tokens of the text")
     e.add_argument("--no-perplexity", action="store_true")
     e.add_argument("--throughput", action="store_true", help="also measure generation tokens/s")
-    e.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="load the model in this dtype")
+    e.add_argument("--dtype", choices=COMPUTE_DTYPES, help="load the model in this dtype")
     e.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the model runs (cpu, cuda, cuda:1, ...; default: cpu)")
     e.add_argument("--report", help="write the full JSON result (lm-eval's included) here")

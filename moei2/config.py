@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from .dtypes import COMPUTE_DTYPES
+
 PRUNE_RULES = ("inverse", "uniform")
 SELECTIONS = ("genetic", "greedy", "frequency", "reap", "random")
 RANK_RULES = ("importance", "uniform")
@@ -21,7 +23,7 @@ MAX_POPULATION = 100_000
 MAX_GENERATIONS = 100_000
 MAX_KT_COMBINATIONS = 10_000
 MAX_SEED = 2**64 - 1  # the C search takes a uint64 seed
-DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+DTYPES = (None, *COMPUTE_DTYPES)
 _DEVICE = re.compile(r"^(cpu|mps|meta|(cuda|xpu|npu|hpu)(:[0-9]+)?)$")
 
 

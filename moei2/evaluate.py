@@ -325,15 +325,12 @@ def load_for_eval(path, dtype=None):
     with its tokenizer: returns ``(model, tokenizer)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .dtypes import resolve_dtype
+
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"pretrained: {str(path)!r} is not a directory")
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype: unknown torch dtype {dtype!r}")
-        dtype = getattr(torch, dtype)
-    elif dtype == "auto":
-        dtype = None
+    dtype = None if dtype == "auto" else resolve_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     try:
         from .io import is_moei2_checkpoint, load

@@ -38,16 +38,13 @@ def check_exportable(checkpoint):
     different expert counts (compress with ``--prune-rule uniform``), low-rank experts (compress
     with ``--no-decompose``), or a family condition (``MoEAdapter.export_config``).
     """
-    from .io import META_NAME, _read_checkpoint
-    from .models import ADAPTERS
+    from .checkpoint import Checkpoint
 
-    with _read_checkpoint(checkpoint) as snapshot:  # one checkpoint, even while a save replaces it
-        directory, meta, config = snapshot.directory, snapshot.meta, snapshot.config
-    architecture = meta["architecture"]
-    if architecture not in ADAPTERS:
-        raise ValueError(f"{directory / META_NAME}: architecture {architecture!r} is not supported; supported: "
-                         f"{', '.join(sorted(ADAPTERS))}")
-    layers = config["moei2"].get("layers")
+    with Checkpoint.open_moei2(checkpoint) as opened:  # one checkpoint, even while a save replaces it
+        directory = opened.directory
+    adapter_class = opened.adapter_class()
+    architecture = adapter_class.architecture
+    layers = opened.record.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{directory}: the moei2 record lists no MoE layers")
     counts = {}
@@ -67,21 +64,14 @@ def check_exportable(checkpoint):
         raise ValueError(f"{directory}: the MoE layers keep different numbers of experts ({shown}"
                          f"{', ...' if len(counts) > 6 else ''}), which {architecture} cannot describe; compress "
                          "with --prune-rule uniform to get an exportable checkpoint")
-    adapter_class = ADAPTERS[architecture]
     num_experts = next(iter(counts.values()))
-    adapter_class.export_config(_config_object(adapter_class, directory), num_experts)  # family conditions
+    adapter_class.export_config(opened.model_config(), num_experts)  # family conditions
     return adapter_class, num_experts
-
-
-def _config_object(adapter_class, directory):
-    from .source import read_config
-
-    return read_config(adapter_class.model_class(), directory)
 
 
 def _replaceable(target: Path) -> bool:
     """An empty directory or an earlier export (a model directory without moei2's metadata)."""
-    from .io import CONFIG_NAME, META_NAME
+    from .checkpoint import CONFIG_NAME, META_NAME
 
     if not any(target.iterdir()):
         return True
@@ -100,7 +90,8 @@ def export(checkpoint, output, *, overwrite: bool = False, max_shard_size="5GB")
     dtype. Returns ``{"path", "architecture", "num_experts", "expert_count_keys"}`` (the config.json
 keys set to the kept count).
     """
-    from .io import load, staged_directory
+    from .atomic_dir import staged_directory
+    from .io import load
 
     if not isinstance(output, (str, os.PathLike)):
         raise TypeError(f"output must be a str or os.PathLike, got {type(output).__name__}")

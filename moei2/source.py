@@ -33,19 +33,16 @@ Protocol (attributes and methods every source has; see :class:`ModelSource`):
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
-from typing import Iterator, Optional, Union
+from typing import Iterator, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "InMemorySource", "as_device", "check_device", "compute_dtype", "read_config",
-           "config_from_dict", "meta_skeleton", "resolve_dtype"]
+from .dtypes import resolve_dtype
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
+__all__ = ["ModelSource", "InMemorySource", "as_device", "check_device", "compute_dtype", "run_fingerprint"]
 
 
 def as_device(device) -> torch.device:
@@ -98,53 +95,6 @@ def check_device(device, dtype=None) -> torch.device:
     return device
 
 
-def read_config(model_class, directory, error=ValueError):
-    """The transformers config of ``model_class`` stored in ``directory``; ``error`` (naming the
-    file) when it cannot be read."""
-    try:
-        return model_class.config_class.from_pretrained(str(directory))
-    except Exception as exc:
-        raise error(f"{directory}/config.json: cannot be read as a {model_class.config_class.__name__} "
-                    f"({exc})") from None
-
-
-def config_from_dict(model_class, config_dict: dict, file, error=ValueError):
-    """The transformers config of ``model_class`` from ``config_dict``, the parsed contents of
-    ``file`` (what ``from_pretrained`` does with a local config.json, on contents already read and
-    checked); ``error`` naming the file when they do not make one."""
-    try:
-        return model_class.config_class.from_dict(copy.deepcopy(config_dict))
-    except Exception as exc:
-        raise error(f"{file}: cannot be read as a {model_class.config_class.__name__} ({exc})") from None
-
-
-def meta_skeleton(model_class, config, dtype, file, error=ValueError):
-    """``model_class`` built from ``config`` on the meta device (shapes, no storage, no init); a
-    config.json whose values make no model (zero heads, a negative width, ...) raises ``error``
-    naming ``file`` instead of whatever the model's constructor happens to raise."""
-    from transformers.initialization import no_init_weights
-
-    try:
-        with torch.device("meta"), no_init_weights():
-            model = model_class._from_config(config, dtype=dtype)
-    except Exception as exc:
-        raise error(f"{file}: no {model_class.__name__} can be built from it ({type(exc).__name__}: {exc})") from None
-    # no_init_weights also skips the tying init_weights does.
-    model.tie_weights()
-    return model
-
-
-def resolve_dtype(dtype) -> Optional[torch.dtype]:
-    """A torch dtype from a name (as in :class:`moei2.CompressionConfig`), a torch dtype or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ValueError(f"dtype must be None or one of {', '.join(_DTYPES)}, got {dtype!r}")
-
-
 def compute_dtype(device: torch.device, requested, stored: torch.dtype) -> torch.dtype:
     """The dtype layers compute in: as requested; else float32 on the CPU (where half-precision
     matmuls are slow and the C core works in float32 anyway) and the stored dtype elsewhere."""
@@ -164,12 +114,8 @@ class ModelSource:
     dtype: torch.dtype
 
     def fingerprint(self) -> str:
-        """Config plus the router weights: two checkpoints of one architecture must not share a
-        work_dir, and the routers are small yet differ between any two trained or seeded models."""
-        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        for view in self.adapter.moe_layers():
-            digest.update(_router_bytes(view.router_weight))
-        return digest.hexdigest()[:16]
+        """:func:`run_fingerprint` of the model's configuration and router weights."""
+        return run_fingerprint(self.model.config, (view.router_weight for view in self.adapter.moe_layers()))
 
     def outer(self):
         raise NotImplementedError
@@ -179,6 +125,17 @@ class ModelSource:
 
     def outer_tensors(self) -> dict:
         raise NotImplementedError
+
+
+def run_fingerprint(config, router_weights) -> str:
+    """sha256 (16 hex digits) of a model's configuration and router weights, so that a resumable
+    work_dir is never shared by two models: the JSON of ``config.to_dict()`` with sorted keys, then
+    each MoE layer's router weight as float32 bytes, in layer order. Two checkpoints of one
+    architecture differ in their routers, which are small to read."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for weight in router_weights:
+        digest.update(_router_bytes(weight))
+    return digest.hexdigest()[:16]
 
 
 def _router_bytes(weight: torch.Tensor) -> bytes:

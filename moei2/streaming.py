@@ -38,29 +38,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
-import os
-import re
-from collections import Counter
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from .io import SafetensorsFile, check_stored_tensor
-from .source import ModelSource, as_device, compute_dtype, meta_skeleton, read_config
+from .checkpoint import LAYER_PREFIX, PRETRAINED_INDEX as INDEX_NAME, PRETRAINED_SINGLE as SINGLE_NAME  # noqa: F401
+from .checkpoint import Checkpoint, CheckpointError, check_stored_tensor
+from .source import ModelSource, as_device, compute_dtype, run_fingerprint
 
 __all__ = ["StreamedSource", "CheckpointError", "INDEX_NAME", "SINGLE_NAME"]
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-LAYER_PREFIX = "model.layers."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be streamed; the message names the file or tensor."""
 
 
 class _Direct:
@@ -165,79 +152,26 @@ class StreamedSource(ModelSource):
         config.json, no weights, a missing shard) or :class:`CheckpointError` (a ValueError) naming the
         file or tensor at fault.
         """
-        from .models import ADAPTERS, get_adapter
+        from .models import get_adapter
 
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
-        root = Path(directory)
-        if not root.exists():
-            raise FileNotFoundError(f"model directory {str(root)!r} does not exist")
-        if not root.is_dir():
-            raise FileNotFoundError(f"model {str(root)!r} is not a directory (expected a Hugging Face checkpoint "
-                                    "directory with config.json and safetensors weights)")
-        config_file = root / "config.json"
-        has_weights = (root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file()
-        if not config_file.is_file():
-            if not has_weights:
-                raise FileNotFoundError(f"{str(root)!r} is not a model directory: it has neither config.json nor "
-                                        f"{SINGLE_NAME} / {INDEX_NAME}")
-            raise FileNotFoundError(f"{str(root)!r}: config.json is missing; a model directory needs its "
-                                    "transformers configuration next to the weights")
-        try:
-            config_dict = json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_file}: unreadable ({exc})") from None
-        if not isinstance(config_dict, dict):
-            raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config_dict).__name__}")
-        if "moei2" in config_dict or (root / "moei2.json").is_file():
-            raise CheckpointError(f"{str(root)!r} is already compressed by moei2; compress the original model")
-        architectures = config_dict.get("architectures") or []
-        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-            raise CheckpointError(f"{config_file}: 'architectures' must be a list of class names, got "
-                                  f"{architectures!r}")
-        architecture = next((a for a in architectures if a in ADAPTERS), None)
-        if architecture is None:
-            from .models import FAMILIES
-
-            family = FAMILIES.get(config_dict.get("model_type"))
-            architecture = family.architecture if family is not None else None
-        if architecture is None:
-            found = architectures or config_dict.get("model_type")
-            raise CheckpointError(f"{config_file}: architecture {found!r} is not supported; supported: "
-                                  f"{', '.join(sorted(ADAPTERS))}")
-
-        files, weight_map = cls._weight_files(root)
-        declared = config_dict.get("num_hidden_layers")
-        stored = 1 + max((int(k.split(".")[2]) for k in weight_map
-                          if k.startswith(LAYER_PREFIX) and k.split(".")[2].isdigit()), default=-1)
-        if isinstance(declared, int) and declared != stored:
-            # Checked before the model is built: an absurd count would build that many layers.
-            raise CheckpointError(f"{config_file}: num_hidden_layers is {declared}, the weights hold {stored} "
-                                  "decoder layers; config.json does not match the weights")
+        checkpoint = Checkpoint.open_pretrained(directory)
         device = as_device(device)
-        model_class = ADAPTERS[architecture].model_class()
-        config = read_config(model_class, root, CheckpointError)
-        stored_dtype = Counter(h.dtype for f in files.values() for h in f.tensors.values()
-                               if h.dtype.is_floating_point).most_common(1)
-        storage_dtype = stored_dtype[0][0] if stored_dtype else torch.float32
-        dtype = compute_dtype(device, dtype, storage_dtype)
-
+        config = checkpoint.model_config()
+        dtype = compute_dtype(device, dtype, checkpoint.storage_dtype)
         # As from_pretrained records it: the in-memory fingerprint hashes the whole config dict.
         config._name_or_path = str(directory)
-        model = meta_skeleton(model_class, config, dtype, root / "config.json", CheckpointError)
+        model = checkpoint.skeleton(dtype, config)
         model.eval()
-        adapter = get_adapter(model)
 
         self = object.__new__(cls)
-        self.directory = root
+        self.checkpoint = checkpoint
+        self.directory = checkpoint.directory
         self.model = model
-        self.adapter = adapter
+        self.adapter = get_adapter(model)
         self.device = device
         self.dtype = dtype
-        self.storage_dtype = storage_dtype
-        self._files = files
-        self._weight_map = weight_map
-        self.checkpoint_bytes = sum(os.path.getsize(f.path) for f in files.values())
+        self.storage_dtype = checkpoint.storage_dtype
+        self.checkpoint_bytes = checkpoint.checkpoint_bytes()
         self._tied = model.get_output_embeddings() is not None and (
             model.get_output_embeddings().weight is model.get_input_embeddings().weight)
         self._plan = self._make_plan()
@@ -249,40 +183,6 @@ class StreamedSource(ModelSource):
         self._pristine: dict[int, nn.Module] = {}
         return self
 
-    @staticmethod
-    def _weight_files(root: Path):
-        """``({file name: SafetensorsFile}, {checkpoint key: file name})`` with every index entry checked."""
-        index_file = root / INDEX_NAME
-        if index_file.is_file():
-            try:
-                index = json.loads(index_file.read_text())
-                weight_map = index["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                    raise TypeError("weight_map must map tensor names to file names")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_file}: not a safetensors index ({exc})") from None
-            files = {}
-            for name in sorted(set(weight_map.values())):
-                path = root / name
-                if Path(name).name != name:
-                    raise CheckpointError(f"{index_file}: shard name {name!r} is not a file name in the directory")
-                if not path.is_file():
-                    raise FileNotFoundError(f"{index_file} names shard {name!r}, which is missing from {str(root)!r}")
-                files[name] = SafetensorsFile(path)
-            absent = [(k, v) for k, v in weight_map.items() if k not in files[v].tensors]
-            if absent:
-                k, v = absent[0]
-                raise CheckpointError(f"{index_file} names {len(absent)} tensor(s) absent from their shard, e.g. "
-                                      f"{k!r} in {v!r}")
-            return files, dict(weight_map)
-        single = root / SINGLE_NAME
-        if single.is_file():
-            f = SafetensorsFile(single)
-            return {SINGLE_NAME: f}, {k: SINGLE_NAME for k in f.tensors}
-        others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-        hint = f" (found {others[:3]}: only safetensors weights are streamed)" if others else ""
-        raise FileNotFoundError(f"{str(root)!r} has no {SINGLE_NAME} or {INDEX_NAME}{hint}")
-
     def _make_plan(self) -> dict:
         """``{model state-dict key: _Direct | _Fused}`` for every tensor the model needs; raises naming
         the first tensor no shard holds or whose stored shape differs from the model's."""
@@ -291,11 +191,11 @@ class StreamedSource(ModelSource):
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         persistent = {k for k in shapes if not k.startswith("model.rotary_emb.")}
         for key in sorted(persistent):
-            if key == "lm_head.weight" and self._tied and key not in self._weight_map:
+            if key == "lm_head.weight" and self._tied and key not in self.checkpoint.weight_map:
                 continue
             entry = None
             for name in _candidates(key, self.adapter.stored_names):
-                if name in self._weight_map:
+                if name in self.checkpoint.weight_map:
                     entry = _Direct(name)
                     break
             if entry is None:
@@ -311,7 +211,7 @@ class StreamedSource(ModelSource):
             raise CheckpointError(f"{self.directory}: {len(missing)} tensor(s) the model needs are in no weights file, "
                                   f"e.g. {missing[:3]}")
         used = {src for entry in plan.values() for src in entry.sources()}
-        unused = sorted(k for k in self._weight_map if k not in used and not k.endswith(".rotary_emb.inv_freq"))
+        unused = sorted(k for k in self.checkpoint.weight_map if k not in used and not k.endswith(".rotary_emb.inv_freq"))
         if unused:
             # A config.json that declares fewer layers or experts than the weights hold would
             # otherwise build a smaller model from part of the weights.
@@ -324,32 +224,26 @@ class StreamedSource(ModelSource):
         for base in _candidates(prefix):
             for names in _FUSED_SOURCES[param]:
                 groups = [[f"{base}.{j}.{n}" for j in range(num_experts)] for n in names]
-                found = [k in self._weight_map for g in groups for k in g]
+                found = [k in self.checkpoint.weight_map for g in groups for k in g]
                 if all(found):
                     return _Fused(groups)
                 if any(found):
-                    absent = next(k for g in groups for k in g if k not in self._weight_map)
+                    absent = next(k for g in groups for k in g if k not in self.checkpoint.weight_map)
                     raise CheckpointError(f"{self.directory}: expert tensor {absent!r} is in no weights file")
         return None
-
-    def _header(self, key: str):
-        return self._files[self._weight_map[key]].tensors[key]
 
     def _check_stored(self, key: str, entry, shape: tuple, floating: bool) -> None:
         layout = "the model built from config.json"
         if isinstance(entry, _Direct):
-            check_stored_tensor(self._file_of(entry.key), entry.key, self._header(entry.key), shape, floating,
+            check_stored_tensor(self.checkpoint.file_of(entry.key), entry.key, self.checkpoint.tensor(entry.key), shape, floating,
                                 layout=layout, error=CheckpointError)
             return
         num_experts, rows, cols = shape
         per_group = rows // len(entry.groups)
         for group in entry.groups:
             for k in group:
-                check_stored_tensor(self._file_of(k), k, self._header(k), (per_group, cols), floating,
+                check_stored_tensor(self.checkpoint.file_of(k), k, self.checkpoint.tensor(k), (per_group, cols), floating,
                                     layout=layout, error=CheckpointError)
-
-    def _file_of(self, key: str) -> Path:
-        return self.directory / self._weight_map[key]
 
     # ---- reading ----
 
@@ -359,12 +253,12 @@ class StreamedSource(ModelSource):
         by_file: dict[str, list] = {}
         for key, entry in entries.items():
             for src in entry.sources():
-                by_file.setdefault(self._weight_map[src], []).append(src)
+                by_file.setdefault(self.checkpoint.weight_map[src], []).append(src)
         out = {}
         for key, entry in entries.items():
             if isinstance(entry, _Fused):
                 num_experts = len(entry.groups[0])
-                first = self._header(entry.groups[0][0])
+                first = self.checkpoint.tensor(entry.groups[0][0])
                 rows, cols = first.shape
                 out[key] = torch.empty((num_experts, rows * len(entry.groups), cols), dtype=self.dtype,
                                        device=self.device)
@@ -381,13 +275,13 @@ class StreamedSource(ModelSource):
         # tensor at once, and a fresh allocation each would fault in its pages again.
         scratch = None
         for name in sorted(by_file):
-            file = self._files[name]
+            file = self.checkpoint.files[name]
             wanted = sorted(by_file[name], key=lambda k: file.tensors[k].start)
             with file.reader() as read:
                 for src in wanted:
                     key, slot = where[src]
                     if slot is not None and scratch is None:
-                        scratch = torch.empty(max(self._header(k).nbytes for e in entries.values()
+                        scratch = torch.empty(max(self.checkpoint.tensor(k).nbytes for e in entries.values()
                                                   if isinstance(e, _Fused) for k in e.sources()), dtype=torch.uint8)
                     tensor = read(src, scratch if slot is not None else None)
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -474,31 +368,26 @@ class StreamedSource(ModelSource):
         out = {}
         by_file: dict[str, list] = {}
         for key, entry in entries.items():
-            by_file.setdefault(self._weight_map[entry.key], []).append(key)
+            by_file.setdefault(self.checkpoint.weight_map[entry.key], []).append(key)
         for name, keys in sorted(by_file.items()):
-            with self._files[name].reader() as read:
+            with self.checkpoint.files[name].reader() as read:
                 for key in keys:
                     out[key] = read(entries[key].key)
         return out
 
     def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of the configuration and every router weight, read from the shards
-        without touching the experts. Same recipe as the in-memory fingerprint: the JSON of
-        ``model.config.to_dict()`` with sorted keys, then each MoE layer's router weight as float32
-        bytes in layer order."""
-        import numpy as np
+        """:func:`moei2.source.run_fingerprint` of the configuration and the router weights, read
+        from the shards without touching the experts: equal to the in-memory model's."""
+        return run_fingerprint(self.model.config, self._router_weights())
 
-        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+    def _router_weights(self) -> Iterator[torch.Tensor]:
         for view in self.adapter.moe_layers():
             layer = self.model.model.layers[view.layer_index]
             router = view.adapter.router_linear(view.router)
             name = next(n for n, m in layer.named_modules() if m is router)
-            key = f"{LAYER_PREFIX}{view.layer_index}.{name}.weight"
-            src = self._plan[key].key
-            with self._files[self._weight_map[src]].reader() as read:
-                weight = read(src).float()
-            digest.update(np.ascontiguousarray(weight.numpy(), dtype=np.float32).tobytes())
-        return digest.hexdigest()[:16]
+            src = self._plan[f"{LAYER_PREFIX}{view.layer_index}.{name}.weight"].key
+            with self.checkpoint.files[self.checkpoint.weight_map[src]].reader() as read:
+                yield read(src)
 
     def __repr__(self) -> str:
         return (f"StreamedSource({str(self.directory)!r}, {type(self.model).__name__}, "

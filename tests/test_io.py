@@ -190,7 +190,8 @@ def _save_format1(model, path):
 
     from safetensors.torch import save_file
 
-    from moei2.io import LOADER_CLASS, LOADER_NAME, _LOADER_SOURCE, _unique_state_dict
+    from moei2.checkpoint_writer import _LOADER_SOURCE, _unique_state_dict
+    from moei2.io import LOADER_CLASS, LOADER_NAME
     from moei2.models import structure_of
 
     adapter = get_adapter(model)
@@ -248,7 +249,7 @@ def test_several_shards(tmp_path):
 
 def test_writer_used_layer_by_layer(tmp_path):
     """The streamed pipeline's use: one add() per finished layer, then finish()."""
-    from moei2.io import _sizes, _unique_state_dict
+    from moei2.checkpoint_writer import _sizes, _unique_state_dict
     from moei2.models import structure_of
 
     model = compressed("qwen2_moe")
@@ -453,7 +454,7 @@ def _dead_pid():
 
 
 def test_replacement_is_one_exchange(tmp_path, monkeypatch):
-    import moei2.io as mio
+    import moei2.atomic_dir as mio
 
     model = compressed("olmoe")
     moei2.save(model, tmp_path / "ckpt")
@@ -476,7 +477,7 @@ def test_replacement_is_one_exchange(tmp_path, monkeypatch):
 
 
 def test_fallback_without_exchange_and_recovery(tmp_path, monkeypatch):
-    import moei2.io as mio
+    import moei2.atomic_dir as mio
 
     model = compressed("olmoe")
     target = tmp_path / "ckpt"
