@@ -16,19 +16,23 @@ import contextlib
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-import numpy as np
 import torch
 
 from .config import CompressionConfig, check_rank_budget
 from .calibration_data import calibration_windows
 from .state import RunState
-from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
-                     score_layer, search_layer, select)
-from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, pack_costs, unpack_costs
-from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
+from .stages import (Context, Selection, choose_block, decompose_layer, prune_counts, recover, score_layer,
+                     search_layer, select)
+from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, resumed_costs, save_costs
+from .stages.common import Timer, batch_token_counts, progress_bar, release_free_memory
+from .stages.decomposition import LowRankLayers
+from .stages.importance import PruneAllocation
+from .stages.kt import KTChoices
+from .stages.selection import Selections
 
 __all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "DeviceOutOfMemory",
            "SEARCH_HIDDEN"]
@@ -178,6 +182,9 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
     :data:`SEARCH_HIDDEN`) or ``"original"``. Where the heavy stages compute follows
     ``config.kernels`` on the source's device.
+
+    The stages run in order and each returns its result (:mod:`moei2.stages`), which records
+    itself in the work_dir and gives its part of the report; the report is assembled from them.
     """
     config = _check_config(config)
     search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
@@ -193,124 +200,122 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
-    from .calibrate import LayerRunner
 
     started = time.perf_counter()
     model.eval()
+    ctx = _context(source, tokenizer, texts, config, work_dir, progress,
+                   "" if search_hidden == "compressed" else f"-{search_hidden}")
+    report = _run_report(ctx, search_hidden)
+    moe_layers, num_experts = report["model"]["moe_layers"], report["model"]["num_experts"]
+    before = _Sizes.of(source)
+    with source.outer(), torch.no_grad():
+        hidden = ctx.embed()
+    allocation = _pass_one(ctx, hidden, moe_layers, budget_total)
+    writer = _Writer(source, sink if config.lora is None else None)
+    walk = _compression_pass(ctx, hidden, moe_layers, allocation, search_hidden, writer)
+    del hidden
+    recovery = None
+    if config.lora is not None:
+        with ctx.timer("lora"):
+            recovery = recover(model, tokenizer, texts, config)
+        if sink is not None:
+            _Writer(source, sink).write_all()
+    if sink is not None:
+        sink.add(source.outer_tensors())
+    after = _Sizes.of(source, writer)
+
+    for l in moe_layers:
+        report["layers"][str(l)].update({**allocation.layer_report(l), **walk.layer_report(l, num_experts[l]),
+                                         **walk.lowrank.layer_report(l)})
+    report.update(allocation.report())
+    if config.prunes:
+        report.update(walk.kt.report())
+    if config.decomposes:
+        report.update(walk.lowrank.report())
+    if recovery is not None:
+        report["lora"] = recovery.report
+    report["parameters"] = before.compared_to(after)
+    report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
+    ctx.state.close()
+    return report
+
+
+def _context(source, tokenizer, texts, config, work_dir, progress, tag: str) -> Context:
+    """The run's context: the calibration windows, their batches, the layer runner and the run
+    state (whose fingerprint covers the settings, the model, the calibration data and ``tag``)."""
+    from .calibrate import LayerRunner
+
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
                   torch_kernels=config.kernels == "torch" or (config.kernels == "auto" and source.device.type != "cpu"),
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
-    vocabulary = model.get_input_embeddings().num_embeddings
+    vocabulary = source.model.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocabulary:
         raise ValueError(f"tokenizer: it gives token id {int(input_ids.max())}, the model's vocabulary has "
                          f"{vocabulary} tokens: the tokenizer belongs to another model")
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
-    tag = "" if search_hidden == "compressed" else f"-{search_hidden}"
-    ctx.state = state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
+    ctx.state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
     ctx.input_ids = input_ids
     num_sequences = int(input_ids.shape[0])
     ctx.batches = [slice(s, min(s + config.calib_batch_size, num_sequences))
                    for s in range(0, num_sequences, config.calib_batch_size)]
     ctx.batch_sizes = batch_token_counts(num_sequences, config.calib_batch_size, config.seq_len)
-    ctx.runner = LayerRunner(model, adapter=adapter, device=source.device, dtype=source.dtype)
+    ctx.runner = LayerRunner(source.model, adapter=source.adapter, device=source.device, dtype=source.dtype)
+    return ctx
 
+
+def _run_report(ctx, search_hidden: str) -> dict:
+    """The report's description of the run (settings, the model before compression, calibration),
+    made before any stage runs; its ``layers`` are filled in from the stages' results."""
+    model, adapter, config = ctx.source.model, ctx.adapter, ctx.config
     views = adapter.moe_layers()
     moe_layers = [v.layer_index for v in views]
-    num_experts = {v.layer_index: int(v.num_experts) for v in views}
-    top_k = {v.layer_index: int(v.top_k) for v in views}
-    stored_dtype = source.storage_dtype if source.streamed else None
-    params_before, bytes_before = _model_size(model, stored_dtype)
-    routed_before = routed_expert_parameters(adapter)
-    report: dict = {
+    return {
         "seed": config.seed,
         "config": config.to_dict(),
         "model": {"architecture": type(model).__name__, "family": adapter.family,
                   "num_hidden_layers": adapter.num_hidden_layers, "moe_layers": moe_layers,
-                  "num_experts": num_experts, "top_k": top_k},
-        "calibration": {"sequences": num_sequences, "seq_len": int(config.seq_len),
-                        "tokens": int(input_ids.numel()), "requested_sequences": config.num_sequences},
-        "resumed": state.resumed,
+                  "num_experts": {v.layer_index: int(v.num_experts) for v in views},
+                  "top_k": {v.layer_index: int(v.top_k) for v in views}},
+        "calibration": {"sequences": int(ctx.input_ids.shape[0]), "seq_len": int(config.seq_len),
+                        "tokens": int(ctx.input_ids.numel()), "requested_sequences": config.num_sequences},
+        "resumed": ctx.state.resumed,
         "search_hidden": search_hidden,
         "layers": {str(l): {} for l in moe_layers},
     }
 
-    with source.outer(), torch.no_grad():
-        hidden = ctx.embed()
-    # ---- pass 1: importance and prune counts (budget mode: the layers' costs and the plan) ----
-    counts = {l: 0 for l in moe_layers}
-    importance: dict = {}
-    plan = None
-    if config.budget is not None:
-        with ctx.timer("budget_costs"):
-            costs = _budget_pass(ctx, hidden, moe_layers)
-        with ctx.timer("budget_allocation"):
-            plan = BudgetPlan.make(config, {l: costs[l][0] for l in moe_layers}, budget_total)
-        importance = {str(l): costs[l][1] for l in moe_layers}
-        counts = plan.counts()
-        report["budget"] = plan.record()
-        for l in moe_layers:
-            report["layers"][str(l)].update(importance=importance[str(l)],
-                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
-    elif config.prunes:
-        with ctx.timer("importance"):
-            importance = _importance_pass(ctx, hidden, moe_layers)
-        counts = prune_counts(config, {l: importance[str(l)] for l in moe_layers}, num_experts, top_k)
-        for l in moe_layers:
-            report["layers"][str(l)].update(importance=importance[str(l)],
-                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
 
-    # ---- pass 2: search, KT choice, prune, low-rank, propagate, write ----
-    writer = _Writer(source, sink if config.lora is None else None)
-    results = _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan)
-    del hidden
-    selections, chosen, blocks, ranks, spectra = results
-    for l in moe_layers:
-        info = report["layers"][str(l)]
-        if config.prunes:
-            sel = selections[l]
-            dropped = [int(j) for j in np.flatnonzero(sel.masks[chosen[l]])]
-            info.update(search={"candidates": sel.masks, "candidate_losses": sel.losses, "history": sel.history,
-                                "evaluations": sel.evaluations, "chosen_candidate": chosen[l]},
-                        dropped=dropped, kept=[j for j in range(num_experts[l]) if j not in dropped])
-        else:
-            info.update(dropped=[], kept=list(range(num_experts[l])))
-        if str(l) in ranks:
-            info["lowrank"] = ranks[str(l)]
-    if config.prunes:
-        report["blocks"] = [b.to_dict() for b in blocks]
-    if config.decomposes:
-        report["spectra"] = spectra
+@dataclass
+class _Sizes:
+    """Parameters and bytes of the model and of its routed experts. A streamed model's are counted
+    as its layers are written (its skeleton holds no layer) and in its storage dtype."""
 
-    # ---- LoRA recovery ----
-    if config.lora is not None:
-        with ctx.timer("lora"):
-            report["lora"] = recover(model, tokenizer, texts, config).report
-        if sink is not None:
-            _Writer(source, sink).write_all()
-    if sink is not None:
-        sink.add(source.outer_tensors())
+    params: int
+    bytes: int
+    routed: int
 
-    if source.streamed:
+    @classmethod
+    def of(cls, source, writer=None) -> "_Sizes":
+        model = source.model
+        stored_dtype = source.storage_dtype if source.streamed else None
+        if writer is None or not source.streamed:
+            params, size = _model_size(model, stored_dtype)
+            return cls(params, size, routed_expert_parameters(source.adapter))
         outer_params, outer_bytes = _model_size(model, stored_dtype, outer_only=True)
-        params_after, bytes_after = writer.params + outer_params, writer.bytes + outer_bytes
-        routed_after = writer.routed
-    else:
-        params_after, bytes_after = _model_size(model)
-        routed_after = routed_expert_parameters(adapter)
-    report["parameters"] = {
-        "routed_expert_before": routed_before, "routed_expert_after": routed_after,
-        "routed_expert_reduction": 1.0 - routed_after / routed_before if routed_before else 0.0,
-        "model_before": params_before, "model_after": params_after,
-        "model_reduction": 1.0 - params_after / params_before,
-        "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
-        "model_gib_before": bytes_before / 2**30, "model_gib_after": bytes_after / 2**30,
-    }
-    report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
-    state.close()
-    return report
+        return cls(writer.params + outer_params, writer.bytes + outer_bytes, writer.routed)
+
+    def compared_to(self, after: "_Sizes") -> dict:
+        """The report's ``parameters``: these sizes before compression, ``after`` after it."""
+        return {
+            "routed_expert_before": self.routed, "routed_expert_after": after.routed,
+            "routed_expert_reduction": 1.0 - after.routed / self.routed if self.routed else 0.0,
+            "model_before": self.params, "model_after": after.params,
+            "model_reduction": 1.0 - after.params / self.params,
+            "model_bytes_before": self.bytes, "model_bytes_after": after.bytes,
+            "model_gib_before": self.bytes / 2**30, "model_gib_after": after.bytes / 2**30,
+        }
 
 
 # ---- checks -----------------------------------------------------------------------------------
@@ -389,33 +394,46 @@ def _check_prunable(adapter, config) -> None:
 
 # ---- pass 1 -----------------------------------------------------------------------------------
 
+def _pass_one(ctx, hidden, moe_layers, budget_total) -> PruneAllocation:
+    """Every MoE layer's expert importance and prune count (budget mode: its costs and the plan)."""
+    config = ctx.config
+    if config.budget is not None:
+        with ctx.timer("budget_costs"):
+            costs = _budget_pass(ctx, hidden, moe_layers)
+        with ctx.timer("budget_allocation"):
+            plan = BudgetPlan.make(config, {l: costs[l][0] for l in moe_layers}, budget_total)
+        return PruneAllocation(importance={l: costs[l][1] for l in moe_layers}, counts=plan.counts(), plan=plan)
+    if not config.prunes:
+        return PruneAllocation(importance={}, counts={l: 0 for l in moe_layers})
+    with ctx.timer("importance"):
+        importance = _importance_pass(ctx, hidden, moe_layers)
+    views = ctx.adapter.moe_layers()
+    num_experts, top_k = ({v.layer_index: int(getattr(v, name)) for v in views} for name in ("num_experts", "top_k"))
+    counts = prune_counts(config, {l: importance[l] for l in moe_layers}, num_experts, top_k)
+    return PruneAllocation(importance=importance, counts=counts)
+
+
 @_names_device_oom
 def _importance_pass(ctx, hidden, moe_layers) -> dict:
     """Every MoE layer's expert importance on the original model, one layer resident at a time."""
-    state = ctx.state
-    importance = dict(state.get("expert_importance", {}))
+    importance = PruneAllocation.resumed_importance(ctx.state)
 
     def measure(i, stats, view):
-        importance[str(i)] = score_layer(ctx, stats, view)
-        state.put("expert_importance", importance)
+        importance[i] = score_layer(ctx, stats, view)
+        PruneAllocation.save_importance(ctx.state, importance)
 
-    _first_pass(ctx, hidden, [l for l in moe_layers if str(l) not in importance], measure, "pass 1: importance")
+    _first_pass(ctx, hidden, [l for l in moe_layers if l not in importance], measure, "pass 1: importance")
     return importance
 
 
 def _budget_pass(ctx, hidden, moe_layers) -> dict:
     """Budget mode's pass 1: every MoE layer's costs and expert importance on the original model,
     ``{layer: (LayerCosts, importance)}``."""
-    state = ctx.state
-    costs = {}
-    for l in moe_layers:
-        saved = state.load_arrays(f"budget_costs_layer{l}")
-        if saved is not None:
-            costs[l] = unpack_costs(saved)
+    costs = {l: saved for l in moe_layers if (saved := resumed_costs(ctx.state, l)) is not None}
 
     def measure(i, stats, view):
         costs[i] = layer_costs(ctx, stats, view)
-        state.save_arrays(f"budget_costs_layer{i}", pack_costs(*costs[i]))
+        save_costs(ctx.state, i, *costs[i])
 
     _first_pass(ctx, hidden, [l for l in moe_layers if l not in costs], measure, "pass 1: budget costs")
     return costs
@@ -483,18 +501,18 @@ class _Writer:
 
 
 @_names_device_oom
-def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan=None):
-    """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
+def _compression_pass(ctx, hidden, moe_layers, allocation, search_hidden, writer) -> "_Pass2":
+    """Pass 2 over every decoder layer; returns the finished walk, which holds the stages' results."""
     from .blockwise import make_blocks
 
-    walk = _Pass2(ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan)
+    walk = _Pass2(ctx, writer, hidden, moe_layers, allocation, search_hidden)
     blocks = make_blocks(moe_layers, ctx.config.kt_block if ctx.config.prunes else 1)
     walk.bar = progress_bar(ctx, ctx.adapter.num_hidden_layers, "pass 2: search, KT, low-rank")
     try:
         for bi, block in enumerate(blocks):
             walk.advance_dense(block[0])
             span = list(range(block[0], block[-1] + 1))
-            if ctx.config.prunes and (bi not in walk.kt_done or walk.original is not None):
+            if ctx.config.prunes and (bi not in walk.kt.blocks or walk.original is not None):
                 walk.choose(bi, block, span)
             for li in span:
                 walk.compress_layer(li)
@@ -502,32 +520,38 @@ def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden
     finally:
         if walk.bar is not None:
             walk.bar.close()
-    kt = [walk.kt_done[i] for i in range(len(blocks))] if ctx.config.prunes else []
-    return walk.selections, walk.chosen, kt, walk.ranks, walk.spectra
+    return walk
 
 
 class _Pass2:
     """Pass 2's walk over the decoder layers, in order: ``position`` is the next layer to handle,
     ``hidden`` its input in the compressed model, ``original`` its input in the unmodified model
-    (only when the search sees the original hidden state). Resumed choices come from the work_dir.
-    ``plan``: budget mode's :class:`moei2.stages.budget.BudgetPlan` (which layers are low-rank, and
-    the survivors' ranks), or None."""
+    (only when the search sees the original hidden state). The walk sequences the stages; their
+    results, resumed from the work_dir, are ``selections`` (:class:`moei2.stages.selection.Selections`),
+    ``kt`` (:class:`moei2.stages.kt.KTChoices`) and ``lowrank``
+    (:class:`moei2.stages.decomposition.LowRankLayers`). ``allocation``: pass 1's result (in
+    budget mode its plan says which layers are low-rank, and the survivors' ranks)."""
 
-    def __init__(self, ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan=None):
+    def __init__(self, ctx, writer, hidden, moe_layers, allocation, search_hidden):
         state = ctx.state
-        self.ctx, self.writer, self.hidden, self.plan = ctx, writer, hidden, plan
-        self.moe_layers, self.counts, self.importance = moe_layers, counts, importance
-        self.selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
-        self.chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
-        self.kt_done = {int(k): KTBlock.from_dict(v) for k, v in state.get("blocks", {}).items()}
-        self.ranks = dict(state.get("ranks", {}))
-        self.spectra = list(state.get("spectra", []))
+        self.ctx, self.writer, self.hidden, self.allocation = ctx, writer, hidden, allocation
+        self.moe_layers = moe_layers
+        self.selections = Selections.resume(state)
+        self.kt = KTChoices.resume(state)
+        self.lowrank = LowRankLayers.resume(state)
         self.spectra_layers = {moe_layers[0], moe_layers[-1]}
         # In "original" mode the search walks the unmodified model's hidden state next to the
         # compressed one; in "compressed" mode both are the same tensor.
         self.original = hidden if (search_hidden == "original" and ctx.config.prunes) else None
         self.position = 0
         self.bar = None
+
+    def layer_report(self, layer: int, num_experts: int) -> dict:
+        """The report's entries of one MoE layer (of ``num_experts`` before pruning) for the
+        search and KT stages: what they chose, or every expert kept when nothing is pruned."""
+        if self.ctx.config.prunes:
+            return self.selections[layer].report(self.kt.chosen[layer])
+        return {"dropped": [], "kept": list(range(num_experts))}
 
     def _done(self, index: int) -> None:
         release_free_memory()
@@ -552,8 +576,8 @@ class _Pass2:
     def choose(self, bi: int, block: list, span: list) -> None:
         """The block's search and KT choice, on the hidden state the method choice names. The
         block's layers are resident together, unmodified, all but the computing one parked."""
-        ctx, state = self.ctx, self.ctx.state
-        resumed = bi in self.kt_done
+        ctx, counts = self.ctx, self.allocation.counts
+        resumed = bi in self.kt.blocks
         with contextlib.ExitStack() as block_scope:
             modules = {}
             for li in span:  # each parked as it arrives: never two layers in float32 at once
@@ -564,18 +588,16 @@ class _Pass2:
             for li in span:
                 ctx.where = f"layer {li} (search)"
                 with ctx.computing(modules[li]) as module, ctx.timer("search"):
-                    if li in self.counts and li not in self.selections and not resumed:
-                        self.selections[li], current = _select_layer(ctx, li, module, current, self.counts[li])
-                        state.put("candidates", {str(k): v.to_dict() for k, v in self.selections.items()})
+                    if li in counts and li not in self.selections and not resumed:
+                        selection, current = _select_layer(ctx, li, module, current, counts[li])
+                        self.selections.add(ctx.state, li, selection)
                     else:
                         current = ctx.run(li, module, current)
             if not resumed:
                 ctx.where = f"the KT walk over layers {span[0]} to {span[-1]}"
                 with ctx.timer("kt_block"):
-                    self.kt_done[bi] = choose_block(ctx, block, modules, self.selections, start, current)
-                self.chosen.update(zip(block, self.kt_done[bi].choice))
-                state.put("blocks", {str(k): v.to_dict() for k, v in self.kt_done.items()})
-                state.put("chosen", {str(k): v for k, v in self.chosen.items()})
+                    choice = choose_block(ctx, block, modules, self.selections.layers, start, current)
+                self.kt.add(ctx.state, bi, choice)
             if self.original is not None:
                 self.original = current
         release_free_memory()
@@ -584,22 +606,21 @@ class _Pass2:
         """Layer ``li`` alone: prune, Grams, ranks, factors, propagate, write."""
         from . import lowrank_experts, prune_experts
 
-        ctx, config = self.ctx, self.ctx.config
+        ctx, config, plan = self.ctx, self.ctx.config, self.allocation.plan
         model = ctx.source.model
         ctx.where = f"layer {li} (prune, decomposition)"
         with ctx.source.layer(li) as module:
-            if li in self.counts:
+            if li in self.allocation.counts:
                 kept = None
                 if config.prunes:
-                    mask = self.selections[li].masks[self.chosen[li]]
+                    mask = self.selections[li].masks[self.kt.chosen[li]]
                     kept = [j for j, dropped in enumerate(mask) if not dropped]
                     if len(kept) < len(mask):
                         prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
-                ranks = None if self.plan is None else self.plan.ranks(li, kept)
-                if config.decomposes and (self.plan is None or ranks is not None):
+                ranks = None if plan is None else plan.ranks(li, kept)
+                if config.decomposes and (plan is None or ranks is not None):
                     with ctx.timer("decomposition"):
-                        factors = _factors(ctx, li, module, self.hidden, self.importance.get(str(li)), kept,
-                                           self.ranks, self.spectra, li in self.spectra_layers, ranks)
+                        factors = self._factors(li, module, kept, ranks)
                         lowrank_experts(model, {li: factors})
                         del factors  # the module holds copies: free these before the next layer loads
             if li != self.moe_layers[-1]:
@@ -607,6 +628,23 @@ class _Pass2:
                     self.hidden = ctx.run(li, module, self.hidden)
             self.writer.layer(li, module)
         self._done(li)
+
+    def _factors(self, index: int, module, kept, ranks) -> dict:
+        """Low-rank factors of one pruned layer: from the work_dir if finished, else computed on
+        the Grams of the compressed model's hidden state and recorded. ``ranks``: budget mode's."""
+        ctx = self.ctx
+        view = ctx.view(index, module)
+        resumed = self.lowrank.resumed_factors(ctx.state, index, int(view.num_experts))
+        if resumed is not None:
+            return resumed
+        # Grams are computed by the decomposition a group of experts at a time (from the captured X).
+        stats, _ = ctx.capture(index, module, self.hidden, grams=False, keep_outputs=False)
+        spectra = [] if index in self.spectra_layers else None
+        decomposition = decompose_layer(ctx, stats, view, full_importance=self.allocation.importance.get(index),
+                                        kept=kept, spectra=spectra, ranks=ranks)
+        del stats
+        self.lowrank.add(ctx.state, index, decomposition, spectra)
+        return decomposition.factors
 
 
 def _select_layer(ctx, index, module, hidden, r):
@@ -619,23 +657,3 @@ def _select_layer(ctx, index, module, hidden, r):
     else:
         selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index, view)
     return selection, outputs
-
-
-def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, with_spectra, chosen_ranks=None) -> dict:
-    """Low-rank factors of one pruned layer: from the work_dir if finished, else computed on the
-    Grams of ``hidden`` (the compressed model's hidden state) and recorded."""
-    config, state = ctx.config, ctx.state
-    view = ctx.view(index, module)
-    saved = state.load_arrays(f"factors_layer{index}")
-    if str(index) in ranks and saved is not None:
-        return unpack_factors(saved, int(view.num_experts))
-    # Grams are computed by the decomposition a group of experts at a time (from the captured X).
-    stats, _ = ctx.capture(index, module, hidden, grams=False, keep_outputs=False)
-    decomposition = decompose_layer(ctx, stats, view, full_importance=full_importance, kept=kept,
-                                    spectra=spectra if with_spectra else None, ranks=chosen_ranks)
-    del stats
-    state.save_arrays(f"factors_layer{index}", pack_factors(decomposition.factors))
-    ranks[str(index)] = decomposition.record()
-    state.put("spectra", spectra)
-    state.put("ranks", ranks)
-    return decomposition.factors
