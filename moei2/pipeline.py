@@ -25,23 +25,17 @@ import torch
 from .config import CompressionConfig, check_rank_budget
 from .calibration_data import calibration_windows
 from .state import RunState
-from .stages import (Context, Selection, choose_block, decompose_layer, prune_counts, recover, score_layer,
-                     search_layer, select)
+from .stages import (Context, KTChoices, LowRankLayers, PruneAllocation, Selection, Selections, choose_block,
+                     decompose_layer, prune_counts, recover, score_layer, search_layer, select)
 from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, resumed_costs, save_costs
 from .stages.common import Timer, batch_token_counts, progress_bar, release_free_memory
-from .stages.decomposition import LowRankLayers
-from .stages.importance import PruneAllocation
-from .stages.kt import KTChoices
-from .stages.selection import Selections
 
-__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "DeviceOutOfMemory",
-           "SEARCH_HIDDEN"]
+__all__ = ["compress", "compress_checkpoint", "compress_source", "check_settings_fit", "routed_expert_parameters",
+           "DeviceOutOfMemory", "SEARCH_HIDDEN"]
 
-# Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
-# state each stage sees"): "compressed", the hidden state propagated through the layers already
-# compressed; "original", the unmodified model's for the search and the KT step (the Grams always
-# see the compressed model's).
-SEARCH_HIDDEN = "compressed"
+# The default of ``CompressionConfig.search_hidden``: which hidden state the search and the KT
+# step see (docs/method.md, "Which hidden state each stage sees").
+SEARCH_HIDDEN = CompressionConfig.search_hidden
 
 
 def routed_expert_parameters(adapter) -> int:
@@ -174,45 +168,40 @@ def _checkpoint_sizes(parameters: dict) -> dict:
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
-                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None) -> dict:
+                    work_dir=None, progress: bool = True) -> dict:
     """Compresses the model of ``source`` (a :class:`moei2.source.ModelSource`) and returns the report.
 
     sink: optional object with ``add(tensors)``, given every finished decoder layer's tensors
     (full state-dict keys, in the source's storage dtype, on the CPU) once, inside the layer's
-    scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
-    :data:`SEARCH_HIDDEN`) or ``"original"``. Where the heavy stages compute follows
-    ``config.kernels`` on the source's device.
+    scope, and the non-layer tensors once at the end. Which hidden state the search sees follows
+    ``config.search_hidden``; where the heavy stages compute, ``config.kernels`` on the source's
+    device.
 
     The stages run in order and each returns its result (:mod:`moei2.stages`), which records
     itself in the work_dir and gives its part of the report; the report is assembled from them.
     """
     config = _check_config(config)
-    search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
-    if search_hidden not in ("compressed", "original"):
-        raise ValueError(f"search_hidden must be 'compressed' or 'original', got {search_hidden!r}")
     if sink is not None and not callable(getattr(sink, "add", None)):
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
-    _check_compressible(adapter, model, config)
+    budget_total = check_settings_fit(config, [layer_shape(v) for v in adapter.moe_layers()])
+    _check_compressible(adapter, model)
     _check_prunable(adapter, config)
-    budget_total = (budget_target(config, [layer_shape(v) for v in adapter.moe_layers()])
-                    if config.budget is not None else None)
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
 
     started = time.perf_counter()
     model.eval()
-    ctx = _context(source, tokenizer, texts, config, work_dir, progress,
-                   "" if search_hidden == "compressed" else f"-{search_hidden}")
-    report = _run_report(ctx, search_hidden)
+    ctx = _context(source, tokenizer, texts, config, work_dir, progress)
+    report = _run_report(ctx)
     moe_layers, num_experts = report["model"]["moe_layers"], report["model"]["num_experts"]
     before = _Sizes.of(source)
     with source.outer(), torch.no_grad():
         hidden = ctx.embed()
     allocation = _pass_one(ctx, hidden, moe_layers, budget_total)
     writer = _Writer(source, sink if config.lora is None else None)
-    walk = _compression_pass(ctx, hidden, moe_layers, allocation, search_hidden, writer)
+    walk = _compression_pass(ctx, hidden, moe_layers, allocation, writer)
     del hidden
     recovery = None
     if config.lora is not None:
@@ -240,14 +229,14 @@ def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig
     return report
 
 
-def _context(source, tokenizer, texts, config, work_dir, progress, tag: str) -> Context:
+def _context(source, tokenizer, texts, config, work_dir, progress) -> Context:
     """The run's context: the calibration windows, their batches, the layer runner and the run
-    state (whose fingerprint covers the settings, the model, the calibration data and ``tag``)."""
+    state (whose fingerprint covers the settings, the model and the calibration data)."""
     from .calibrate import LayerRunner
 
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
-                  torch_kernels=config.kernels == "torch" or (config.kernels == "auto" and source.device.type != "cpu"),
+                  torch_kernels=config.torch_kernels(source.device),
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
@@ -256,7 +245,7 @@ def _context(source, tokenizer, texts, config, work_dir, progress, tag: str) -> 
         raise ValueError(f"tokenizer: it gives token id {int(input_ids.max())}, the model's vocabulary has "
                          f"{vocabulary} tokens: the tokenizer belongs to another model")
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
-    ctx.state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
+    ctx.state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}")
     ctx.input_ids = input_ids
     num_sequences = int(input_ids.shape[0])
     ctx.batches = [slice(s, min(s + config.calib_batch_size, num_sequences))
@@ -266,7 +255,7 @@ def _context(source, tokenizer, texts, config, work_dir, progress, tag: str) -> 
     return ctx
 
 
-def _run_report(ctx, search_hidden: str) -> dict:
+def _run_report(ctx) -> dict:
     """The report's description of the run (settings, the model before compression, calibration),
     made before any stage runs; its ``layers`` are filled in from the stages' results."""
     model, adapter, config = ctx.source.model, ctx.adapter, ctx.config
@@ -282,7 +271,7 @@ def _run_report(ctx, search_hidden: str) -> dict:
         "calibration": {"sequences": int(ctx.input_ids.shape[0]), "seq_len": int(config.seq_len),
                         "tokens": int(ctx.input_ids.numel()), "requested_sequences": config.num_sequences},
         "resumed": ctx.state.resumed,
-        "search_hidden": search_hidden,
+        "search_hidden": config.search_hidden,
         "layers": {str(l): {} for l in moe_layers},
     }
 
@@ -337,12 +326,27 @@ def _park_dtype(source) -> Optional[torch.dtype]:
     return stored
 
 
-def _check_compressible(adapter, model, config) -> None:
-    """Refuses, before any work, what the pipeline cannot do: experts already low-rank, a rank
-    budget the experts cannot take (a top-k above the expert count is the adapter's refusal)."""
-    for view in adapter.moe_layers():
-        if config.decomposes:
-            check_rank_budget(config, view.hidden_size, view.intermediate_size)
+def check_settings_fit(config: CompressionConfig, shapes) -> Optional[int]:
+    """Refuses settings the MoE layers cannot take, before any work: a rank budget the experts
+    cannot take (:func:`moei2.config.check_rank_budget`), or a budget mode share they cannot lose
+    (:func:`moei2.stages.budget.budget_target`). ValueError naming the setting.
+
+    shapes: ``(experts, top_k, hidden size, expert width)`` of every MoE layer; experts and top_k
+    may be None where they are not known yet (the budget share is then not checked): the command
+    line checks the shapes of config.json before the model loads. Returns budget mode's target
+    (the routed-expert parameters to keep), or None outside budget mode or when not known."""
+    shapes = [tuple(shape) for shape in shapes]
+    if config.decomposes:
+        for hidden_size, width in sorted({shape[2:] for shape in shapes}):
+            check_rank_budget(config, hidden_size, width)
+    if config.budget is None or not all(isinstance(v, int) for shape in shapes for v in shape):
+        return None
+    return budget_target(config, shapes)
+
+
+def _check_compressible(adapter, model) -> None:
+    """Refuses, before any work, experts already low-rank (a top-k above the expert count is the
+    adapter's refusal, a rank budget :func:`check_settings_fit`'s)."""
     record = getattr(model.config, "moei2", None)
     lowrank = {v.layer_index for v in adapter.moe_layers() if v.is_lowrank}
     if isinstance(record, Mapping):
@@ -501,11 +505,11 @@ class _Writer:
 
 
 @_names_device_oom
-def _compression_pass(ctx, hidden, moe_layers, allocation, search_hidden, writer) -> "_Pass2":
+def _compression_pass(ctx, hidden, moe_layers, allocation, writer) -> "_Pass2":
     """Pass 2 over every decoder layer; returns the finished walk, which holds the stages' results."""
     from .blockwise import make_blocks
 
-    walk = _Pass2(ctx, writer, hidden, moe_layers, allocation, search_hidden)
+    walk = _Pass2(ctx, writer, hidden, moe_layers, allocation)
     blocks = make_blocks(moe_layers, ctx.config.kt_block if ctx.config.prunes else 1)
     walk.bar = progress_bar(ctx, ctx.adapter.num_hidden_layers, "pass 2: search, KT, low-rank")
     try:
@@ -532,7 +536,7 @@ class _Pass2:
     (:class:`moei2.stages.decomposition.LowRankLayers`). ``allocation``: pass 1's result (in
     budget mode its plan says which layers are low-rank, and the survivors' ranks)."""
 
-    def __init__(self, ctx, writer, hidden, moe_layers, allocation, search_hidden):
+    def __init__(self, ctx, writer, hidden, moe_layers, allocation):
         state = ctx.state
         self.ctx, self.writer, self.hidden, self.allocation = ctx, writer, hidden, allocation
         self.moe_layers = moe_layers
@@ -542,7 +546,7 @@ class _Pass2:
         self.spectra_layers = {moe_layers[0], moe_layers[-1]}
         # In "original" mode the search walks the unmodified model's hidden state next to the
         # compressed one; in "compressed" mode both are the same tensor.
-        self.original = hidden if (search_hidden == "original" and ctx.config.prunes) else None
+        self.original = hidden if (ctx.config.search_hidden == "original" and ctx.config.prunes) else None
         self.position = 0
         self.bar = None
 
