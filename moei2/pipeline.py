@@ -71,11 +71,11 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     """
     from .source import InMemorySource, check_device
 
-    config = _check_config(config)
-    check_device(config.device, config.dtype)
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)):  # compress_checkpoint checks the settings itself
         return compress_checkpoint(model, output, tokenizer, texts, config, overwrite=overwrite,
                                    work_dir=work_dir, progress=progress)
+    config = _check_config(config)
+    check_device(config.device, config.dtype)
     if output is not None:
         raise ValueError("output: only a checkpoint directory is written by compress; save a model in memory "
                          "with moei2.save(model, path)")
