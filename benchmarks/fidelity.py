@@ -184,9 +184,9 @@ def main(argv=None):
         started = time.perf_counter()
         removed = 0.0
         if overrides is not None:
-            config = CompressionConfig(**{**common, **overrides})
+            config = CompressionConfig(**{**common, **overrides}, search_hidden=search_hidden)
             report = compress_source(InMemorySource(model, device=config.device, dtype=config.dtype), tokenizer,
-                                     calibration, config, progress=False, search_hidden=search_hidden)
+                                     calibration, config, progress=False)
             removed = report["parameters"]["routed_expert_reduction"]
         elapsed = time.perf_counter() - started
         scored = ev.perplexity(model, tokenizer, heldout, per_window=True)

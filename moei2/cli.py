@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import PRESETS, CompressionConfig, LoRAConfig, check_rank_budget, preset
+from .config import PRESETS, CompressionConfig, LoRAConfig, preset
 from .dtypes import COMPUTE_DTYPES, dtype_name, resolve_dtype, torch_dtype
 
 
@@ -367,18 +367,12 @@ def check_fit(config: CompressionConfig, facts: dict) -> None:
         if config.prune_total > most:
             raise CLIError(f"prune_total: {config.prune_total} is more than the model can drop ({most}: "
                            f"{facts['layers']} layers x ({facts['experts']} experts - top_k {facts['top_k']}))")
-    try:
-        check_rank_budget(config, facts["hidden_size"], facts["expert_width"])
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
-    if config.budget is not None and all(isinstance(facts.get(k), int)
-                                         for k in ("experts", "top_k", "hidden_size", "expert_width")):
-        from .stages.budget import budget_target
+    from .pipeline import check_settings_fit
 
-        try:  # the share a budget can remove is the same for any number of equal layers
-            budget_target(config, [(facts["experts"], facts["top_k"], facts["hidden_size"], facts["expert_width"])])
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
+    try:  # the share a budget can remove is the same for any number of equal layers
+        check_settings_fit(config, [tuple(facts.get(k) for k in ("experts", "top_k", "hidden_size", "expert_width"))])
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ---- commands ----------------------------------------------------------------------------------

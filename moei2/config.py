@@ -15,6 +15,7 @@ PRUNE_RULES = ("inverse", "uniform")
 SELECTIONS = ("genetic", "greedy", "frequency", "reap", "random")
 RANK_RULES = ("importance", "uniform")
 KERNELS = ("auto", "c", "torch")
+HIDDEN_STATES = ("compressed", "original")
 
 
 # Upper bounds on the search sizes: beyond them the genetic search's memory or the KT walk's
@@ -83,7 +84,9 @@ class CompressionConfig:
         kt_candidates=1 skips it. selection: how experts are chosen, "genetic" (the method),
         or the baselines "greedy" (drop the cheapest expert one at a time), "frequency" (drop
         the least routed), "reap" (drop the lowest REAP saliency: mean router-weighted output norm,
-        arXiv 2510.13999) and "random".
+        arXiv 2510.13999) and "random". search_hidden: the hidden state the search and the KT
+        step see, "compressed" (propagated through the layers already compressed) or "original"
+        (the unmodified model's); the Grams always see the compressed one (docs/method.md).
     Intra-expert decomposition
         rank_keep_ratio: fraction of the surviving experts' parameters kept by low-rank factors
         (None disables decomposition), or avg_rank to give R_avg directly. alpha, eps: the rank
@@ -124,6 +127,9 @@ class CompressionConfig:
     kt_candidates: int = _field(3, "K: candidate expert sets kept per layer for the block step")
     kt_block: int = _field(3, f"T: consecutive MoE layers searched jointly (K**T at most {MAX_KT_COMBINATIONS:,})")
     selection: str = _field("genetic", "expert selection: the method (genetic) or a baseline", choices=SELECTIONS)
+    search_hidden: str = _field("compressed", "hidden state the search and the KT step see: compressed (through the "
+                                              "layers already compressed) or original (the unmodified model's)",
+                                choices=HIDDEN_STATES)
 
     rank_keep_ratio: Optional[float] = _field(2.0 / 3.0, "fraction of the surviving experts' parameters the "
                                                          "low-rank factors keep, in (0, 1]")
@@ -161,6 +167,7 @@ class CompressionConfig:
                 raise ValueError(f"prune_total must be a non-negative integer or None, got {self.prune_total!r}")
         _choice(self, "prune_rule", PRUNE_RULES)
         _choice(self, "selection", SELECTIONS)
+        _choice(self, "search_hidden", HIDDEN_STATES)
         _choice(self, "rank_rule", RANK_RULES)
         _number(self, "elite_fraction", 0.0, 1.0, low_open=True)
         _number(self, "mutation_rate", 0.0, 1.0)
@@ -204,10 +211,11 @@ class CompressionConfig:
         return self.budget is not None or (self.prune_total or 0) > 0 or (self.prune_total is None and
                                                                           self.prune_ratio > 0)
 
-    @property
-    def torch_kernels(self) -> bool:
-        """True when the heavy stages compute in torch on ``device`` (see ``kernels``)."""
-        return self.kernels == "torch" or (self.kernels == "auto" and self.device != "cpu")
+    def torch_kernels(self, device=None) -> bool:
+        """True when the heavy stages compute in torch on ``device`` (a torch.device or its name;
+        the config's ``device`` by default), see ``kernels``."""
+        kind = str(self.device if device is None else device).split(":")[0]
+        return self.kernels == "torch" or (self.kernels == "auto" and kind != "cpu")
 
     @property
     def decomposes(self) -> bool:

@@ -153,8 +153,6 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
     """
     import torch
 
-    from .calibration_data import calibration_windows
-
     config = config or LoRAConfig()
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -166,27 +164,53 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
         raise ValueError(f"lora.target_modules: none of {list(config.target_modules)} exist in this model, "
                          "and it has no low-rank experts to train")
 
+    kind, examples, windows = _training_data(tokenizer, texts, data, config, seed)
+    home = next(model.parameters()).device
+    device = home if device is None else as_device(device)
+    batch_at = _batch_sampler(tokenizer, config, windows, examples, seed, device)
+    torch.manual_seed(seed)
+
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    if device != home:
+        model.to(device)
+    try:
+        return _train(model, config, targets, factors, batch_at, kind, examples, windows)
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+        if device != home:
+            model.to(home)
+
+
+def _training_data(tokenizer, texts, data, config: LoRAConfig, seed: int):
+    """``(kind, examples, windows)``: instruction examples (kind "alpaca") from ``data``, or
+    ``seq_len`` token windows (kind "text") of a plain-text file or of ``texts``."""
+    from .calibration_data import calibration_windows
+
     kind, source = "text", texts
-    examples = None
     if isinstance(data, (str, Path)):
         kind, source = read_recovery_data(data)
     elif data is not None:
         kind, source = "alpaca", _check_records(list(data), "data")
-    if kind == "alpaca":
-        examples = instruction_examples(tokenizer, source, config.seq_len)
-        if not examples:
-            raise ValueError(f"lora.data: no record leaves a response token within lora.seq_len={config.seq_len}")
-        windows = None
-    else:
-        windows = calibration_windows(tokenizer, source, num_sequences=10**9, seq_len=config.seq_len, seed=seed)
-    home = next(model.parameters()).device
-    device = home if device is None else as_device(device)
+    if kind == "text":
+        return kind, None, calibration_windows(tokenizer, source, num_sequences=10**9, seq_len=config.seq_len,
+                                               seed=seed)
+    examples = instruction_examples(tokenizer, source, config.seq_len)
+    if not examples:
+        raise ValueError(f"lora.data: no record leaves a response token within lora.seq_len={config.seq_len}")
+    return kind, examples, None
+
+
+def _batch_sampler(tokenizer, config: LoRAConfig, windows, examples, seed: int, device):
+    """``batch_at(step)``: a batch of ``config.batch_size`` windows or examples drawn with ``seed``,
+    on ``device``."""
+    import torch
+
     # Only instruction batches are padded; a plain tokenizer object need not have a pad token.
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
 
     def batch_at(step):
         if windows is not None:
@@ -205,16 +229,7 @@ def lora_finetune(model, tokenizer, texts, config: LoRAConfig | None = None, *, 
             mask[row, :len(i)] = 1
         return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
-    previous = [(p, p.requires_grad) for p in model.parameters()]
-    if device != home:
-        model.to(device)
-    try:
-        return _train(model, config, targets, factors, batch_at, kind, examples, windows)
-    finally:
-        for p, flag in previous:
-            p.requires_grad_(flag)
-        if device != home:
-            model.to(home)
+    return batch_at
 
 
 def _train(model, config, targets, factors, batch_at, kind, examples, windows) -> dict:

@@ -5,39 +5,38 @@ per-layer prune counts, which need every layer's importance.
 Pass 2 (one KT block of layers resident at a time): for each layer of the block the search cache
 and K candidate masks; the KT choice over the block; then for each layer: prune, survivor
 statistics (Grams), ranks, factors, propagate the hidden state, write the layer to the sink.
-Optional LoRA recovery last. The stages live in :mod:`moei2.stages`; the model is reached only
-through a model source (:mod:`moei2.source`), so a checkpoint streamed from disk goes through the
-same code as a model in memory. With ``work_dir`` every finished layer is recorded, and a rerun
-with the same settings, model and data resumes from there.
+Optional LoRA recovery last. The passes live in :mod:`moei2.passes` and the stages in
+:mod:`moei2.stages`; this module checks the settings, sequences the passes and assembles the
+report from the stages' results. The model is reached only through a model source
+(:mod:`moei2.source`), so a checkpoint streamed from disk goes through the same code as a model in
+memory. With ``work_dir`` every finished layer is recorded, and a rerun with the same settings,
+model and data resumes from there.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-import numpy as np
 import torch
 
 from .config import CompressionConfig, check_rank_budget
 from .calibration_data import calibration_windows
 from .state import RunState
-from .stages import (Context, KTBlock, Selection, choose_block, decompose_layer, prune_counts, recover,
-                     score_layer, search_layer, select)
-from .stages.budget import BudgetPlan, budget_target, layer_costs, layer_shape, pack_costs, unpack_costs
-from .stages.common import Timer, batch_token_counts, pack_factors, progress_bar, release_free_memory, unpack_factors
+from .passes import DeviceOutOfMemory, LayerWriter, pass_one, pass_two
+from .stages import Context, recover
+from .stages.budget import budget_target, layer_shape
+from .stages.common import Timer, batch_token_counts
 
-__all__ = ["compress", "compress_checkpoint", "compress_source", "routed_expert_parameters", "DeviceOutOfMemory",
-           "SEARCH_HIDDEN"]
+__all__ = ["compress", "compress_checkpoint", "compress_source", "check_settings_fit", "routed_expert_parameters",
+           "DeviceOutOfMemory", "SEARCH_HIDDEN"]
 
-# Which hidden state the search, the KT step and the Grams see (docs/method.md, "Which hidden
-# state each stage sees"): "compressed", the hidden state propagated through the layers already
-# compressed; "original", the unmodified model's for the search and the KT step (the Grams always
-# see the compressed model's).
-SEARCH_HIDDEN = "compressed"
+# The default of ``CompressionConfig.search_hidden``: which hidden state the search and the KT
+# step see (docs/method.md, "Which hidden state each stage sees").
+SEARCH_HIDDEN = CompressionConfig.search_hidden
 
 
 def routed_expert_parameters(adapter) -> int:
@@ -72,11 +71,11 @@ def compress(model, tokenizer, texts, config: Optional[CompressionConfig] = None
     """
     from .source import InMemorySource, check_device
 
-    config = _check_config(config)
-    check_device(config.device, config.dtype)
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)):  # compress_checkpoint checks the settings itself
         return compress_checkpoint(model, output, tokenizer, texts, config, overwrite=overwrite,
                                    work_dir=work_dir, progress=progress)
+    config = _check_config(config)
+    check_device(config.device, config.dtype)
     if output is not None:
         raise ValueError("output: only a checkpoint directory is written by compress; save a model in memory "
                          "with moei2.save(model, path)")
@@ -170,147 +169,143 @@ def _checkpoint_sizes(parameters: dict) -> dict:
 
 
 def compress_source(source, tokenizer, texts, config: Optional[CompressionConfig] = None, *, sink=None,
-                    work_dir=None, progress: bool = True, search_hidden: Optional[str] = None) -> dict:
+                    work_dir=None, progress: bool = True) -> dict:
     """Compresses the model of ``source`` (a :class:`moei2.source.ModelSource`) and returns the report.
 
     sink: optional object with ``add(tensors)``, given every finished decoder layer's tensors
     (full state-dict keys, in the source's storage dtype, on the CPU) once, inside the layer's
-    scope, and the non-layer tensors once at the end. search_hidden: ``"compressed"`` (default,
-    :data:`SEARCH_HIDDEN`) or ``"original"``. Where the heavy stages compute follows
-    ``config.kernels`` on the source's device.
+    scope, and the non-layer tensors once at the end. Which hidden state the search sees follows
+    ``config.search_hidden``; where the heavy stages compute, ``config.kernels`` on the source's
+    device.
+
+    The stages run in order and each returns its result (:mod:`moei2.stages`), which records
+    itself in the work_dir and gives its part of the report; the report is assembled from them.
     """
     config = _check_config(config)
-    search_hidden = SEARCH_HIDDEN if search_hidden is None else search_hidden
-    if search_hidden not in ("compressed", "original"):
-        raise ValueError(f"search_hidden must be 'compressed' or 'original', got {search_hidden!r}")
     if sink is not None and not callable(getattr(sink, "add", None)):
         raise TypeError(f"sink must have an add(tensors) method, got {type(sink).__name__}")
     model, adapter = source.model, source.adapter
-    _check_compressible(adapter, model, config)
+    budget_total = check_settings_fit(config, [layer_shape(v) for v in adapter.moe_layers()])
+    _check_compressible(adapter, model)
     _check_prunable(adapter, config)
-    budget_total = (budget_target(config, [layer_shape(v) for v in adapter.moe_layers()])
-                    if config.budget is not None else None)
     if config.lora is not None and source.streamed:
         raise ValueError("LoRA recovery needs the whole model in memory; it is not available for a streamed "
                          "model: compress without lora, load the result and run moei2.lora_finetune on it")
-    from .calibrate import LayerRunner
 
     started = time.perf_counter()
     model.eval()
+    ctx = _context(source, tokenizer, texts, config, work_dir, progress)
+    report = _run_report(ctx)
+    moe_layers, num_experts = report["model"]["moe_layers"], report["model"]["num_experts"]
+    before = _Sizes.of(source)
+    with source.outer(), torch.no_grad():
+        hidden = ctx.embed()
+    allocation = pass_one(ctx, hidden, moe_layers, budget_total)
+    writer = LayerWriter(source, sink if config.lora is None else None)
+    walk = pass_two(ctx, hidden, moe_layers, allocation, writer)
+    del hidden
+    recovery = None
+    if config.lora is not None:
+        with ctx.timer("lora"):
+            recovery = recover(model, tokenizer, texts, config)
+        if sink is not None:
+            LayerWriter(source, sink).write_all()
+    if sink is not None:
+        sink.add(source.outer_tensors())
+    after = _Sizes.of(source, writer)
+
+    for l in moe_layers:
+        report["layers"][str(l)].update({**allocation.layer_report(l), **walk.layer_report(l, num_experts[l]),
+                                         **walk.lowrank.layer_report(l)})
+    report.update(allocation.report())
+    if config.prunes:
+        report.update(walk.kt.report())
+    if config.decomposes:
+        report.update(walk.lowrank.report())
+    if recovery is not None:
+        report["lora"] = recovery.report
+    report["parameters"] = before.compared_to(after)
+    report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
+    ctx.state.close()
+    return report
+
+
+def _context(source, tokenizer, texts, config, work_dir, progress) -> Context:
+    """The run's context: the calibration windows, their batches, the layer runner and the run
+    state (whose fingerprint covers the settings, the model and the calibration data)."""
+    from .calibrate import LayerRunner
+
     ctx = Context(source=source, config=config, runner=None, input_ids=None, batches=[], batch_sizes=[],
                   state=None, progress=progress,
-                  torch_kernels=config.kernels == "torch" or (config.kernels == "auto" and source.device.type != "cpu"),
+                  torch_kernels=config.torch_kernels(source.device),
                   park_dtype=_park_dtype(source))
     with ctx.timer("calibration_data"):
         input_ids = calibration_windows(tokenizer, texts, config.num_sequences, config.seq_len, config.seed)
-    vocabulary = model.get_input_embeddings().num_embeddings
+    vocabulary = source.model.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocabulary:
         raise ValueError(f"tokenizer: it gives token id {int(input_ids.max())}, the model's vocabulary has "
                          f"{vocabulary} tokens: the tokenizer belongs to another model")
     data_hash = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
-    tag = "" if search_hidden == "compressed" else f"-{search_hidden}"
-    ctx.state = state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}{tag}")
+    ctx.state = RunState(work_dir, f"{config.fingerprint()}-{source.fingerprint()}-{data_hash}")
     ctx.input_ids = input_ids
     num_sequences = int(input_ids.shape[0])
     ctx.batches = [slice(s, min(s + config.calib_batch_size, num_sequences))
                    for s in range(0, num_sequences, config.calib_batch_size)]
     ctx.batch_sizes = batch_token_counts(num_sequences, config.calib_batch_size, config.seq_len)
-    ctx.runner = LayerRunner(model, adapter=adapter, device=source.device, dtype=source.dtype)
+    ctx.runner = LayerRunner(source.model, adapter=source.adapter, device=source.device, dtype=source.dtype)
+    return ctx
 
+
+def _run_report(ctx) -> dict:
+    """The report's description of the run (settings, the model before compression, calibration),
+    made before any stage runs; its ``layers`` are filled in from the stages' results."""
+    model, adapter, config = ctx.source.model, ctx.adapter, ctx.config
     views = adapter.moe_layers()
     moe_layers = [v.layer_index for v in views]
-    num_experts = {v.layer_index: int(v.num_experts) for v in views}
-    top_k = {v.layer_index: int(v.top_k) for v in views}
-    stored_dtype = source.storage_dtype if source.streamed else None
-    params_before, bytes_before = _model_size(model, stored_dtype)
-    routed_before = routed_expert_parameters(adapter)
-    report: dict = {
+    return {
         "seed": config.seed,
         "config": config.to_dict(),
         "model": {"architecture": type(model).__name__, "family": adapter.family,
                   "num_hidden_layers": adapter.num_hidden_layers, "moe_layers": moe_layers,
-                  "num_experts": num_experts, "top_k": top_k},
-        "calibration": {"sequences": num_sequences, "seq_len": int(config.seq_len),
-                        "tokens": int(input_ids.numel()), "requested_sequences": config.num_sequences},
-        "resumed": state.resumed,
-        "search_hidden": search_hidden,
+                  "num_experts": {v.layer_index: int(v.num_experts) for v in views},
+                  "top_k": {v.layer_index: int(v.top_k) for v in views}},
+        "calibration": {"sequences": int(ctx.input_ids.shape[0]), "seq_len": int(config.seq_len),
+                        "tokens": int(ctx.input_ids.numel()), "requested_sequences": config.num_sequences},
+        "resumed": ctx.state.resumed,
+        "search_hidden": config.search_hidden,
         "layers": {str(l): {} for l in moe_layers},
     }
 
-    with source.outer(), torch.no_grad():
-        hidden = ctx.embed()
-    # ---- pass 1: importance and prune counts (budget mode: the layers' costs and the plan) ----
-    counts = {l: 0 for l in moe_layers}
-    importance: dict = {}
-    plan = None
-    if config.budget is not None:
-        with ctx.timer("budget_costs"):
-            costs = _budget_pass(ctx, hidden, moe_layers)
-        with ctx.timer("budget_allocation"):
-            plan = BudgetPlan.make(config, {l: costs[l][0] for l in moe_layers}, budget_total)
-        importance = {str(l): costs[l][1] for l in moe_layers}
-        counts = plan.counts()
-        report["budget"] = plan.record()
-        for l in moe_layers:
-            report["layers"][str(l)].update(importance=importance[str(l)],
-                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
-    elif config.prunes:
-        with ctx.timer("importance"):
-            importance = _importance_pass(ctx, hidden, moe_layers)
-        counts = prune_counts(config, {l: importance[str(l)] for l in moe_layers}, num_experts, top_k)
-        for l in moe_layers:
-            report["layers"][str(l)].update(importance=importance[str(l)],
-                                            layer_importance=float(sum(importance[str(l)])), prune_count=counts[l])
 
-    # ---- pass 2: search, KT choice, prune, low-rank, propagate, write ----
-    writer = _Writer(source, sink if config.lora is None else None)
-    results = _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan)
-    del hidden
-    selections, chosen, blocks, ranks, spectra = results
-    for l in moe_layers:
-        info = report["layers"][str(l)]
-        if config.prunes:
-            sel = selections[l]
-            dropped = [int(j) for j in np.flatnonzero(sel.masks[chosen[l]])]
-            info.update(search={"candidates": sel.masks, "candidate_losses": sel.losses, "history": sel.history,
-                                "evaluations": sel.evaluations, "chosen_candidate": chosen[l]},
-                        dropped=dropped, kept=[j for j in range(num_experts[l]) if j not in dropped])
-        else:
-            info.update(dropped=[], kept=list(range(num_experts[l])))
-        if str(l) in ranks:
-            info["lowrank"] = ranks[str(l)]
-    if config.prunes:
-        report["blocks"] = [b.to_dict() for b in blocks]
-    if config.decomposes:
-        report["spectra"] = spectra
+@dataclass
+class _Sizes:
+    """Parameters and bytes of the model and of its routed experts. A streamed model's are counted
+    as its layers are written (its skeleton holds no layer) and in its storage dtype."""
 
-    # ---- LoRA recovery ----
-    if config.lora is not None:
-        with ctx.timer("lora"):
-            report["lora"] = recover(model, tokenizer, texts, config).report
-        if sink is not None:
-            _Writer(source, sink).write_all()
-    if sink is not None:
-        sink.add(source.outer_tensors())
+    params: int
+    bytes: int
+    routed: int
 
-    if source.streamed:
+    @classmethod
+    def of(cls, source, writer=None) -> "_Sizes":
+        model = source.model
+        stored_dtype = source.storage_dtype if source.streamed else None
+        if writer is None or not source.streamed:
+            params, size = _model_size(model, stored_dtype)
+            return cls(params, size, routed_expert_parameters(source.adapter))
         outer_params, outer_bytes = _model_size(model, stored_dtype, outer_only=True)
-        params_after, bytes_after = writer.params + outer_params, writer.bytes + outer_bytes
-        routed_after = writer.routed
-    else:
-        params_after, bytes_after = _model_size(model)
-        routed_after = routed_expert_parameters(adapter)
-    report["parameters"] = {
-        "routed_expert_before": routed_before, "routed_expert_after": routed_after,
-        "routed_expert_reduction": 1.0 - routed_after / routed_before if routed_before else 0.0,
-        "model_before": params_before, "model_after": params_after,
-        "model_reduction": 1.0 - params_after / params_before,
-        "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
-        "model_gib_before": bytes_before / 2**30, "model_gib_after": bytes_after / 2**30,
-    }
-    report["times"] = dict(ctx.timer.times, total=time.perf_counter() - started)
-    state.close()
-    return report
+        return cls(writer.params + outer_params, writer.bytes + outer_bytes, writer.routed)
+
+    def compared_to(self, after: "_Sizes") -> dict:
+        """The report's ``parameters``: these sizes before compression, ``after`` after it."""
+        return {
+            "routed_expert_before": self.routed, "routed_expert_after": after.routed,
+            "routed_expert_reduction": 1.0 - after.routed / self.routed if self.routed else 0.0,
+            "model_before": self.params, "model_after": after.params,
+            "model_reduction": 1.0 - after.params / self.params,
+            "model_bytes_before": self.bytes, "model_bytes_after": after.bytes,
+            "model_gib_before": self.bytes / 2**30, "model_gib_after": after.bytes / 2**30,
+        }
 
 
 # ---- checks -----------------------------------------------------------------------------------
@@ -332,12 +327,27 @@ def _park_dtype(source) -> Optional[torch.dtype]:
     return stored
 
 
-def _check_compressible(adapter, model, config) -> None:
-    """Refuses, before any work, what the pipeline cannot do: experts already low-rank, a rank
-    budget the experts cannot take (a top-k above the expert count is the adapter's refusal)."""
-    for view in adapter.moe_layers():
-        if config.decomposes:
-            check_rank_budget(config, view.hidden_size, view.intermediate_size)
+def check_settings_fit(config: CompressionConfig, shapes) -> Optional[int]:
+    """Refuses settings the MoE layers cannot take, before any work: a rank budget the experts
+    cannot take (:func:`moei2.config.check_rank_budget`), or a budget mode share they cannot lose
+    (:func:`moei2.stages.budget.budget_target`). ValueError naming the setting.
+
+    shapes: ``(experts, top_k, hidden size, expert width)`` of every MoE layer; experts and top_k
+    may be None where they are not known yet (the budget share is then not checked): the command
+    line checks the shapes of config.json before the model loads. Returns budget mode's target
+    (the routed-expert parameters to keep), or None outside budget mode or when not known."""
+    shapes = [tuple(shape) for shape in shapes]
+    if config.decomposes:
+        for hidden_size, width in sorted({shape[2:] for shape in shapes}):
+            check_rank_budget(config, hidden_size, width)
+    if config.budget is None or not all(isinstance(v, int) for shape in shapes for v in shape):
+        return None
+    return budget_target(config, shapes)
+
+
+def _check_compressible(adapter, model) -> None:
+    """Refuses, before any work, experts already low-rank (a top-k above the expert count is the
+    adapter's refusal, a rank budget :func:`check_settings_fit`'s)."""
     record = getattr(model.config, "moei2", None)
     lowrank = {v.layer_index for v in adapter.moe_layers() if v.is_lowrank}
     if isinstance(record, Mapping):
@@ -347,32 +357,6 @@ def _check_compressible(adapter, model, config) -> None:
         raise ValueError(
             f"model: the routed experts of layer(s) {sorted(lowrank)} are already low-rank (a model compressed "
             "by moei2); compressing low-rank experts again is not supported: start from the original model")
-
-
-class DeviceOutOfMemory(MemoryError):
-    """The device ran out of memory; the message names the layer and what was asked for. Every
-    layer finished before it is recorded in the work_dir, so a rerun resumes there."""
-
-
-def _names_device_oom(run_pass):
-    """Turns the device's out-of-memory error inside a pass into :class:`DeviceOutOfMemory` naming
-    where it happened (``ctx.where``) and how much the failed allocation asked for."""
-    import functools
-    import re
-
-    @functools.wraps(run_pass)
-    def wrapper(ctx, *args, **kwargs):
-        try:
-            return run_pass(ctx, *args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            text = str(exc)
-            asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)", text)
-            needed = f"it needed {asked.group(1)} more" if asked else text.strip().splitlines()[0]
-            resume = ("; every finished layer is in the work_dir: rerun with the same settings to resume (a smaller "
-                      "calib_batch_size needs less)" if ctx.state.work_dir is not None else
-                      "; with a work_dir a rerun would resume after the finished layers")
-            raise DeviceOutOfMemory(f"device {ctx.device}: out of memory at {ctx.where} ({needed}){resume}") from None
-    return wrapper
 
 
 def _check_prunable(adapter, config) -> None:
@@ -385,257 +369,3 @@ def _check_prunable(adapter, config) -> None:
         raise ValueError(f"model: layer(s) {grouped} use group-limited routing (n_group > topk_group), whose groups "
                          "must stay equal, which the search does not ensure; compress it with prune_ratio=0 "
                          "(low rank only)")
-
-
-# ---- pass 1 -----------------------------------------------------------------------------------
-
-@_names_device_oom
-def _importance_pass(ctx, hidden, moe_layers) -> dict:
-    """Every MoE layer's expert importance on the original model, one layer resident at a time."""
-    state = ctx.state
-    importance = dict(state.get("expert_importance", {}))
-
-    def measure(i, stats, view):
-        importance[str(i)] = score_layer(ctx, stats, view)
-        state.put("expert_importance", importance)
-
-    _first_pass(ctx, hidden, [l for l in moe_layers if str(l) not in importance], measure, "pass 1: importance")
-    return importance
-
-
-def _budget_pass(ctx, hidden, moe_layers) -> dict:
-    """Budget mode's pass 1: every MoE layer's costs and expert importance on the original model,
-    ``{layer: (LayerCosts, importance)}``."""
-    state = ctx.state
-    costs = {}
-    for l in moe_layers:
-        saved = state.load_arrays(f"budget_costs_layer{l}")
-        if saved is not None:
-            costs[l] = unpack_costs(saved)
-
-    def measure(i, stats, view):
-        costs[i] = layer_costs(ctx, stats, view)
-        state.save_arrays(f"budget_costs_layer{i}", pack_costs(*costs[i]))
-
-    _first_pass(ctx, hidden, [l for l in moe_layers if l not in costs], measure, "pass 1: budget costs")
-    return costs
-
-
-def _first_pass(ctx, hidden, todo, measure, desc) -> None:
-    """Runs the original model up to the last layer of ``todo``, calling ``measure(index, stats,
-    view)`` on each MoE layer of ``todo``."""
-    source = ctx.source
-    if not todo:
-        return
-    bar = progress_bar(ctx, todo[-1] + 1, desc)
-    try:
-        for i in range(todo[-1] + 1):
-            ctx.where = f"layer {i} (importance)"
-            with source.layer(i) as module:
-                if i in todo:
-                    stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)
-                    measure(i, stats, ctx.view(i, module))
-                    del stats
-                elif i < todo[-1]:
-                    out = ctx.run(i, module, hidden)
-                else:
-                    out = hidden
-            hidden = out
-            release_free_memory()
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# ---- pass 2 -----------------------------------------------------------------------------------
-
-class _Writer:
-    """Hands finished layers to the sink and counts what the compressed layers hold."""
-
-    def __init__(self, source, sink):
-        self.source, self.sink = source, sink
-        self.dtype = getattr(source, "storage_dtype", None)
-        self.params = self.bytes = self.routed = 0
-
-    def layer(self, index: int, module) -> None:
-        params = list(module.parameters())
-        self.params += sum(p.numel() for p in params)
-        self.bytes += sum(p.numel() * (self.dtype.itemsize if self.dtype is not None else p.element_size())
-                          for p in params)
-        block = self.source.adapter.moe_block(module)
-        if block is not None:
-            self.routed += self.source.adapter.view(index, module).routed_parameters()
-        if self.sink is not None:
-            self.sink.add({f"model.layers.{index}.{k}": self._out(v) for k, v in module.state_dict().items()})
-
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if self.dtype is not None and t.is_floating_point():
-            t = t.to(self.dtype)
-        return t.to("cpu")
-
-    def write_all(self) -> None:
-        for i in range(self.source.adapter.num_hidden_layers):
-            with self.source.layer(i) as module:
-                self.layer(i, module)
-
-
-@_names_device_oom
-def _compression_pass(ctx, hidden, moe_layers, counts, importance, search_hidden, writer, plan=None):
-    """Pass 2 over every decoder layer; returns (selections, chosen, KT blocks, ranks, spectra)."""
-    from .blockwise import make_blocks
-
-    walk = _Pass2(ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan)
-    blocks = make_blocks(moe_layers, ctx.config.kt_block if ctx.config.prunes else 1)
-    walk.bar = progress_bar(ctx, ctx.adapter.num_hidden_layers, "pass 2: search, KT, low-rank")
-    try:
-        for bi, block in enumerate(blocks):
-            walk.advance_dense(block[0])
-            span = list(range(block[0], block[-1] + 1))
-            if ctx.config.prunes and (bi not in walk.kt_done or walk.original is not None):
-                walk.choose(bi, block, span)
-            for li in span:
-                walk.compress_layer(li)
-        walk.advance_dense(ctx.adapter.num_hidden_layers)
-    finally:
-        if walk.bar is not None:
-            walk.bar.close()
-    kt = [walk.kt_done[i] for i in range(len(blocks))] if ctx.config.prunes else []
-    return walk.selections, walk.chosen, kt, walk.ranks, walk.spectra
-
-
-class _Pass2:
-    """Pass 2's walk over the decoder layers, in order: ``position`` is the next layer to handle,
-    ``hidden`` its input in the compressed model, ``original`` its input in the unmodified model
-    (only when the search sees the original hidden state). Resumed choices come from the work_dir.
-    ``plan``: budget mode's :class:`moei2.stages.budget.BudgetPlan` (which layers are low-rank, and
-    the survivors' ranks), or None."""
-
-    def __init__(self, ctx, writer, hidden, moe_layers, counts, importance, search_hidden, plan=None):
-        state = ctx.state
-        self.ctx, self.writer, self.hidden, self.plan = ctx, writer, hidden, plan
-        self.moe_layers, self.counts, self.importance = moe_layers, counts, importance
-        self.selections = {int(k): Selection.from_dict(v) for k, v in state.get("candidates", {}).items()}
-        self.chosen = {int(k): int(v) for k, v in state.get("chosen", {}).items()}
-        self.kt_done = {int(k): KTBlock.from_dict(v) for k, v in state.get("blocks", {}).items()}
-        self.ranks = dict(state.get("ranks", {}))
-        self.spectra = list(state.get("spectra", []))
-        self.spectra_layers = {moe_layers[0], moe_layers[-1]}
-        # In "original" mode the search walks the unmodified model's hidden state next to the
-        # compressed one; in "compressed" mode both are the same tensor.
-        self.original = hidden if (search_hidden == "original" and ctx.config.prunes) else None
-        self.position = 0
-        self.bar = None
-
-    def _done(self, index: int) -> None:
-        release_free_memory()
-        self.position = index + 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def advance_dense(self, until: int) -> None:
-        """Dense layers before ``until``: run on both hidden states and written as they are."""
-        ctx = self.ctx
-        while self.position < until:
-            index = self.position
-            ctx.where = f"layer {index}"
-            with ctx.source.layer(index) as module:
-                if index < self.moe_layers[-1]:
-                    self.hidden = ctx.run(index, module, self.hidden)
-                    if self.original is not None:
-                        self.original = ctx.run(index, module, self.original)
-                self.writer.layer(index, module)
-            self._done(index)
-
-    def choose(self, bi: int, block: list, span: list) -> None:
-        """The block's search and KT choice, on the hidden state the method choice names. The
-        block's layers are resident together, unmodified, all but the computing one parked."""
-        ctx, state = self.ctx, self.ctx.state
-        resumed = bi in self.kt_done
-        with contextlib.ExitStack() as block_scope:
-            modules = {}
-            for li in span:  # each parked as it arrives: never two layers in float32 at once
-                modules[li] = block_scope.enter_context(ctx.source.layer(li))
-                ctx.park(modules[li])
-            start = self.original if self.original is not None else self.hidden
-            current = start
-            for li in span:
-                ctx.where = f"layer {li} (search)"
-                with ctx.computing(modules[li]) as module, ctx.timer("search"):
-                    if li in self.counts and li not in self.selections and not resumed:
-                        self.selections[li], current = _select_layer(ctx, li, module, current, self.counts[li])
-                        state.put("candidates", {str(k): v.to_dict() for k, v in self.selections.items()})
-                    else:
-                        current = ctx.run(li, module, current)
-            if not resumed:
-                ctx.where = f"the KT walk over layers {span[0]} to {span[-1]}"
-                with ctx.timer("kt_block"):
-                    self.kt_done[bi] = choose_block(ctx, block, modules, self.selections, start, current)
-                self.chosen.update(zip(block, self.kt_done[bi].choice))
-                state.put("blocks", {str(k): v.to_dict() for k, v in self.kt_done.items()})
-                state.put("chosen", {str(k): v for k, v in self.chosen.items()})
-            if self.original is not None:
-                self.original = current
-        release_free_memory()
-
-    def compress_layer(self, li: int) -> None:
-        """Layer ``li`` alone: prune, Grams, ranks, factors, propagate, write."""
-        from . import lowrank_experts, prune_experts
-
-        ctx, config = self.ctx, self.ctx.config
-        model = ctx.source.model
-        ctx.where = f"layer {li} (prune, decomposition)"
-        with ctx.source.layer(li) as module:
-            if li in self.counts:
-                kept = None
-                if config.prunes:
-                    mask = self.selections[li].masks[self.chosen[li]]
-                    kept = [j for j, dropped in enumerate(mask) if not dropped]
-                    if len(kept) < len(mask):
-                        prune_experts(model, {li: [j for j, dropped in enumerate(mask) if dropped]})
-                ranks = None if self.plan is None else self.plan.ranks(li, kept)
-                if config.decomposes and (self.plan is None or ranks is not None):
-                    with ctx.timer("decomposition"):
-                        factors = _factors(ctx, li, module, self.hidden, self.importance.get(str(li)), kept,
-                                           self.ranks, self.spectra, li in self.spectra_layers, ranks)
-                        lowrank_experts(model, {li: factors})
-                        del factors  # the module holds copies: free these before the next layer loads
-            if li != self.moe_layers[-1]:
-                with ctx.timer("propagation"):
-                    self.hidden = ctx.run(li, module, self.hidden)
-            self.writer.layer(li, module)
-        self._done(li)
-
-
-def _select_layer(ctx, index, module, hidden, r):
-    """Candidates of one MoE layer on ``hidden``, and the layer's unmodified outputs (the next
-    layer of the block is searched on them)."""
-    view = ctx.view(index, module)
-    stats, outputs = ctx.capture(index, module, hidden, grams=False, keep_outputs=True)
-    if r == 0:
-        selection = Selection.keep_all(view.num_experts)
-    else:
-        selection = select(ctx.config, search_layer(ctx, stats, view, r), stats, r, index, view)
-    return selection, outputs
-
-
-def _factors(ctx, index, module, hidden, full_importance, kept, ranks, spectra, with_spectra, chosen_ranks=None) -> dict:
-    """Low-rank factors of one pruned layer: from the work_dir if finished, else computed on the
-    Grams of ``hidden`` (the compressed model's hidden state) and recorded."""
-    config, state = ctx.config, ctx.state
-    view = ctx.view(index, module)
-    saved = state.load_arrays(f"factors_layer{index}")
-    if str(index) in ranks and saved is not None:
-        return unpack_factors(saved, int(view.num_experts))
-    # Grams are computed by the decomposition a group of experts at a time (from the captured X).
-    stats, _ = ctx.capture(index, module, hidden, grams=False, keep_outputs=False)
-    decomposition = decompose_layer(ctx, stats, view, full_importance=full_importance, kept=kept,
-                                    spectra=spectra if with_spectra else None, ranks=chosen_ranks)
-    del stats
-    state.save_arrays(f"factors_layer{index}", pack_factors(decomposition.factors))
-    ranks[str(index)] = decomposition.record()
-    state.put("spectra", spectra)
-    state.put("ranks", ranks)
-    return decomposition.factors

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["route", "RoutingRule", "Layer", "SearchResult", "prune_counts"]
+__all__ = ["route", "RoutingRule", "Layer", "SearchResult", "prune_counts", "water_fill"]
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -593,10 +593,8 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
     num_experts, top_k: scalars or per-layer sequences. The budget is ``total`` if given, else
     round(ratio * sum_l E_l) (= round(ratio * E * L) for equal layers). rule "inverse" shares it in
     proportion to 1/I[l] (a layer of importance 0 takes precedence over all others), "uniform"
-    equally. Shares are floored, the remainder goes to the largest fractional parts (ties to
-    the lower layer), and each layer is capped at E_l - top_k_l; what a cap cuts off is
-    redistributed among the other layers by the same rule, so the budget is met exactly.
-    Returns int64 [L].
+    equally; each layer is capped at E_l - top_k_l and the shares are water-filled
+    (:func:`water_fill`), so the budget is met exactly. Returns int64 [L].
     """
     imp = np.asarray(layer_importance, dtype=np.float64)
     if imp.ndim != 1 or imp.size == 0:
@@ -627,17 +625,28 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
         weights = np.ones(L)
     else:
         raise ValueError(f"rule must be 'inverse' or 'uniform', got {rule!r}")
+    return water_fill(weights, caps, budget)
 
+
+def water_fill(weights: np.ndarray, caps: np.ndarray, budget: int) -> np.ndarray:
+    """Splits ``budget`` integer units in proportion to ``weights`` (non-negative) under integer
+    ``caps`` (sum at least ``budget``): a part whose share exceeds its cap is fixed at the cap and
+    what is left is re-shared among the others by the same weights (parts of weight 0 share
+    equally when no other is left); the shares are floored and the units left go one each to the
+    largest fractional parts, ties to the lower index. Returns int64 parts summing to ``budget``.
+
+    Rank allocation (:func:`moei2.lowrank.allocate_ranks`, in C) splits differently, and on
+    purpose: it clamps each expert's share to [1, cap] without re-sharing, and moves single units
+    by the largest remaining share deficit, as the method's rank formula reads."""
+    L = weights.size
     counts = np.zeros(L, dtype=np.int64)
     active = np.ones(L, dtype=bool)
     remaining = budget
-    # Water-filling: a layer whose ideal share exceeds its cap is fixed at the cap and the
-    # budget left is re-shared among the others.
     while True:
         w = np.where(active, weights, 0.0)
         if remaining == 0 or not active.any():
             break
-        if w.sum() == 0:  # only zero-weight layers left: share what remains equally
+        if w.sum() == 0:  # only zero-weight parts left: share what remains equally
             w = active.astype(np.float64)
         share = remaining * w / w.sum()
         over = active & (share >= caps)
@@ -661,7 +670,7 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
             if active[l] and counts[l] < caps[l]:
                 counts[l] += 1
                 left -= 1
-        # Rounding can only leave units when every active layer hit its cap, which the loop
+        # Rounding can only leave units when every active part hit its cap, which the loop
         # above rules out; this guards against it anyway.
         for l in sorted(range(L), key=lambda i: (-weights[i], i)):
             if left == 0:
@@ -670,7 +679,7 @@ def prune_counts(layer_importance, num_experts, top_k, ratio: float = 0.25, tota
             counts[l] += add
             left -= add
     if int(counts.sum()) != budget or np.any(counts > caps) or np.any(counts < 0):
-        raise RuntimeError(f"prune_counts could not meet the budget {budget} (got {counts.tolist()}); "
+        raise RuntimeError(f"water_fill could not meet the budget {budget} (got {counts.tolist()}); "
                            "please report this with the layer importances")
     return counts
 

@@ -283,8 +283,7 @@ def test_driver_bad_arguments_fail_before_any_work():
     with pytest.raises(TypeError, match="sink"):
         compress_source(source, CharTokenizer(), calibration_texts(), small_config(), sink={}, progress=False)
     with pytest.raises(ValueError, match="search_hidden"):
-        compress_source(source, CharTokenizer(), calibration_texts(), small_config(), search_hidden="both",
-                        progress=False)
+        small_config(search_hidden="both")
     streamed = CopyingSource(build_model("mixtral", layers=2))
     with pytest.raises(ValueError, match="LoRA"):
         compress_source(streamed, CharTokenizer(), calibration_texts(),

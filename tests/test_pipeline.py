@@ -187,9 +187,10 @@ def test_genetic_candidates_match_exhaustive_on_tiny_layers(search_hidden):
     from moei2.source import InMemorySource
 
     model = build_model("mixtral", layers=2)
-    config = small_config(kt_block=1, kt_candidates=3, population=40, generations=20, rank_keep_ratio=None)
+    config = small_config(kt_block=1, kt_candidates=3, population=40, generations=20, rank_keep_ratio=None,
+                          search_hidden=search_hidden)
     report = moei2.pipeline.compress_source(InMemorySource(model), CharTokenizer(), calibration_texts(), config,
-                                            progress=False, search_hidden=search_hidden)
+                                            progress=False)
     assert report["search_hidden"] == search_hidden
     ids = calibration_windows(CharTokenizer(), calibration_texts(), config.num_sequences, config.seq_len, config.seed)
     original = build_model("mixtral", layers=2)

@@ -117,10 +117,12 @@ def test_torch_kernels_on_cpu_make_the_c_core_choices(tmp_path, streamed, dtype)
 
 def test_kernels_setting():
     assert moei2.CompressionConfig().kernels == "auto"
-    assert not moei2.CompressionConfig().torch_kernels
-    assert moei2.CompressionConfig(device="cuda").torch_kernels
-    assert not moei2.CompressionConfig(device="cuda", kernels="c").torch_kernels
-    assert moei2.CompressionConfig(kernels="torch").torch_kernels
+    assert not moei2.CompressionConfig().torch_kernels()
+    assert moei2.CompressionConfig(device="cuda").torch_kernels()
+    assert not moei2.CompressionConfig(device="cuda", kernels="c").torch_kernels()
+    assert moei2.CompressionConfig(kernels="torch").torch_kernels()
+    assert moei2.CompressionConfig().torch_kernels(torch.device("cuda", 1))
+    assert not moei2.CompressionConfig(device="cuda").torch_kernels(torch.device("cpu"))
     with pytest.raises(ValueError, match="kernels must be one of"):
         moei2.CompressionConfig(kernels="cuda")
 

@@ -242,13 +242,28 @@ class BudgetPlan:
                 "layers": {str(l): p.to_dict() for l, p in self.plans.items()}}
 
 
-def pack_costs(costs: LayerCosts, importance) -> dict:
+# The run state's name of a layer's costs (resume).
+COSTS_KEY = "budget_costs_layer{}"
+
+
+def save_costs(state, layer: int, costs: LayerCosts, importance) -> None:
+    """Records a layer's costs and expert importance in the run state as it finishes."""
+    state.save_arrays(COSTS_KEY.format(layer), _pack_costs(costs, importance))
+
+
+def resumed_costs(state, layer: int) -> tuple[LayerCosts, list] | None:
+    """A layer's costs and importance from a previous run, or None."""
+    saved = state.load_arrays(COSTS_KEY.format(layer))
+    return None if saved is None else _unpack_costs(saved)
+
+
+def _pack_costs(costs: LayerCosts, importance) -> dict:
     """Arrays of a layer's costs for the run state (resume)."""
     return {"prune_loss": costs.prune_loss, "drop_order": costs.drop_order, "truncation": costs.truncation,
             "params": np.array([costs.dense_params, costs.rank_params]), "importance": np.asarray(importance)}
 
 
-def unpack_costs(arrays: dict) -> tuple[LayerCosts, list]:
+def _unpack_costs(arrays: dict) -> tuple[LayerCosts, list]:
     dense, step = (int(v) for v in arrays["params"])
     return (LayerCosts(prune_loss=arrays["prune_loss"], drop_order=arrays["drop_order"],
                        truncation=arrays["truncation"], dense_params=dense, rank_params=step),

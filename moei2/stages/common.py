@@ -178,17 +178,3 @@ def progress_bar(ctx: Context, total: int, desc: str):
     if not ctx.progress:
         return None
     return LayerProgress(total, int(ctx.input_ids.numel()), desc)
-
-
-def pack_factors(factors: dict) -> dict:
-    out = {}
-    for j, mats in factors.items():
-        for name, (A, B) in mats.items():
-            out[f"{j}.{name}.A"] = np.asarray(A)
-            out[f"{j}.{name}.B"] = np.asarray(B)
-    return out
-
-
-def unpack_factors(arrays: dict, num_experts: int) -> dict:
-    return {j: {name: (arrays[f"{j}.{name}.A"], arrays[f"{j}.{name}.B"]) for name in ("gate", "up", "down")}
-            for j in range(num_experts)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -23,6 +24,47 @@ class Decomposition:
     def record(self) -> dict:
         return {"ranks": [int(r) for r in self.ranks], "importance": list(self.importance),
                 "losses": self.losses, "fallbacks": self.fallbacks}
+
+
+@dataclass
+class LowRankLayers:
+    """The decomposition stage's result over a run: each decomposed layer's record
+    (:meth:`Decomposition.record`) and the spectra the report draws. As each layer finishes, its
+    factors are recorded in the run state as arrays (:attr:`FACTORS_KEY`), then its record and the
+    spectra (:attr:`RESUME_KEY`, :attr:`SPECTRA_KEY`): a layer with a record and intact factors is
+    not decomposed again."""
+
+    records: dict = field(default_factory=dict)  # {layer: Decomposition.record()}
+    spectra: list = field(default_factory=list)
+
+    RESUME_KEY: ClassVar[str] = "ranks"
+    SPECTRA_KEY: ClassVar[str] = "spectra"
+    FACTORS_KEY: ClassVar[str] = "factors_layer{}"
+
+    @classmethod
+    def resume(cls, state) -> "LowRankLayers":
+        return cls({int(l): r for l, r in state.get(cls.RESUME_KEY, {}).items()},
+                   list(state.get(cls.SPECTRA_KEY, [])))
+
+    def resumed_factors(self, state, layer: int, num_experts: int) -> Optional[dict]:
+        """The factors of ``layer`` if a previous run finished it and its arrays are intact."""
+        saved = state.load_arrays(self.FACTORS_KEY.format(layer))
+        if layer not in self.records or saved is None:
+            return None
+        return _unpack_factors(saved, num_experts)
+
+    def add(self, state, layer: int, decomposition: "Decomposition", spectra: Optional[list] = None) -> None:
+        state.save_arrays(self.FACTORS_KEY.format(layer), _pack_factors(decomposition.factors))
+        self.records[layer] = decomposition.record()
+        self.spectra.extend(spectra or [])
+        state.put(self.SPECTRA_KEY, self.spectra)
+        state.put(self.RESUME_KEY, {str(l): r for l, r in self.records.items()})
+
+    def layer_report(self, layer: int) -> dict:
+        return {"lowrank": self.records[layer]} if layer in self.records else {}
+
+    def report(self) -> dict:
+        return {"spectra": self.spectra}
 
 
 # Grams held at once while a layer is decomposed: experts are factored in groups whose Grams fit
@@ -131,3 +173,17 @@ def _spectra(layer: int, weight: np.ndarray, gram: np.ndarray, matrix: str, expe
     whitened = np.sqrt(np.clip(np.linalg.eigvalsh(side @ gram @ side.T)[::-1], 0.0, None))
     return [{"layer": layer, "expert": expert, "matrix": matrix, "plain": plain.tolist(),
              "whitened": whitened[: len(plain)].tolist()}]
+
+
+def _pack_factors(factors: dict) -> dict:
+    out = {}
+    for j, mats in factors.items():
+        for name, (A, B) in mats.items():
+            out[f"{j}.{name}.A"] = np.asarray(A)
+            out[f"{j}.{name}.B"] = np.asarray(B)
+    return out
+
+
+def _unpack_factors(arrays: dict, num_experts: int) -> dict:
+    return {j: {name: (arrays[f"{j}.{name}.A"], arrays[f"{j}.{name}.B"]) for name in ("gate", "up", "down")}
+            for j in range(num_experts)}

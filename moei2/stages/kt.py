@@ -9,8 +9,8 @@ extra weights; it still costs K + K^2 + ... + K^T layer passes (:func:`moei2.blo
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,35 @@ class KTBlock:
         return cls(layers=d["layers"], choice=d["choice"], loss=d["loss"],
                    per_layer_best=d.get("per_layer_best", d["choice"]),
                    per_layer_best_loss=d["per_layer_best_loss"], combinations=d["combinations"], losses=d["losses"])
+
+
+@dataclass
+class KTChoices:
+    """The KT stage's result over a run: each finished block's :class:`KTBlock` by block index,
+    recorded in the run state under :attr:`RESUME_KEY` as each block finishes; ``chosen`` maps
+    every MoE layer of those blocks to its chosen candidate."""
+
+    blocks: dict = field(default_factory=dict)  # {block index: KTBlock}
+    chosen: dict = field(default_factory=dict, init=False)  # {layer: candidate index}
+
+    RESUME_KEY: ClassVar[str] = "blocks"
+
+    def __post_init__(self):
+        for block in self.blocks.values():
+            self.chosen.update(zip(block.layers, block.choice))
+
+    @classmethod
+    def resume(cls, state) -> "KTChoices":
+        return cls({int(i): KTBlock.from_dict(b) for i, b in state.get(cls.RESUME_KEY, {}).items()})
+
+    def add(self, state, index: int, block: KTBlock) -> None:
+        self.blocks[index] = block
+        self.chosen.update(zip(block.layers, block.choice))
+        state.put(self.RESUME_KEY, {str(i): b.to_dict() for i, b in self.blocks.items()})
+
+    def report(self) -> dict:
+        """The report's ``blocks``: every block's choice, in order."""
+        return {"blocks": [self.blocks[i].to_dict() for i in sorted(self.blocks)]}
 
 
 @contextlib.contextmanager

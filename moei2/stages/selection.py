@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,38 @@ class Selection:
     @property
     def best(self) -> int:
         return int(np.argmin(self.losses))
+
+    def report(self, chosen: int) -> dict:
+        """The report's entries of the layer once candidate ``chosen`` is taken: the search and
+        the experts dropped and kept."""
+        dropped = [int(j) for j in np.flatnonzero(self.masks[chosen])]
+        return {"search": {"candidates": self.masks, "candidate_losses": self.losses, "history": self.history,
+                           "evaluations": self.evaluations, "chosen_candidate": chosen},
+                "dropped": dropped, "kept": [j for j in range(len(self.masks[chosen])) if j not in dropped]}
+
+
+@dataclass
+class Selections:
+    """The selection stage's result over a run: each searched MoE layer's :class:`Selection`,
+    recorded in the run state under :attr:`RESUME_KEY` as each layer finishes."""
+
+    layers: dict = field(default_factory=dict)  # {layer: Selection}
+
+    RESUME_KEY: ClassVar[str] = "candidates"
+
+    @classmethod
+    def resume(cls, state) -> "Selections":
+        return cls({int(l): Selection.from_dict(v) for l, v in state.get(cls.RESUME_KEY, {}).items()})
+
+    def add(self, state, layer: int, selection: Selection) -> None:
+        self.layers[layer] = selection
+        state.put(self.RESUME_KEY, {str(l): v.to_dict() for l, v in self.layers.items()})
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def __getitem__(self, layer: int) -> Selection:
+        return self.layers[layer]
 
 
 def search_layer(ctx, stats, view, r_max: int):

@@ -1,7 +1,7 @@
 """Records what the compression pipeline chooses on the tiny models, for tests/test_expectations.py.
 
-For every tiny family and both hidden-state modes of the search (``search_hidden`` "compressed"
-and "original"), the report's expert importance, candidate masks and their losses, KT choices
+For every tiny family and both hidden-state modes of the search (``CompressionConfig.search_hidden``
+"compressed" and "original"), the report's expert importance, candidate masks and their losses, KT choices
 and losses, ranks and decomposition losses, the parameter counts, and the compressed model's last
 logits on fixed ids are written to ``pipeline.json`` beside this file. The tests hold the
 pipeline to them: masks, choices and ranks exactly, losses and logits to a tight tolerance.
@@ -40,8 +40,8 @@ def run_case(family: str, mode: str) -> dict:
     """Compresses the tiny ``family`` model with the search on the ``mode`` hidden state; returns
     what is recorded of the run."""
     model = build_model(family, layers=LAYERS)
-    report = compress_source(InMemorySource(model), CharTokenizer(), calibration_texts(), small_config(),
-                             progress=False, search_hidden=mode)
+    report = compress_source(InMemorySource(model), CharTokenizer(), calibration_texts(),
+                             small_config(search_hidden=mode), progress=False)
     with torch.no_grad():
         logits = model(input_ids=logit_ids()).logits[:, -1, :]
     layers = {}
