@@ -5,6 +5,10 @@ The ``compress`` options are generated from the fields of :class:`moei2.Compress
 reachable and no default is written twice. Settings are layered: preset, then ``--config FILE``,
 then the options given. Everything that can be checked without the weights is checked before the
 model loads; a bad input ends with exit status 2 and one line on stderr.
+
+Why one file of over 600 lines: each subcommand is a parser and a handler of a few dozen lines,
+and they share the settings layering, the pre-load checks and the exit-2 error path; split across
+modules, each would import the others' private helpers.
 """
 from __future__ import annotations
 

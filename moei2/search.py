@@ -17,6 +17,10 @@ only experts it can be re-routed to when at most r_max are dropped; every expert
 whose order depends on the mask, docs/method.md) as the triangular QR factor
 of their output vectors, so scoring a mask never touches the hidden size. The kernels are in
 C (csrc/fitness.c, importance.c, genetic.c); moei2._reference holds the float64 oracle.
+
+Why one file of over 600 lines: it is the Python face of the C search, and the routing rule, the
+cache, the prune counts and the searches share one contract (the rule's candidate bound, the
+mask layout, the seeded RNG) that reads best in one place.
 """
 from __future__ import annotations
 
