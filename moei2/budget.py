@@ -220,30 +220,37 @@ def allocate(layers: Sequence[LayerCosts], target: int, *, max_grid: int = 2048)
         back.append(share)
     if not np.isfinite(total[G]):
         raise ValueError("no combination of the layers' options fits the budget")
-    plans = [None] * len(layers)
+    plans, chosen = [None] * len(layers), [0] * len(layers)
     g = G
     for l in range(len(layers) - 1, -1, -1):
         h = int(back[l][g])
         option, drops, totals = choices[l]
-        k = int(option[h])
-        plans[l] = _plan(layers[l], int(drops[k]), int(totals[k]))
+        chosen[l] = int(option[h])
+        plans[l] = _plan(layers[l], int(drops[chosen[l]]), int(totals[chosen[l]]))
         g -= h
     if unit > 1:
-        _refine(layers, plans, options, target)
+        _refine(layers, plans, options, chosen, target)
     return _fill(layers, plans, target)
 
 
-def _refine(layers, plans, options, target: int) -> None:
+def _refine(layers, plans, options, chosen: list, target: int) -> None:
     """After a coarse grid: each layer in turn takes its best option within its own parameters
-    plus what is unspent, the others fixed, until no layer changes (each change lowers the cost)."""
+    plus what is unspent, the others fixed, until no layer changes.
+
+    Options are compared by their cost in the options table (``chosen[l]`` indexes layer l's
+    current one), never against a plan's cost summed another way: at real widths the table's
+    cumulative sums and a plan's per-expert sum differ in the last bits of large numbers, and an
+    option that looks cheaper only by that rounding would be taken again and again. Compared
+    within one table, every change lowers the table's total, so the loop ends."""
     changed = True
     while changed:
         changed = False
         for l, (params, cost, drops, totals) in enumerate(options):
             allowance = plans[l].params + target - sum(p.params for p in plans)
             fits = np.flatnonzero(params <= allowance)
-            k = fits[np.lexsort((-params[fits], cost[fits]))[0]]
-            if cost[k] < plans[l].cost * (1 - 1e-12) - 1e-300:
+            k = int(fits[np.lexsort((-params[fits], cost[fits]))[0]])
+            if k != chosen[l] and cost[k] < cost[chosen[l]]:
+                chosen[l] = k
                 plans[l] = _plan(layers[l], int(drops[k]), int(totals[k]))
                 changed = True
 

@@ -49,6 +49,7 @@ def test_reap_saliency_matches_numpy(family):
 # ---- the allocator -----------------------------------------------------------------------------
 
 import itertools  # noqa: E402
+import threading  # noqa: E402
 
 from moei2.budget import LayerCosts, allocate  # noqa: E402
 
@@ -125,6 +126,34 @@ def test_budget_is_met_within_one_rank_step_on_a_coarse_grid():
         # the coarse grid is not worse than a finer one by more than what its rounding allows
         finer = allocate(layers, target, max_grid=2000)
         assert sum(p.cost for p in plans) <= 1.05 * sum(p.cost for p in finer) + 1e-9
+
+
+def test_coarse_grid_refinement_ends_on_costs_spanning_many_orders_of_magnitude():
+    """Real-width spectra: rank-1 costs near 1e8, tails near 1e-8, hundreds of ranks. The options
+    table sums costs cumulatively and a plan sums them per expert; they differ in the last bits, and
+    the refinement must not take an option that is cheaper only by that rounding, again and again."""
+    rng = np.random.default_rng(11)
+    layers = []
+    for _ in range(4):
+        experts, max_rank = 24, 300
+        decay = np.exp(-np.linspace(0, 37, max_rank))[None, :] * rng.uniform(0.5, 2.0, size=(experts, 1))
+        steps = 1e8 * decay                                  # non-increasing steps: convex costs
+        truncation = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1] - steps[:, -1:]
+        prune = np.concatenate([[0.0], np.cumsum(rng.uniform(1e6, 1e9, size=12))])
+        layers.append(LayerCosts(prune_loss=prune, drop_order=rng.permutation(experts)[:12],
+                                 truncation=np.maximum(truncation, 0.0), dense_params=3 * 2048 * 1408,
+                                 rank_params=3 * (2048 + 1408)))
+    full = sum(c.num_experts * c.dense_params for c in layers)
+    for fraction in (0.5, 0.7):
+        target = int((1 - fraction) * full)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(plans=allocate(layers, target, max_grid=300)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the allocator did not finish"
+        used = sum(p.params for p in result["plans"])
+        assert target - 3 * (2048 + 1408) < used <= target
 
 
 def test_free_pruning_gives_pure_pruning_and_free_low_rank_pure_low_rank():
