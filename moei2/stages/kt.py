@@ -79,12 +79,24 @@ def masked_routing(view, mask):
     if not bool(drop.any()):
         yield
         return
-    top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
     rule = view.rule
     if not view.adapter.router_gives_choice:
-        return (yield from _router_output_routing(view, rule, drop))
-    if rule.weights != "softmax" or rule.choice_bias is not None:
-        return (yield from _rule_routing(view, rule, drop))
+        hook = _router_output_hook(view, rule, drop)
+    elif rule.weights != "softmax" or rule.choice_bias is not None:
+        hook = _rule_hook(rule, drop)
+    else:
+        hook = _softmax_hook(view, drop)
+    handle = view.router.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _softmax_hook(view, drop):
+    """The router hook for a plain softmax rule: the survivors' softmax, top-k, renormalised and
+    scaled as the layer does, in torch on the router's device."""
+    top_k, renormalize, scaling = view.top_k, view.renormalize, view.scaling_factor
     # Moved to the router's device once: a host-to-device copy on every router call is a sync
     # per layer and batch of the K^T walk.
     placed = {drop.device: drop}
@@ -101,15 +113,11 @@ def masked_routing(view, mask):
             w = w * scaling
         return (z, w.to(weights.dtype), index) + tuple(output[3:])
 
-    handle = view.router.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
-def _rule_routing(view, rule, drop):
-    """masked_routing for the rules beyond a plain softmax: the survivors routed by
+def _rule_hook(rule, drop):
+    """The router hook for the rules beyond a plain softmax: the survivors routed by
     :meth:`moei2.search.RoutingRule.route` (float64, from the router's float32 logits)."""
     def hook(module, args, output):
         logits, weights = output[0], output[1]
@@ -118,24 +126,16 @@ def _rule_routing(view, rule, drop):
         return (z, torch.from_numpy(w).to(device=weights.device, dtype=weights.dtype),
                 torch.from_numpy(index).to(weights.device)) + tuple(output[3:])
 
-    handle = view.router.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
-def _router_output_routing(view, rule, drop):
-    """masked_routing for a router whose output is not the layout's choice (Llama 4's
+def _router_output_hook(view, rule, drop):
+    """The router hook for a router whose output is not the layout's choice (Llama 4's
     (scores, logits)): the family's adapter rewrites it."""
     def hook(module, args, output):
         return view.adapter.masked_router_output(output, drop, rule)
 
-    handle = view.router.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
 def choose_block(ctx, block: list, modules: dict, selections: dict, hidden_start: torch.Tensor,
