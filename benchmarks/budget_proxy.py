@@ -24,7 +24,7 @@ import torch
 import moei2
 from moei2.calibrate import ExpertGrams, iter_layer_stats
 from moei2.config import full_rank
-from moei2.data import calibration_windows
+from moei2.calibration_data import calibration_windows
 from moei2.lowrank import decompose
 from moei2.models import get_adapter
 from moei2.stages.budget import expert_truncation_parts, routing_weight_squares
@@ -62,7 +62,7 @@ def measure_layer(view, stats, ranks, act):
         rows, slots = (stats.top_k_index == j).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
-        parts = expert_truncation_parts(view, j, gram_in, gram_down, stats.X[rows], cap)
+        parts = expert_truncation_parts(view, j, stats.X[rows], cap)
         x, weight = X[rows], w[rows, slots][:, None]
         base = expert_output(x, *dense, act)
         for r in ranks:

@@ -183,6 +183,61 @@ def test_convex_minorant():
     np.testing.assert_array_equal(convex_minorant(smooth), smooth)
 
 
+def _discarded_costs_brute_force(weight, x, through):
+    """Every eigenpair of the full m x m W G W^T, G = X^T X: l_i ||T u_i||^2, decreasing l_i."""
+    values, vectors = np.linalg.eigh(weight @ (x.T @ x) @ weight.T)
+    values, vectors = np.clip(values[::-1], 0.0, None), vectors[:, ::-1]
+    return values * np.square(through @ vectors).sum(axis=0)
+
+
+@pytest.mark.parametrize("m, n, tokens", [(12, 20, 5),    # rows route, N x N eigenproblem
+                                          (12, 20, 15),   # rows route, m x m
+                                          (12, 20, 40),   # Gram route
+                                          (20, 12, 5),    # tall: rows route
+                                          (20, 12, 40)])  # tall: QR of W, then the Gram
+def test_discarded_costs_match_the_full_eigenproblem_on_every_route(m, n, tokens):
+    from moei2.stages.budget import discarded_costs
+
+    rng = np.random.default_rng(m * 100 + tokens)
+    w = rng.standard_normal((m, n))
+    x = rng.standard_normal((tokens, n)) * np.linspace(0.1, 3.0, n)
+    through = rng.standard_normal((7, m))
+    k = min(m, n)
+    expected = _discarded_costs_brute_force(w, x, through)[:k]
+    scale = expected.max()
+    for given in ({"rows": x}, {"gram": x.T @ x}):
+        np.testing.assert_allclose(discarded_costs(w, through=through, **given), expected, rtol=0, atol=1e-10 * scale)
+        values = discarded_costs(w, **given)
+        np.testing.assert_allclose(values, np.clip(np.linalg.eigvalsh(w @ x.T @ x @ w.T)[::-1][:k], 0, None),
+                                   rtol=0, atol=1e-10 * values.max())
+    if tokens < k:  # a rank-N Gram: every direction past the N-th costs nothing
+        assert (discarded_costs(w, rows=x, through=through)[tokens:] == 0).all()
+
+
+def test_truncation_parts_of_down_are_the_decomposition_losses():
+    """The down projection's cost at rank r is the squared loss of its whitened rank-r factors."""
+    from moei2.calibrate import ExpertGrams, iter_layer_stats
+    from moei2.lowrank import decompose
+    from moei2.stages.budget import expert_truncation_parts
+
+    model = build_model("qwen2_moe").eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = next(iter(iter_layer_stats(model, ids, batch_size=4, progress=False, propagate=False)))
+    view = get_adapter(model).view(stats.layer_index)
+    grams = ExpertGrams(view, stats.X, stats.top_k_index, [slice(0, stats.X.shape[0])])
+    checked = 0
+    for j in range(view.num_experts):
+        rows = stats.X[(stats.top_k_index == j).any(dim=1)]
+        parts = expert_truncation_parts(view, j, rows, 4)
+        _, gram_down = grams(j)
+        down = view.expert(j)[2].double().numpy()
+        for r in range(1, 5):
+            loss = decompose(down, gram_down.numpy(), r, return_info=True)[2]["loss"]
+            np.testing.assert_allclose(parts["down"][r - 1], loss ** 2, rtol=1e-8, atol=1e-12)
+        checked += rows.shape[0] > 0
+    assert checked >= 2
+
+
 def test_allocator_refuses_what_it_cannot_do():
     rng = np.random.default_rng(0)
     layers = [random_layer(rng) for _ in range(2)]

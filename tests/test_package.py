@@ -42,3 +42,13 @@ def test_set_blas_threads_round_trip():
 def test_set_blas_threads_rejects_zero():
     with pytest.raises(ValueError, match="num_threads"):
         moei2.set_blas_threads(0)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports(script, monkeypatch):
+    """The benchmarks run by hand, not in CI: at least what they import from moei2 must still exist."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script[:-3]}", REPO / "benchmarks" / script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

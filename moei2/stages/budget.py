@@ -5,12 +5,13 @@ tokens (docs/method.md, "Budget mode"):
 - dropping d experts: L(S_d)^2 from the search cache built over the tokens as one batch, with S_d
   the first d experts of a greedy order (each step drops the expert whose removal, with those
   already dropped, costs least): exact for that set;
-- expert j at rank r: the whitened spectra of its three matrices on the unpruned layer's Grams.
+- expert j at rank r: the whitened spectra of its three matrices on the unpruned layer's inputs.
   For the down projection the tail sum of the spectrum of W G W^T is the exact squared error of
   its output over the routed tokens, weighted here by the mean squared routing weight; for gate
   and up each discarded direction is carried to the expert's output to first order, through the
   root-mean-square channel scales and the down projection (a proxy, measured in
-  benchmarks/budget_proxy.py).
+  benchmarks/budget_proxy.py). While an expert has fewer routed rows than a matrix has columns,
+  the spectra come from the rows themselves (:func:`discarded_costs`), without forming its Gram.
 """
 from __future__ import annotations
 
@@ -110,18 +111,12 @@ def routing_weight_squares(stats, view) -> np.ndarray:
     return (sums / counts.clamp(min=1)).numpy()
 
 
-def whitened_eigenvalues(weight: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Eigenvalues of W G W^T, decreasing, min(m, n) of them (the smaller side, as the report's
-    spectra): their tail sums are the squared errors of the whitened truncations."""
-    w = weight.astype(np.float64)
-    side = np.linalg.qr(w, mode="r") if w.shape[0] > w.shape[1] else w
-    return np.clip(np.linalg.eigvalsh(side @ gram @ side.T)[::-1], 0.0, None)
-
-
-def _tails(eigenvalues: np.ndarray, max_rank: int) -> np.ndarray:
-    """Tail sums: [sum over i > r of eigenvalue i] for r = 1..max_rank."""
-    kept = np.cumsum(eigenvalues)
-    return np.clip(kept[-1] - kept[:max_rank], 0.0, None)
+def _tails(costs: np.ndarray, max_rank: int) -> np.ndarray:
+    """Tail sums [sum over i > r of costs[i]] for r = 1..max_rank (``costs`` non-negative, by
+    decreasing eigenvalue), each summed smallest first: "total minus kept" would cancel where the
+    tail is a tiny part of the total."""
+    suffix = np.append(np.cumsum(costs[::-1])[::-1], 0.0)
+    return suffix[1:max_rank + 1]
 
 
 def channel_scales(view, j: int, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -156,54 +151,88 @@ def convex_minorant(costs: np.ndarray) -> np.ndarray:
     return np.interp(np.arange(costs.size), xs, ys)
 
 
-def _propagated_tails(weight: np.ndarray, gram: np.ndarray, through: np.ndarray, max_rank: int) -> np.ndarray:
-    """Squared output error of the whitened rank-r truncation of ``weight`` (gate or up), carried
-    to the expert's output through ``through`` = down @ diag(channel scale): each discarded
-    direction u_i of W G W^T (eigenvalue l_i) costs l_i ||through @ u_i||^2."""
+def discarded_costs(weight: np.ndarray, *, rows: np.ndarray | None = None, gram: np.ndarray | None = None,
+                    through: np.ndarray | None = None) -> np.ndarray:
+    """What each discarded direction of the whitened truncation of ``weight`` (m x n) costs, by
+    decreasing eigenvalue l_i of W G W^T, min(m, n) of them: l_i, or l_i ||through @ u_i||^2 with
+    u_i the i-th eigenvector (``through``: p x m). Tail sums of these are the errors of the rank-r
+    truncations. G = X^T X is given as ``rows`` X (N x n) or as ``gram``.
+
+    From rows when N < n: W G W^T = Y Y^T with Y = W X^T (m x N), formed in O(m n N) instead of
+    O(m n^2). When also N < m, the non-zero eigenpairs come from the N x N matrix Y^T Y = V L V^T
+    (u_i = Y v_i / sqrt(l_i), so l_i ||T u_i||^2 = ||T Y v_i||^2) and the other m - N are 0. From
+    the Gram otherwise, on the smaller side: W G W^T = Q (R G R^T) Q^T for a tall W = Q R."""
     w = weight.astype(np.float64)
-    if w.shape[0] > w.shape[1]:  # the smaller side: W G W^T = Q (R G R^T) Q^T
+    m, n = w.shape
+    k = min(m, n)
+    if rows is not None and rows.shape[0] < n:
+        y = w @ rows.T
+        if y.shape[1] < m:
+            return _descending_costs(y.T @ y, None if through is None else through @ y, scale=False, size=k)
+        return _descending_costs(y @ y.T, through, scale=True, size=k)
+    if gram is None:
+        gram = rows.T @ rows
+    if m > n:
         q, side = np.linalg.qr(w)
+        through = None if through is None else through @ q
     else:
-        q, side = None, w
-    eig, vec = np.linalg.eigh(side @ gram @ side.T)
-    eig, vec = np.clip(eig[::-1], 0.0, None), vec[:, ::-1]
-    directions = vec if q is None else q @ vec
-    cost = eig * np.square(through @ directions).sum(axis=0)
-    return _tails(cost, max_rank)
+        side = w
+    return _descending_costs(side @ gram @ side.T, through, scale=True, size=k)
 
 
-def expert_truncation_parts(view, j: int, gram_in: np.ndarray, gram_down: np.ndarray, rows: torch.Tensor,
-                            max_rank: int) -> dict:
+def _descending_costs(symmetric: np.ndarray, through: np.ndarray | None, *, scale: bool, size: int) -> np.ndarray:
+    """The eigenvalues of ``symmetric``, decreasing and clamped at 0, or with ``through`` each
+    eigenvector's ||through @ v||^2 (times its eigenvalue when ``scale``); zero-padded to ``size``."""
+    out = np.zeros(size)
+    if through is None:
+        values = np.linalg.eigvalsh(symmetric)[::-1]
+        out[:values.size] = np.clip(values, 0.0, None)
+        return out
+    values, vectors = np.linalg.eigh(symmetric)
+    values, vectors = np.clip(values[::-1], 0.0, None), vectors[:, ::-1]
+    norms = np.square(through @ vectors).sum(axis=0)
+    out[:values.size] = values * norms if scale else norms
+    return out
+
+
+def expert_truncation_parts(view, j: int, rows: torch.Tensor, max_rank: int) -> dict:
     """Expert j's squared output error at ranks 1..max_rank from each matrix, unweighted by
-    routing: ``down`` exact (tail of its whitened spectrum); ``gate`` and ``up`` a first-order
-    proxy: each discarded direction carried through the channel scales (:func:`channel_scales`,
-    ``rows`` the expert's routed inputs) and the down projection."""
-    gate, up, down = (to_numpy(w, np.float64) for w in view.expert(j))
-    parts = {"down": _tails(whitened_eigenvalues(down, gram_down), max_rank)}
+    routing, from ``rows`` (the MoE-input rows routed to j): ``down`` exact (tail of its whitened
+    spectrum); ``gate`` and ``up`` a first-order proxy: each discarded direction carried through
+    the channel scales (:func:`channel_scales`) and the down projection."""
     if rows.shape[0] == 0:
-        return {**parts, "gate": np.zeros(max_rank), "up": np.zeros(max_rank)}
+        return {name: np.zeros(max_rank) for name in ("gate", "up", "down")}
+    gate, up, down = (to_numpy(w, np.float64) for w in view.expert(j))
+    weight_dtype = next(view.experts_module.parameters()).dtype
+    with torch.no_grad():  # the inputs the factors' Grams are made of (calibrate._add_expert_grams)
+        x = to_numpy(view.expert_input(j, rows).to(torch.float64), np.float64)
+        h = to_numpy(view.intermediate(j, rows.to(weight_dtype)).to(torch.float64), np.float64)
     scale_gate, scale_up = channel_scales(view, j, rows)
-    parts["gate"] = _propagated_tails(gate, gram_in, down * scale_gate[None, :], max_rank)
-    parts["up"] = _propagated_tails(up, gram_in, down * scale_up[None, :], max_rank)
-    return parts
+    inputs = _rows_or_gram(x)  # gate and up share it: a Gram of many rows is formed once
+    return {"down": _tails(discarded_costs(down, **_rows_or_gram(h)), max_rank),
+            "gate": _tails(discarded_costs(gate, through=down * scale_gate[None, :], **inputs), max_rank),
+            "up": _tails(discarded_costs(up, through=down * scale_up[None, :], **inputs), max_rank)}
+
+
+def _rows_or_gram(x: np.ndarray) -> dict:
+    """:func:`discarded_costs`'s input: the rows while fewer than the columns, else their Gram."""
+    return {"rows": x} if x.shape[0] < x.shape[1] else {"gram": x.T @ x}
 
 
 def truncation_costs(ctx, stats, view) -> np.ndarray:
     """[E, R_cap] cost of each expert at each rank 1..R_cap (module docstring), each expert's made
     convex in the rank (the allocator's merge of marginal gains needs it; the gate/up proxy's
     steps need not decrease) by taking its convex minorant."""
-    from ..calibrate import ExpertGrams, _tokens_by_expert
+    from ..calibrate import _tokens_by_expert
 
     E, H, inter = int(view.num_experts), int(view.hidden_size), int(view.intermediate_size)
     cap = full_rank(H, inter)
-    grams = ExpertGrams(view, stats.X, stats.top_k_index, ctx.row_slices)
     tokens, bounds = _tokens_by_expert(stats.top_k_index, E)
     weights = routing_weight_squares(stats, view)
     costs = np.zeros((E, cap))
     for j in range(E):
-        gram_in, gram_down = (to_numpy(g, np.float64) for g in grams(j))
         rows = stats.X[tokens[bounds[j]:bounds[j + 1]].to(stats.X.device)]
-        parts = expert_truncation_parts(view, j, gram_in, gram_down, rows, cap)
+        parts = expert_truncation_parts(view, j, rows, cap)
         costs[j] = convex_minorant(weights[j] * (parts["down"] + parts["gate"] + parts["up"]))
     return costs
 
