@@ -131,6 +131,10 @@ class MoEView:
             return None if e.gate_bias is None else (e.gate_bias.detach(), e.up_bias.detach(), e.down_bias.detach())
         return self.adapter.dense_expert_biases(experts, j)
 
+    def gated_activation(self):
+        """The experts' ``glu(gate, up)`` (:meth:`MoEAdapter.gated_activation`)."""
+        return self.adapter.gated_activation(self.experts_module)
+
     def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """The input of expert ``j``'s down projection, ``act(gate x) * (up x)`` (the family's gated
         activation and biases where it has them), for MoE-input rows ``x`` [n, H]."""
@@ -272,6 +276,14 @@ class MoEAdapter:
 
     def dense_expert_output(self, experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.dense_intermediate(experts, j, x), experts.down_proj[j])
+
+    def gated_activation(self, experts: nn.Module):
+        """``glu(gate, up)``: the down projection's input from the gate and up pre-activations
+        (biases included), elementwise per channel: ``act(gate) * up``, or the activation's own
+        ``glu`` where it has one (low-rank experts keep the family's)."""
+        act = experts.act_fn
+        glu = getattr(act, "glu", None)
+        return glu if glu is not None else (lambda gate, up: act(gate) * up)
 
     def expert_input(self, view: MoEView, j: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``j``'s input for MoE-input rows ``x``: ``x`` in the shared layout."""

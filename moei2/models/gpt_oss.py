@@ -60,6 +60,11 @@ class GptOssAdapter(MoEAdapter):
     def dense_expert_output(self, experts, j, x):
         return self.dense_intermediate(experts, j, x) @ experts.down_proj[j] + experts.down_proj_bias[j]
 
+    def gated_activation(self, experts):
+        if isinstance(experts, LowRankExperts):
+            return super().gated_activation(experts)
+        return ClampedSwiGLU(experts.alpha, experts.limit).glu
+
     def lowrank_experts_module(self, dense, hidden_size, intermediate_size, ranks, *, dtype, device):
         act = dense.act_fn if isinstance(dense, LowRankExperts) else ClampedSwiGLU(dense.alpha, dense.limit)
         return LowRankExperts(hidden_size, intermediate_size, ranks, act, dtype=dtype, device=device, biases=True)
