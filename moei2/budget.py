@@ -4,7 +4,7 @@ The problem (docs/method.md, "Budget mode"): each layer l offers, for every drop
 0..D_l, its survivors (the experts not among the first d of ``drop_order``) either dense, or
 low-rank with a rank r_j in 1..R_cap per survivor. An option's cost is ``prune_loss[d]`` plus,
 when low-rank, ``sum_j truncation[j, r_j - 1]``; its parameters are ``survivors * dense_params``,
-or ``sum_j r_j * rank_params``. The allocator minimises the summed cost over the layers with the
+or ``sum_j r_j * rank_params``, plus ``survivors * bias_params`` either way. The allocator minimises the summed cost over the layers with the
 parameters at most ``target``.
 
 How, exactly:
@@ -41,13 +41,15 @@ class LayerCosts:
     ``drop_order`` (``prune_loss[0]`` is normally 0). ``drop_order`` [>= D]: experts in the order
     they are dropped. ``truncation`` [E, R_cap]: cost of expert j at rank r (column r - 1),
     non-increasing and convex in r. ``dense_params``, ``rank_params``: parameters of one dense
-    expert and of one rank step of one expert."""
+    expert's matrices and of one rank step of one expert; ``bias_params``: what every survivor keeps
+    as it is, dense or low-rank (its biases, where the family has them)."""
 
     prune_loss: np.ndarray
     drop_order: np.ndarray
     truncation: np.ndarray
     dense_params: int
     rank_params: int
+    bias_params: int = 0
 
     def __post_init__(self):
         self.prune_loss = np.asarray(self.prune_loss, dtype=np.float64).ravel()
@@ -76,6 +78,10 @@ class LayerCosts:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             setattr(self, name, int(value))
+        if isinstance(self.bias_params, bool) or not isinstance(self.bias_params, (int, np.integer)) \
+                or self.bias_params < 0:
+            raise ValueError(f"bias_params must be a non-negative integer, got {self.bias_params!r}")
+        self.bias_params = int(self.bias_params)
 
     @property
     def num_experts(self) -> int:
@@ -94,7 +100,7 @@ class LayerCosts:
 
     def min_params(self) -> int:
         """The fewest parameters the layer can keep: every allowed expert dropped, rank 1."""
-        return (self.num_experts - self.max_drop) * min(self.rank_params, self.dense_params)
+        return (self.num_experts - self.max_drop) * (min(self.rank_params, self.dense_params) + self.bias_params)
 
 
 @dataclass
@@ -143,13 +149,13 @@ def _options(costs: LayerCosts):
     for d in range(costs.max_drop + 1):
         survivors = costs.survivors(d)
         n = len(survivors)
-        params.append([n * costs.dense_params])
+        params.append([n * (costs.dense_params + costs.bias_params)])
         cost.append([costs.prune_loss[d]])
         drops.append([d])
         totals.append([-1])
         curve, _ = rank_curve(costs.truncation, survivors)
         total = n + np.arange(curve.size)
-        params.append(total * costs.rank_params)
+        params.append(total * costs.rank_params + n * costs.bias_params)
         cost.append(costs.prune_loss[d] + curve)
         drops.append(np.full(curve.size, d))
         totals.append(total)
@@ -160,7 +166,7 @@ def _options(costs: LayerCosts):
 def _unit(layers: Sequence[LayerCosts], target: int, max_grid: int) -> int:
     unit = 0
     for c in layers:
-        unit = math.gcd(unit, math.gcd(c.dense_params, c.rank_params))
+        unit = math.gcd(unit, math.gcd(c.dense_params, c.rank_params, c.bias_params))
     if target // unit + 1 > max_grid:
         unit = -(-target // (max_grid - 1))
     return unit
@@ -259,10 +265,12 @@ def _plan(costs: LayerCosts, d: int, total_rank: int) -> LayerPlan:
     dropped = [int(j) for j in costs.drop_order[:d]]
     survivors = costs.survivors(d)
     if total_rank < 0:
-        return LayerPlan(dropped, None, len(survivors) * costs.dense_params, float(costs.prune_loss[d]))
+        return LayerPlan(dropped, None, len(survivors) * (costs.dense_params + costs.bias_params),
+                         float(costs.prune_loss[d]))
     ranks = survivor_ranks(costs, survivors, total_rank)
     cost = costs.prune_loss[d] + sum(costs.truncation[j, r - 1] for j, r in ranks.items())
-    return LayerPlan(dropped, ranks, sum(ranks.values()) * costs.rank_params, float(cost))
+    return LayerPlan(dropped, ranks, sum(ranks.values()) * costs.rank_params + len(survivors) * costs.bias_params,
+                     float(cost))
 
 
 def _fill(layers, plans, target: int) -> list:

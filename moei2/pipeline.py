@@ -332,13 +332,13 @@ def check_settings_fit(config: CompressionConfig, shapes) -> Optional[int]:
     cannot take (:func:`moei2.config.check_rank_budget`), or a budget mode share they cannot lose
     (:func:`moei2.stages.budget.budget_target`). ValueError naming the setting.
 
-    shapes: ``(experts, top_k, hidden size, expert width)`` of every MoE layer; experts and top_k
+    shapes: ``(experts, top_k, hidden size, expert width[, biases per expert])`` of every MoE layer; experts and top_k
     may be None where they are not known yet (the budget share is then not checked): the command
     line checks the shapes of config.json before the model loads. Returns budget mode's target
     (the routed-expert parameters to keep), or None outside budget mode or when not known."""
     shapes = [tuple(shape) for shape in shapes]
     if config.decomposes:
-        for hidden_size, width in sorted({shape[2:] for shape in shapes}):
+        for hidden_size, width in sorted({shape[2:4] for shape in shapes}):
             check_rank_budget(config, hidden_size, width)
     if config.budget is None or not all(isinstance(v, int) for shape in shapes for v in shape):
         return None

@@ -54,14 +54,14 @@ import threading  # noqa: E402
 from moei2.budget import LayerCosts, allocate  # noqa: E402
 
 
-def random_layer(rng, experts=3, max_rank=3, max_drop=2, dense=7, step=3, prune_scale=1.0, trunc_scale=1.0):
+def random_layer(rng, experts=3, max_rank=3, max_drop=2, dense=7, step=3, prune_scale=1.0, trunc_scale=1.0, biases=0):
     steps = np.sort(rng.exponential(1.0, size=(experts, max_rank)), axis=1)[:, ::-1]  # convex tails
     truncation = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1] * trunc_scale
     truncation = truncation - steps[:, -1:] * trunc_scale  # the last rank costs 0 only sometimes
     truncation = np.maximum(truncation, 0.0)
     prune = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0, size=max_drop))]) * prune_scale
     return LayerCosts(prune_loss=prune, drop_order=rng.permutation(experts)[:max_drop], truncation=truncation,
-                      dense_params=dense, rank_params=step)
+                      dense_params=dense, rank_params=step, bias_params=biases)
 
 
 def brute_force(layers, target):
@@ -71,9 +71,9 @@ def brute_force(layers, target):
         options = []
         for d in range(c.max_drop + 1):
             survivors = c.survivors(d)
-            options.append((len(survivors) * c.dense_params, c.prune_loss[d]))
+            options.append((len(survivors) * (c.dense_params + c.bias_params), c.prune_loss[d]))
             for ranks in itertools.product(range(1, c.max_rank + 1), repeat=len(survivors)):
-                options.append((sum(ranks) * c.rank_params,
+                options.append((sum(ranks) * c.rank_params + len(survivors) * c.bias_params,
                                 c.prune_loss[d] + sum(c.truncation[j, r - 1] for j, r in zip(survivors, ranks))))
         per_layer.append(options)
     best = np.inf
@@ -91,8 +91,8 @@ def test_allocator_is_the_brute_force_optimum(seed):
         experts = int(rng.integers(2, 4))
         layers.append(random_layer(rng, experts=experts, max_rank=int(rng.integers(2, 4)),
                                    max_drop=int(rng.integers(1, experts)), dense=int(rng.integers(5, 9)),
-                                   step=int(rng.integers(2, 4))))
-    full = sum(c.num_experts * c.dense_params for c in layers)
+                                   step=int(rng.integers(2, 4)), biases=int(rng.integers(0, 3)) * (seed % 2)))
+    full = sum(c.num_experts * (c.dense_params + c.bias_params) for c in layers)
     least = sum(c.min_params() for c in layers)
     target = int(rng.integers(least, full + 1))
     plans = allocate(layers, target)
@@ -103,10 +103,10 @@ def test_allocator_is_the_brute_force_optimum(seed):
         survivors = c.survivors(len(p.dropped))
         assert p.dropped == [int(j) for j in c.drop_order[:len(p.dropped)]]
         if p.ranks is None:
-            assert p.params == len(survivors) * c.dense_params
+            assert p.params == len(survivors) * (c.dense_params + c.bias_params)
         else:
             assert sorted(p.ranks) == survivors.tolist()
-            assert p.params == sum(p.ranks.values()) * c.rank_params
+            assert p.params == sum(p.ranks.values()) * c.rank_params + len(survivors) * c.bias_params
             cost = c.prune_loss[len(p.dropped)] + sum(c.truncation[j, r - 1] for j, r in p.ranks.items())
             assert p.cost == pytest.approx(cost)
 
@@ -238,6 +238,25 @@ def test_truncation_parts_of_down_are_the_decomposition_losses():
     assert checked >= 2
 
 
+def test_channel_scales_are_the_gated_activations_derivatives_for_gpt_oss():
+    """gpt-oss's clamped SwiGLU with biases: the scales are the RMS of the derivatives of its own
+    _apply_gate (by autograd) over the expert's routed rows."""
+    from moei2.stages.budget import channel_scales
+
+    model = build_model("gpt_oss").eval()
+    view = get_adapter(model).view(0)
+    experts = view.experts_module
+    rows = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
+    j = 1
+    pre = (rows @ experts.gate_up_proj[j] + experts.gate_up_proj_bias[j]).detach().double().requires_grad_()
+    experts._apply_gate(pre).sum().backward()  # elementwise per channel: the gradient is each derivative
+    rms = pre.grad.square().mean(dim=0).sqrt().numpy()
+    scale_gate, scale_up = channel_scales(view, j, rows)
+    np.testing.assert_allclose(scale_gate, rms[0::2], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(scale_up, rms[1::2], rtol=1e-5, atol=1e-9)
+    assert (rms[1::2] > 0).all()
+
+
 def test_allocator_refuses_what_it_cannot_do():
     rng = np.random.default_rng(0)
     layers = [random_layer(rng) for _ in range(2)]
@@ -258,7 +277,8 @@ import moei2  # noqa: E402
 from .test_pipeline import CharTokenizer, calibration_texts, small_config  # noqa: E402
 
 
-@pytest.mark.parametrize("family, budget", [("deepseek_v2", 0.5), ("qwen2_moe", 0.7)])
+@pytest.mark.parametrize("family, budget", [("deepseek_v2", 0.5), ("qwen2_moe", 0.7), ("gpt_oss", 0.5),
+                                            ("llama4_text", 0.5)])
 def test_budget_run_removes_that_share_of_routed_expert_parameters(family, budget):
     model = build_model(family, layers=4)
     config = small_config(budget=budget)

@@ -40,14 +40,21 @@ def rank_params(hidden_size: int, inter: int) -> int:
     return 3 * (hidden_size + inter)
 
 
+def bias_params(view) -> int:
+    """The biases of one routed expert (gate, up and down), which it keeps dense or low-rank."""
+    biases = view.expert_biases(0)
+    return 0 if biases is None else sum(int(b.numel()) for b in biases)
+
+
 def budget_target(config, shapes) -> int:
     """The routed-expert parameters budget mode may keep; ``shapes``: (experts, top_k, hidden
-    size, expert width) of every MoE layer. Refused, naming the fields, when even every allowed
-    expert dropped and rank 1 everywhere keep more."""
+    size, expert width[, biases per expert]) of every MoE layer. Refused, naming the fields, when
+    even every allowed expert dropped and rank 1 everywhere keep more."""
     total = least = 0
-    for E, k, H, inter in shapes:
-        total += E * dense_params(H, inter)
-        least += (E - max_drop(config, E, k)) * min(rank_params(H, inter), dense_params(H, inter))
+    for E, k, H, inter, *biases in shapes:
+        fixed = biases[0] if biases else 0
+        total += E * (dense_params(H, inter) + fixed)
+        least += (E - max_drop(config, E, k)) * (min(rank_params(H, inter), dense_params(H, inter)) + fixed)
     target = math.floor((1.0 - config.budget) * total)
     if least > target:
         most = 1.0 - least / total
@@ -59,7 +66,9 @@ def budget_target(config, shapes) -> int:
 
 
 def layer_shape(view) -> tuple:
-    return int(view.num_experts), int(view.top_k), int(view.hidden_size), int(view.intermediate_size)
+    """(experts, top_k, hidden size, expert width, biases per expert) of an MoE layer."""
+    return (int(view.num_experts), int(view.top_k), int(view.hidden_size), int(view.intermediate_size),
+            bias_params(view))
 
 
 def layer_costs(ctx, stats, view) -> tuple[LayerCosts, list]:
@@ -75,7 +84,8 @@ def layer_costs(ctx, stats, view) -> tuple[LayerCosts, list]:
     importance = layer.expert_importance().tolist() if layer is not None else [0.0] * E
     order, losses = greedy_order(layer, D) if D else ([], [0.0])
     costs = LayerCosts(prune_loss=np.square(losses), drop_order=order, truncation=truncation_costs(ctx, stats, view),
-                       dense_params=dense_params(H, inter), rank_params=rank_params(H, inter))
+                       dense_params=dense_params(H, inter), rank_params=rank_params(H, inter),
+                       bias_params=bias_params(view))
     return costs, importance
 
 
@@ -120,20 +130,22 @@ def _tails(costs: np.ndarray, max_rank: int) -> np.ndarray:
 
 
 def channel_scales(view, j: int, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Root mean square over ``rows`` (expert j's routed inputs) of what multiplies a change of
-    each gate and up channel on its way to the down projection: ``act'(gate x) * (up x)`` for gate
-    (the derivative by central difference, so any activation works) and ``act(gate x)`` for up."""
-    experts = view.experts_module
-    weight = next(experts.parameters())
+    """Root mean square over ``rows`` (the MoE-input rows routed to expert j) of what multiplies a
+    change of each gate and up pre-activation on its way to the down projection: the derivatives
+    of the family's ``glu(gate, up)`` (``act'(gate) * up`` and ``act(gate)`` for a plain gated
+    activation), by central differences, so that any activation, clamp or bias works."""
+    weight = next(view.experts_module.parameters())
     gate, up, _ = view.expert(j)
-    x = rows.to(device=weight.device, dtype=weight.dtype)
+    biases = view.expert_biases(j) or (None, None, None)
+    glu = view.gated_activation()
     with torch.no_grad():
-        h_gate, h_up = (torch.nn.functional.linear(x, w).double() for w in (gate, up))
-        act = experts.act_fn  # in float64: a central difference in bfloat16 would be noise
-        step = 1e-3
-        slope = (act(h_gate + step) - act(h_gate - step)) / (2 * step)
+        x = view.expert_input(j, rows.to(device=weight.device, dtype=weight.dtype))
+        h_gate, h_up = (torch.nn.functional.linear(x, w, b).double() for w, b in ((gate, biases[0]), (up, biases[1])))
+        step = 1e-3  # in float64: a central difference in bfloat16 would be noise
+        d_gate = (glu(h_gate + step, h_up) - glu(h_gate - step, h_up)) / (2 * step)
+        d_up = (glu(h_gate, h_up + step) - glu(h_gate, h_up - step)) / (2 * step)
         rms = lambda t: t.square().mean(dim=0).sqrt().cpu().numpy()  # noqa: E731
-        return rms(slope * h_up), rms(act(h_gate))
+        return rms(d_gate), rms(d_up)
 
 
 def convex_minorant(costs: np.ndarray) -> np.ndarray:
@@ -289,11 +301,13 @@ def resumed_costs(state, layer: int) -> tuple[LayerCosts, list] | None:
 def _pack_costs(costs: LayerCosts, importance) -> dict:
     """Arrays of a layer's costs for the run state (resume)."""
     return {"prune_loss": costs.prune_loss, "drop_order": costs.drop_order, "truncation": costs.truncation,
-            "params": np.array([costs.dense_params, costs.rank_params]), "importance": np.asarray(importance)}
+            "params": np.array([costs.dense_params, costs.rank_params, costs.bias_params]),
+            "importance": np.asarray(importance)}
 
 
 def _unpack_costs(arrays: dict) -> tuple[LayerCosts, list]:
-    dense, step = (int(v) for v in arrays["params"])
+    dense, step, *biases = (int(v) for v in arrays["params"])  # runs saved before biases counted: none
+    biases = biases[0] if biases else 0
     return (LayerCosts(prune_loss=arrays["prune_loss"], drop_order=arrays["drop_order"],
-                       truncation=arrays["truncation"], dense_params=dense, rank_params=step),
+                       truncation=arrays["truncation"], dense_params=dense, rank_params=step, bias_params=biases),
             arrays["importance"].tolist())
