@@ -238,6 +238,24 @@ def test_truncation_parts_of_down_are_the_decomposition_losses():
     assert checked >= 2
 
 
+def test_truncation_parts_do_not_depend_on_the_row_chunk(monkeypatch):
+    """Many rows are taken a chunk at a time (Grams, channel scales): the costs stay the same."""
+    from moei2.calibrate import iter_layer_stats
+    from moei2.stages import budget
+
+    model = build_model("qwen2_moe").eval()
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = next(iter(iter_layer_stats(model, ids, batch_size=8, progress=False, propagate=False)))
+    view = get_adapter(model).view(stats.layer_index)
+    rows = stats.X[(stats.top_k_index == 0).any(dim=1)]
+    assert rows.shape[0] > view.hidden_size  # the Gram route, where chunks matter
+    whole = budget.expert_truncation_parts(view, 0, rows, 6)
+    monkeypatch.setattr(budget, "ROW_CHUNK", 7)
+    chunked = budget.expert_truncation_parts(view, 0, rows, 6)
+    for name in ("gate", "up", "down"):  # float32 products of a row vary with the batch's size, about 1e-7
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-6, atol=1e-9 * whole[name].max())
+
+
 def test_channel_scales_are_the_gated_activations_derivatives_for_gpt_oss():
     """gpt-oss's clamped SwiGLU with biases: the scales are the RMS of the derivatives of its own
     _apply_gate (by autograd) over the expert's routed rows."""

@@ -133,19 +133,24 @@ def channel_scales(view, j: int, rows: torch.Tensor) -> tuple[np.ndarray, np.nda
     """Root mean square over ``rows`` (the MoE-input rows routed to expert j) of what multiplies a
     change of each gate and up pre-activation on its way to the down projection: the derivatives
     of the family's ``glu(gate, up)`` (``act'(gate) * up`` and ``act(gate)`` for a plain gated
-    activation), by central differences, so that any activation, clamp or bias works."""
+    activation), by central differences, so that any activation, clamp or bias works. Summed
+    ROW_CHUNK rows at a time."""
     weight = next(view.experts_module.parameters())
     gate, up, _ = view.expert(j)
     biases = view.expert_biases(j) or (None, None, None)
     glu = view.gated_activation()
+    step = 1e-3  # in float64: a central difference in bfloat16 would be noise
+    squares = [0.0, 0.0]
     with torch.no_grad():
-        x = view.expert_input(j, rows.to(device=weight.device, dtype=weight.dtype))
-        h_gate, h_up = (torch.nn.functional.linear(x, w, b).double() for w, b in ((gate, biases[0]), (up, biases[1])))
-        step = 1e-3  # in float64: a central difference in bfloat16 would be noise
-        d_gate = (glu(h_gate + step, h_up) - glu(h_gate - step, h_up)) / (2 * step)
-        d_up = (glu(h_gate, h_up + step) - glu(h_gate, h_up - step)) / (2 * step)
-        rms = lambda t: t.square().mean(dim=0).sqrt().cpu().numpy()  # noqa: E731
-        return rms(d_gate), rms(d_up)
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            chunk = rows[start:start + ROW_CHUNK].to(device=weight.device, dtype=weight.dtype)
+            x = view.expert_input(j, chunk)
+            h_gate, h_up = (torch.nn.functional.linear(x, w, b).double()
+                            for w, b in ((gate, biases[0]), (up, biases[1])))
+            d_gate = (glu(h_gate + step, h_up) - glu(h_gate - step, h_up)) / (2 * step)
+            d_up = (glu(h_gate, h_up + step) - glu(h_gate, h_up - step)) / (2 * step)
+            squares = [squares[0] + d_gate.square().sum(dim=0), squares[1] + d_up.square().sum(dim=0)]
+    return tuple((total / rows.shape[0]).sqrt().cpu().numpy() for total in squares)
 
 
 def convex_minorant(costs: np.ndarray) -> np.ndarray:
@@ -215,20 +220,35 @@ def expert_truncation_parts(view, j: int, rows: torch.Tensor, max_rank: int) -> 
     if rows.shape[0] == 0:
         return {name: np.zeros(max_rank) for name in ("gate", "up", "down")}
     gate, up, down = (to_numpy(w, np.float64) for w in view.expert(j))
-    weight_dtype = next(view.experts_module.parameters()).dtype
-    with torch.no_grad():  # the inputs the factors' Grams are made of (calibrate._add_expert_grams)
-        x = to_numpy(view.expert_input(j, rows).to(torch.float64), np.float64)
-        h = to_numpy(view.intermediate(j, rows.to(weight_dtype)).to(torch.float64), np.float64)
+    weight = next(view.experts_module.parameters())
+    rows = rows.to(weight.device)
+    # The inputs the factors' Grams are made of (calibrate._add_expert_grams); gate and up share theirs.
+    inputs = _rows_or_gram(lambda chunk: view.expert_input(j, chunk), rows, int(view.hidden_size))
+    hidden = _rows_or_gram(lambda chunk: view.intermediate(j, chunk.to(weight.dtype)), rows,
+                           int(view.intermediate_size))
     scale_gate, scale_up = channel_scales(view, j, rows)
-    inputs = _rows_or_gram(x)  # gate and up share it: a Gram of many rows is formed once
-    return {"down": _tails(discarded_costs(down, **_rows_or_gram(h)), max_rank),
+    return {"down": _tails(discarded_costs(down, **hidden), max_rank),
             "gate": _tails(discarded_costs(gate, through=down * scale_gate[None, :], **inputs), max_rank),
             "up": _tails(discarded_costs(up, through=down * scale_up[None, :], **inputs), max_rank)}
 
 
-def _rows_or_gram(x: np.ndarray) -> dict:
-    """:func:`discarded_costs`'s input: the rows while fewer than the columns, else their Gram."""
-    return {"rows": x} if x.shape[0] < x.shape[1] else {"gram": x.T @ x}
+# Rows per pass where an expert's rows are many: bounds the float64 temporaries (8192 rows of
+# Mixtral-8x7B's expert width, 14336, are 0.9 GB) however large the calibration set.
+ROW_CHUNK = 8192
+
+
+@torch.no_grad()
+def _rows_or_gram(transform, rows: torch.Tensor, width: int) -> dict:
+    """:func:`discarded_costs`'s input from ``transform`` (width columns) of ``rows``, in float64:
+    the transformed rows while fewer than ``width`` (then no larger than a Gram), else their Gram,
+    accumulated ROW_CHUNK rows at a time."""
+    if rows.shape[0] < width:
+        return {"rows": to_numpy(transform(rows).to(torch.float64), np.float64)}
+    gram = torch.zeros((width, width), dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], ROW_CHUNK):
+        part = transform(rows[start:start + ROW_CHUNK]).to(torch.float64)
+        gram.addmm_(part.T, part)
+    return {"gram": to_numpy(gram, np.float64)}
 
 
 def truncation_costs(ctx, stats, view) -> np.ndarray:
