@@ -76,10 +76,11 @@ def _importance_pass(ctx, hidden, moe_layers) -> dict:
         importance[i] = score_layer(ctx, stats, view)
         PruneAllocation.save_importance(ctx.state, importance)
 
-    _first_pass(ctx, hidden, [l for l in moe_layers if l not in importance], measure, "pass 1: importance")
+    _first_pass(ctx, hidden, [l for l in moe_layers if l not in importance], measure, "importance")
     return importance
 
 
+@_names_device_oom
 def _budget_pass(ctx, hidden, moe_layers) -> dict:
     """Budget mode's pass 1: every MoE layer's costs and expert importance on the original model,
     ``{layer: (LayerCosts, importance)}``."""
@@ -89,20 +90,20 @@ def _budget_pass(ctx, hidden, moe_layers) -> dict:
         costs[i] = layer_costs(ctx, stats, view)
         save_costs(ctx.state, i, *costs[i])
 
-    _first_pass(ctx, hidden, [l for l in moe_layers if l not in costs], measure, "pass 1: budget costs")
+    _first_pass(ctx, hidden, [l for l in moe_layers if l not in costs], measure, "budget costs")
     return costs
 
 
-def _first_pass(ctx, hidden, todo, measure, desc) -> None:
+def _first_pass(ctx, hidden, todo, measure, stage: str) -> None:
     """Runs the original model up to the last layer of ``todo``, calling ``measure(index, stats,
-    view)`` on each MoE layer of ``todo``."""
+    view)`` on each MoE layer of ``todo``; ``stage`` names what is measured (progress bar, errors)."""
     source = ctx.source
     if not todo:
         return
-    bar = progress_bar(ctx, todo[-1] + 1, desc)
+    bar = progress_bar(ctx, todo[-1] + 1, f"pass 1: {stage}")
     try:
         for i in range(todo[-1] + 1):
-            ctx.where = f"layer {i} (importance)"
+            ctx.where = f"layer {i} ({stage})"
             with source.layer(i) as module:
                 if i in todo:
                     stats, out = ctx.capture(i, module, hidden, grams=False, keep_outputs=True)

@@ -319,6 +319,35 @@ def test_budget_run_removes_that_share_of_routed_expert_parameters(family, budge
             assert [r[0] for r in view.ranks] == info["lowrank"]["ranks"]
 
 
+def test_device_out_of_memory_in_budget_costs_names_the_layer_and_the_run_resumes(tmp_path, monkeypatch):
+    """Budget mode's pass 1 running out of device memory in layer 1: one line naming the layer and
+    the stage; the work_dir keeps layer 0's costs and the rerun gives the uninterrupted result."""
+    from moei2.pipeline import DeviceOutOfMemory
+    from moei2.stages import budget
+
+    config = small_config(budget=0.5)
+    whole, _ = moei2.compress(build_model("qwen2_moe"), CharTokenizer(), calibration_texts(), config, progress=False)
+    real = budget.truncation_costs
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.25 GiB.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "truncation_costs", failing)
+    with pytest.raises(DeviceOutOfMemory, match=r"out of memory at layer 1 \(budget costs\) \(it needed 1.25 GiB more\)"):
+        moei2.compress(build_model("qwen2_moe"), CharTokenizer(), calibration_texts(), config,
+                       work_dir=tmp_path / "work", progress=False)
+    monkeypatch.setattr(budget, "truncation_costs", real)
+    resumed, report = moei2.compress(build_model("qwen2_moe"), CharTokenizer(), calibration_texts(), config,
+                                     work_dir=tmp_path / "work", progress=False)
+    assert report["resumed"]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 def test_budget_bad_input():
     for value in (0.0, 1.0, -0.1, 1.5, float("nan"), True, "half"):
         with pytest.raises(ValueError, match="budget"):
