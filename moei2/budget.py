@@ -73,15 +73,12 @@ class LayerCosts:
         scale = np.abs(self.truncation).max() * 1e-9
         if (steps < -scale).any() or (np.diff(steps, axis=1) > scale).any():
             raise ValueError("truncation must be non-increasing and convex in the rank (steps non-increasing)")
-        for name in ("dense_params", "rank_params"):
+        for name, least, what in (("dense_params", 1, "positive"), ("rank_params", 1, "positive"),
+                                  ("bias_params", 0, "non-negative")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be a {what} integer, got {value!r}")
             setattr(self, name, int(value))
-        if isinstance(self.bias_params, bool) or not isinstance(self.bias_params, (int, np.integer)) \
-                or self.bias_params < 0:
-            raise ValueError(f"bias_params must be a non-negative integer, got {self.bias_params!r}")
-        self.bias_params = int(self.bias_params)
 
     @property
     def num_experts(self) -> int:

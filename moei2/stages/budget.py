@@ -326,7 +326,9 @@ def _pack_costs(costs: LayerCosts, importance) -> dict:
 
 
 def _unpack_costs(arrays: dict) -> tuple[LayerCosts, list]:
-    dense, step, *biases = (int(v) for v in arrays["params"])  # runs saved before biases counted: none
+    # A run saved before biases were counted has two entries; it had none to count (budget mode
+    # failed on gpt-oss, the one family with expert biases).
+    dense, step, *biases = (int(v) for v in arrays["params"])
     biases = biases[0] if biases else 0
     return (LayerCosts(prune_loss=arrays["prune_loss"], drop_order=arrays["drop_order"],
                        truncation=arrays["truncation"], dense_params=dense, rank_params=step, bias_params=biases),
